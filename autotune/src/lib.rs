@@ -1,0 +1,1 @@
+//! FP8 block-scaled GEMM tile autotuning per GPU (issue 5; not yet implemented).

@@ -1,0 +1,262 @@
+//! Argument parsing and the one library call behind each command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use fp8forge_quant::block::ScaleFormat;
+use fp8forge_quant::convert::{self, ConvertError, ConvertReport, RunOptions};
+use fp8forge_quant::plan::{ConvertOptions, OutputFormat};
+use serde::Serialize;
+
+use crate::output::{Bar, human_bytes, parse_size, print_json};
+
+/// Block-scaled FP8 for Mixture-of-Experts checkpoints on Hopper GPUs.
+#[derive(Parser, Debug)]
+#[command(name = "fp8forge", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Convert a BF16/F16/F32 checkpoint to block-scaled FP8 (E4M3, one f32 scale per 128×128 block).
+    Convert(ConvertArgs),
+    /// Convert an FP8 checkpoint back to BF16.
+    Dequant {
+        /// FP8 checkpoint directory.
+        input: PathBuf,
+        /// Output directory (must not exist or be empty, unless --force).
+        output: PathBuf,
+        /// Overwrite an existing output directory.
+        #[arg(long)]
+        force: bool,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// List a checkpoint's tensors, dtypes, shapes, sizes and quantization state.
+    Inspect {
+        /// Checkpoint directory or .safetensors file.
+        path: PathBuf,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a converted checkpoint: manifest hashes, FP8 structure, and error against the original.
+    Verify {
+        /// Checkpoint directory.
+        dir: PathBuf,
+        /// The BF16 original, for a per-tensor error table.
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ConvertArgs {
+    /// Input checkpoint directory (or one .safetensors file).
+    input: PathBuf,
+    /// Output directory.
+    output: PathBuf,
+    /// Output layout.
+    #[arg(long, value_enum, default_value = "deepseek")]
+    format: FormatArg,
+    /// Scale format: plain f32, or power-of-two (ue8m0) values stored as f32.
+    #[arg(long, value_enum, default_value = "f32")]
+    scale_format: ScaleArg,
+    /// Do not quantize tensors whose name matches this regex (repeatable).
+    #[arg(long, value_name = "RE")]
+    skip: Vec<String>,
+    /// Quantize only 2-D tensors whose name matches this regex, replacing the default rules (repeatable).
+    #[arg(long, value_name = "RE")]
+    only: Vec<String>,
+    /// Largest output shard (5GB, 500MB, 2GiB, ...).
+    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    max_shard_size: u64,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Convert only job i of n (0 <= i < n) of a job array; finish with `convert --resume`.
+    #[arg(long, value_name = "i/n", value_parser = parse_shard)]
+    shard: Option<(usize, usize)>,
+    /// Continue an interrupted conversion.
+    #[arg(long)]
+    resume: bool,
+    /// Overwrite an existing output directory.
+    #[arg(long)]
+    force: bool,
+    /// Print the plan and write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar and no summary.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FormatArg {
+    Deepseek,
+    CompressedTensors,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ScaleArg {
+    F32,
+    Ue8m0,
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("invalid --shard {s:?}: expected i/n with 0 <= i < n, e.g. 0/8");
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (i, n): (usize, usize) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+    if n == 0 || i >= n { Err(bad()) } else { Ok((i, n)) }
+}
+
+/// An error for the user: one line, and the exit code.
+pub struct Failure {
+    /// The message.
+    pub message: String,
+    /// 1 runtime failure, 2 bad input or usage.
+    pub code: u8,
+}
+
+impl From<ConvertError> for Failure {
+    fn from(e: ConvertError) -> Self {
+        Failure { code: if e.is_bad_input() { 2 } else { 1 }, message: e.to_string() }
+    }
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<ExitCode, Failure> {
+    match cli.command {
+        Command::Convert(a) => run_convert(a),
+        Command::Dequant { input, output, force, json, quiet } => {
+            let bar = Bar::new(quiet || json, "dequant");
+            let r = fp8forge_quant::dequant::dequant(&input, &output, force, &bar);
+            bar.finish();
+            let r = r?;
+            if json {
+                print_json(&r);
+            } else if !quiet {
+                println!("wrote {} ({} files, {})", output.display(), r.files, human_bytes(r.bytes_out));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect { path, json } => {
+            let r = fp8forge_quant::inspect::inspect(&path)?;
+            if json {
+                print_json(&r);
+            } else {
+                print!("{}", crate::output::render_inspection(&r));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { dir, reference, json, quiet } => {
+            let bar = Bar::new(quiet || json, "verify");
+            let r = fp8forge_quant::verify::verify(&dir, reference.as_deref(), &bar);
+            bar.finish();
+            let r = r?;
+            if json {
+                print_json(&r);
+            } else {
+                print!("{}", crate::output::render_verify(&r));
+            }
+            Ok(if r.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Timed<'a, T: Serialize> {
+    #[serde(flatten)]
+    report: &'a T,
+    seconds: f64,
+}
+
+fn run_convert(a: ConvertArgs) -> Result<ExitCode, Failure> {
+    if let Some(t) = a.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t.max(1))
+            .build_global()
+            .map_err(|e| Failure { message: format!("cannot start {t} threads: {e}"), code: 1 })?;
+    }
+    let opts = ConvertOptions {
+        format: match a.format {
+            FormatArg::Deepseek => OutputFormat::Deepseek,
+            FormatArg::CompressedTensors => OutputFormat::CompressedTensors,
+        },
+        scale_format: match a.scale_format {
+            ScaleArg::F32 => ScaleFormat::F32,
+            ScaleArg::Ue8m0 => ScaleFormat::Ue8m0,
+        },
+        skip: a.skip,
+        only: a.only,
+        max_shard_size: a.max_shard_size,
+    };
+    if a.dry_run {
+        let plan = convert::plan(&a.input, &opts)?;
+        if a.json {
+            #[derive(Serialize)]
+            struct DryRun<'a> {
+                plan_digest: String,
+                summary: fp8forge_quant::plan::PlanSummary,
+                plan: &'a fp8forge_quant::plan::Plan,
+            }
+            print_json(&DryRun { plan_digest: plan.digest(), summary: plan.summary(), plan: &plan });
+        } else {
+            print!("{}", crate::output::render_plan(&plan));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let run = RunOptions { resume: a.resume, force: a.force, shard: a.shard };
+    let bar = Bar::new(a.quiet || a.json, "convert");
+    let start = Instant::now();
+    let r = convert::convert(&a.input, &a.output, &opts, &run, &bar);
+    bar.finish();
+    let r = r?;
+    let seconds = start.elapsed().as_secs_f64();
+    if a.json {
+        print_json(&Timed { report: &r, seconds });
+    } else if !a.quiet {
+        print!("{}", render_convert(&r, seconds));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn render_convert(r: &ConvertReport, seconds: f64) -> String {
+    let s = &r.summary;
+    let mut out = format!(
+        "{} tensors: {} quantized to FP8, {} kept; {} -> {} in {} files\n",
+        s.tensors,
+        s.quantized,
+        s.copied,
+        human_bytes(s.bytes_in),
+        human_bytes(s.bytes_out),
+        s.files
+    );
+    out += &format!("this run wrote {} files ({} already done) in {seconds:.1} s\n", r.files_written, r.files_resumed);
+    if let Some(w) = r.tensors.iter().max_by(|a, b| a.rel_rms.total_cmp(&b.rel_rms)) {
+        out += &format!("largest relative RMS error: {:.4} ({})\n", w.rel_rms, w.name);
+    }
+    if r.complete {
+        out += &format!("done: {} (check with `fp8forge verify`)\n", r.output.display());
+    } else {
+        out += "this job's share is done; when every job has finished, run the same command without --shard and with --resume to write the index and manifest\n";
+    }
+    out
+}

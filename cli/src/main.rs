@@ -1,0 +1,20 @@
+//! `fp8forge`: the command line. It parses arguments, calls one library function per command,
+//! and renders the result (progress bars, tables, JSON). No logic of its own.
+
+mod commands;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = commands::Cli::parse();
+    match commands::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("fp8forge: error: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Rendering: progress bars, JSON on stdout, byte sizes.
+
+use std::sync::Mutex;
+
+use fp8forge_quant::convert::Progress;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+/// A bytes-and-tensors progress bar on stderr (hidden with `--quiet`/`--json` or off a terminal).
+pub struct Bar {
+    bar: ProgressBar,
+    tensors: Mutex<(usize, usize)>,
+}
+
+impl Bar {
+    /// A bar, visible unless `hidden`.
+    pub fn new(hidden: bool, verb: &str) -> Self {
+        let bar = ProgressBar::with_draw_target(None, if hidden { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() });
+        let style = ProgressStyle::with_template(&format!(
+            "{verb} {{bar:30}} {{bytes}}/{{total_bytes}} {{binary_bytes_per_sec}} ETA {{eta}} {{msg}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        bar.set_style(style);
+        Bar { bar, tensors: Mutex::new((0, 0)) }
+    }
+
+    /// Removes the bar.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+impl Progress for Bar {
+    fn begin(&self, bytes: u64, tensors: usize) {
+        self.bar.set_length(bytes);
+        if let Ok(mut t) = self.tensors.lock() {
+            *t = (0, tensors);
+        }
+    }
+
+    fn tensor_done(&self, _name: &str, bytes: u64) {
+        self.bar.inc(bytes);
+        if let Ok(mut t) = self.tensors.lock() {
+            t.0 += 1;
+            self.bar.set_message(format!("{}/{} tensors", t.0, t.1));
+        }
+    }
+}
+
+/// Prints one JSON object on stdout.
+pub fn print_json<T: Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("fp8forge: error: cannot render JSON: {e}"),
+    }
+}
+
+/// A byte count for people: "1.23 GB".
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 { format!("{b} B") } else { format!("{v:.2} {}", UNITS[u]) }
+}
+
+/// Parses a size like `5GB`, `500MB`, `2GiB` or a plain byte count.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().map_err(|_| format!("invalid size {s:?}: expected e.g. 5GB, 500MB, 2GiB"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" | "k" => 1e3,
+        "mb" | "m" => 1e6,
+        "gb" | "g" => 1e9,
+        "tb" | "t" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0f64.powi(4),
+        u => return Err(format!("invalid size unit {u:?} in {s:?}")),
+    };
+    let v = num * mult;
+    if v < 1.0 { Err(format!("size {s:?} must be at least one byte")) } else { Ok(v as u64) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_decimal_and_binary_units() {
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("1.5MB"), Ok(1_500_000));
+        assert!(parse_size("5XB").is_err());
+        assert!(parse_size("0").is_err());
+    }
+}
+
+/// The plan of `convert --dry-run`, for people.
+pub fn render_plan(plan: &fp8forge_quant::plan::Plan) -> String {
+    use fp8forge_quant::plan::Action;
+    let s = plan.summary();
+    let mut out = format!(
+        "plan {}: {} tensors ({} quantized, {} kept), {} -> {} in {} files\n",
+        &plan.digest()[..12],
+        s.tensors,
+        s.quantized,
+        s.copied,
+        human_bytes(s.bytes_in),
+        human_bytes(s.bytes_out),
+        s.files
+    );
+    for f in &plan.files {
+        out += &format!("{} ({}) <- {}\n", f.name, human_bytes(f.data_bytes()), plan.input_shards[f.input_shard]);
+        for i in &f.items {
+            match &i.action {
+                Action::Quantize { rows, cols } => out += &format!("  fp8   {} [{rows}, {cols}]\n", i.source),
+                Action::Copy { reason } => out += &format!("  keep  {} ({reason})\n", i.source),
+            }
+        }
+    }
+    for c in &plan.copies {
+        out += &format!("copy  {c}\n");
+    }
+    for c in &plan.not_copied {
+        out += &format!("not copied: {c}\n");
+    }
+    out
+}
+
+/// `inspect` for people: a summary, then one line per tensor.
+pub fn render_inspection(r: &fp8forge_quant::inspect::Inspection) -> String {
+    let total: u64 = r.files.iter().map(|f| f.bytes).sum();
+    let mut out = format!("{}: {} tensors in {} files, {}; state: {}\n", r.path.display(), r.tensors.len(), r.files.len(), human_bytes(total), r.state);
+    for (dtype, d) in &r.by_dtype {
+        out += &format!("  {dtype:<8} {:>7} tensors {:>12}\n", d.tensors, human_bytes(d.bytes));
+    }
+    if let Some(q) = &r.quantization {
+        out += &format!("quantization_config: {q}\n");
+    }
+    for t in &r.tensors {
+        out += &format!("{:<12} {:<8} {:<18} {:>10}  {}\n", t.role, t.dtype, format!("{:?}", t.shape), human_bytes(t.bytes), t.name);
+    }
+    out
+}
+
+/// `verify` for people: problems first, then the error table.
+pub fn render_verify(r: &fp8forge_quant::verify::VerifyReport) -> String {
+    let mut out = String::new();
+    let bad = r.files.iter().filter(|f| f.status != "ok").count();
+    out += &format!("manifest: {} files checked, {bad} not ok\n", r.files.len());
+    for f in r.files.iter().filter(|f| f.status != "ok") {
+        out += &format!("  {}: {}\n", f.file, f.status);
+    }
+    for w in &r.warnings {
+        out += &format!("warning: {w}\n");
+    }
+    for p in &r.problems {
+        out += &format!("problem: {p}\n");
+    }
+    if !r.tensors.is_empty() {
+        out += &format!("{:>10} {:>12} {:>8}  tensor\n", "rel_rms", "max_abs_err", "snr_db");
+        for t in &r.tensors {
+            let snr = t.snr_db.map_or("inf".to_string(), |s| format!("{s:.1}"));
+            out += &format!("{:>10.5} {:>12.3e} {snr:>8}  {}\n", t.rel_rms, t.max_abs_err, t.name);
+        }
+    }
+    if let Some(w) = &r.worst {
+        out += &format!("worst: {} rel_rms {:.5}\n", w.name, w.rel_rms);
+    }
+    out += if r.ok { "OK\n" } else { "FAILED\n" };
+    out
+}

@@ -1,0 +1,182 @@
+//! Atomic file writing: a temporary name in the destination directory, fsync, rename, fsync of
+//! the directory. A failed or killed writer leaves at most a hidden `.NAME.PID.partial` file, never a
+//! half-written file under the final name.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{FormatError, Result};
+
+/// Size of the write buffer: large writes keep the kernel's per-call cost out of the profile.
+const BUF: usize = 8 << 20;
+
+/// A file being written under a temporary name, hashed as it is written.
+pub struct AtomicFile {
+    final_path: PathBuf,
+    tmp_path: PathBuf,
+    out: Option<BufWriter<File>>,
+    hasher: Sha256,
+    written: u64,
+}
+
+/// What a committed file is: its path, size and sha256.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrittenFile {
+    /// Final path.
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// Lowercase hex sha256 of the content.
+    pub sha256: String,
+}
+
+/// The hidden temporary name used while `path` is being written by this process. The process id
+/// keeps concurrent writers of one directory (jobs of a sharded conversion) apart.
+pub fn partial_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.partial", std::process::id()))
+}
+
+/// True for the name of a temporary file left by [`AtomicFile`] (of any process).
+pub fn is_partial_name(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(".partial")
+}
+
+impl AtomicFile {
+    /// Starts writing `final_path` (its directory must exist). A stale temporary file of an
+    /// earlier, interrupted run is replaced.
+    pub fn create(final_path: &Path) -> Result<Self> {
+        let tmp_path = partial_path(final_path);
+        let file = File::create(&tmp_path).map_err(FormatError::io(&tmp_path, "create"))?;
+        Ok(AtomicFile {
+            final_path: final_path.to_owned(),
+            tmp_path,
+            out: Some(BufWriter::with_capacity(BUF, file)),
+            hasher: Sha256::new(),
+            written: 0,
+        })
+    }
+
+    /// Appends bytes.
+    pub fn write_all(&mut self, data: &[u8]) -> Result<()> {
+        let out = self.out.as_mut().ok_or_else(|| closed(&self.tmp_path))?;
+        out.write_all(data).map_err(FormatError::io(&self.tmp_path, "write"))?;
+        self.hasher.update(data);
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    /// The final path of the file.
+    pub fn path(&self) -> &Path {
+        &self.final_path
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Flushes, fsyncs, renames to the final name and fsyncs the directory.
+    pub fn commit(mut self) -> Result<WrittenFile> {
+        let out = self.out.take().ok_or_else(|| closed(&self.tmp_path))?;
+        let file = out.into_inner().map_err(|e| FormatError::Io { path: self.tmp_path.clone(), op: "write", source: e.into_error() })?;
+        file.sync_all().map_err(FormatError::io(&self.tmp_path, "fsync"))?;
+        drop(file);
+        std::fs::rename(&self.tmp_path, &self.final_path).map_err(FormatError::io(&self.final_path, "rename"))?;
+        sync_parent(&self.final_path)?;
+        let sha256 = hex(&std::mem::take(&mut self.hasher).finalize());
+        Ok(WrittenFile { path: self.final_path.clone(), bytes: self.written, sha256 })
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        // Not committed: remove the temporary file so nothing half-written stays behind.
+        if self.out.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp_path);
+        }
+    }
+}
+
+fn closed(path: &Path) -> FormatError {
+    FormatError::Io { path: path.to_owned(), op: "write", source: std::io::Error::other("file already committed") }
+}
+
+/// fsyncs the directory holding `path`, so that a rename into it survives a crash.
+pub fn sync_parent(path: &Path) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let d = File::open(dir).map_err(FormatError::io(dir, "open"))?;
+    d.sync_all().map_err(FormatError::io(dir, "fsync"))
+}
+
+/// Writes `data` to `path` atomically.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<WrittenFile> {
+    let mut f = AtomicFile::create(path)?;
+    f.write_all(data)?;
+    f.commit()
+}
+
+/// Copies `src` to `dst` atomically (following symbolic links), hashing on the way.
+pub fn copy_atomic(src: &Path, dst: &Path) -> Result<WrittenFile> {
+    let mut input = File::open(src).map_err(FormatError::io(src, "open"))?;
+    let mut f = AtomicFile::create(dst)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut input, &mut buf).map_err(FormatError::io(src, "read"))?;
+        if n == 0 {
+            break;
+        }
+        f.write_all(&buf[..n])?;
+    }
+    f.commit()
+}
+
+/// Lowercase hex of a byte string.
+pub fn hex(bytes: &[u8]) -> String {
+    const D: &[u8; 16] = b"0123456789abcdef";
+    bytes.iter().flat_map(|b| [D[(b >> 4) as usize] as char, D[(b & 15) as usize] as char]).collect()
+}
+
+/// sha256 of a whole file, as lowercase hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut input = File::open(path).map_err(FormatError::io(path, "open"))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut input, &mut buf).map_err(FormatError::io(path, "read"))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uncommitted_file_leaves_nothing_behind() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("a.bin");
+        {
+            let mut f = AtomicFile::create(&p).expect("create");
+            f.write_all(b"half").expect("write");
+        }
+        assert!(!p.exists() && !partial_path(&p).exists());
+    }
+
+    #[test]
+    fn committed_file_has_content_and_known_sha256() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("a.bin");
+        let w = write_atomic(&p, b"abc").expect("write");
+        assert_eq!(std::fs::read(&p).expect("read"), b"abc");
+        assert_eq!(w.sha256, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(sha256_file(&p).expect("hash"), w.sha256);
+    }
+}

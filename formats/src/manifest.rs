@@ -1,0 +1,73 @@
+//! The sha256 manifest of a converted checkpoint, in the format of `sha256sum`, so that
+//! `sha256sum -c SHA256SUMS` checks it with no fp8forge at hand.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::atomic::{sha256_file, write_atomic};
+use crate::error::{FormatError, Result};
+
+/// File name of the manifest inside a checkpoint directory.
+pub const MANIFEST_NAME: &str = "SHA256SUMS";
+
+/// Writes the manifest of `entries` (file name -> sha256 hex) into `dir`, atomically.
+pub fn write_manifest(dir: &Path, entries: &BTreeMap<String, String>) -> Result<()> {
+    let text: String = entries.iter().map(|(name, h)| format!("{h}  {name}\n")).collect();
+    write_atomic(&dir.join(MANIFEST_NAME), text.as_bytes()).map(|_| ())
+}
+
+/// Reads the manifest of `dir`: file name -> sha256 hex.
+pub fn read_manifest(dir: &Path) -> Result<BTreeMap<String, String>> {
+    let path = dir.join(MANIFEST_NAME);
+    let text = std::fs::read_to_string(&path).map_err(FormatError::io(&path, "read"))?;
+    let mut out = BTreeMap::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = || FormatError::BadJson { path: path.clone(), reason: format!("line {}: not \"<sha256>  <file>\"", i + 1) };
+        let (h, name) = line.split_once("  ").ok_or_else(bad)?;
+        let name = name.strip_prefix('*').unwrap_or(name);
+        if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) || !crate::checkpoint::is_plain_name(name) {
+            return Err(bad());
+        }
+        out.insert(name.to_owned(), h.to_ascii_lowercase());
+    }
+    Ok(out)
+}
+
+/// One file's result when checking a manifest.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FileCheck {
+    /// File name.
+    pub file: String,
+    /// "ok", "mismatch", "missing" or "unlisted" (present but not in the manifest).
+    pub status: &'static str,
+}
+
+/// Checks every file of the manifest of `dir`, and lists files the manifest does not name.
+/// `progress` is called with the bytes hashed after each file.
+pub fn check_manifest(dir: &Path, mut progress: impl FnMut(u64)) -> Result<Vec<FileCheck>> {
+    let entries = read_manifest(dir)?;
+    let mut out = Vec::new();
+    for (name, expected) in &entries {
+        let p = dir.join(name);
+        let status = if !p.exists() {
+            "missing"
+        } else if sha256_file(&p)? == *expected {
+            "ok"
+        } else {
+            "mismatch"
+        };
+        progress(std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0));
+        out.push(FileCheck { file: name.clone(), status });
+    }
+    let mut unlisted = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(FormatError::io(dir, "read_dir"))? {
+        let e = e.map_err(FormatError::io(dir, "read_dir"))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != MANIFEST_NAME && !name.starts_with('.') && e.path().is_file() && !entries.contains_key(&name) {
+            unlisted.push(FileCheck { file: name, status: "unlisted" });
+        }
+    }
+    unlisted.sort_by(|a, b| a.file.cmp(&b.file));
+    out.extend(unlisted);
+    Ok(out)
+}

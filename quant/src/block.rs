@@ -1,0 +1,817 @@
+//! Block-scaled FP8 quantization, DeepSeek style.
+//!
+//! A weight `W[N, K]` is cut into 128×128 blocks (edge blocks partial). Each block gets one
+//! `scale_inv = max(amax, 1e-12) / 448` (f32), optionally rounded up to a power of two
+//! ([`ScaleFormat::Ue8m0`]), and each element becomes `E4M3FN(x / scale_inv)` with a true f32
+//! division and round-to-nearest-even, saturating. Dequantization is `code_value * scale_inv`.
+//! Activations use the same rule over 1×128 groups (one token, 128 channels).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rayon::prelude::*;
+
+use crate::fp8::{E4M3_LUT, E4M3_MAX, f32_to_e4m3};
+use crate::stats::ErrorStats;
+
+/// Side of a weight block, and width of an activation group.
+pub const BLOCK: usize = 128;
+
+/// Lower bound on a block's amax before it becomes a scale, so an all-zero block gets a finite,
+/// non-zero scale.
+const MIN_AMAX: f32 = 1e-12;
+
+/// How block scales are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScaleFormat {
+    /// Any f32: `max(amax, 1e-12) / 448`.
+    F32,
+    /// A power of two (an 8-bit exponent, as Blackwell MXFP8 kernels want): the f32 scale rounded
+    /// up to the next power of two. Still stored as f32.
+    Ue8m0,
+}
+
+/// Element type of a source tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SrcDtype {
+    /// bfloat16.
+    BF16,
+    /// IEEE half precision.
+    F16,
+    /// IEEE single precision.
+    F32,
+}
+
+impl SrcDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            SrcDtype::BF16 | SrcDtype::F16 => 2,
+            SrcDtype::F32 => 4,
+        }
+    }
+}
+
+/// Why a tensor cannot be quantized or dequantized.
+#[derive(Debug, thiserror::Error)]
+pub enum QuantError {
+    /// The input holds a NaN or an infinity (the first one in row-major order).
+    #[error("non-finite value {value} at [{row}, {col}]")]
+    NonFinite {
+        /// Row of the element.
+        row: usize,
+        /// Column of the element.
+        col: usize,
+        /// The element, widened to f32.
+        value: f32,
+    },
+    /// A buffer's length does not match the shape.
+    #[error("{what} has length {got}, expected {expected}")]
+    Shape {
+        /// Which buffer.
+        what: &'static str,
+        /// Length the shape requires.
+        expected: usize,
+        /// Length given.
+        got: usize,
+    },
+}
+
+/// The scale (`scale_inv`, the dequantization multiplier) of a block whose largest magnitude is
+/// `amax` (finite, non-negative).
+pub fn scale_inv_for(amax: f32, fmt: ScaleFormat) -> f32 {
+    let s = amax.max(MIN_AMAX) / E4M3_MAX;
+    match fmt {
+        ScaleFormat::F32 => s,
+        ScaleFormat::Ue8m0 => pow2_ceil(s),
+    }
+}
+
+/// Smallest power of two >= `s`, for a positive normal `s` (a power of two stays itself).
+fn pow2_ceil(s: f32) -> f32 {
+    let bits = s.to_bits();
+    if bits & 0x007F_FFFF == 0 { s } else { f32::from_bits((bits & 0x7F80_0000) + 0x0080_0000) }
+}
+
+/// Checks that buffer `what` has length `expected`.
+fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), QuantError> {
+    if expected == got { Ok(()) } else { Err(QuantError::Shape { what, expected, got }) }
+}
+
+/// `rows * cols * elem`, or a Shape error on `what` (length `got`) when it overflows.
+fn len_of(what: &'static str, rows: usize, cols: usize, elem: usize, got: usize) -> Result<usize, QuantError> {
+    rows.checked_mul(cols)
+        .and_then(|n| n.checked_mul(elem))
+        .ok_or(QuantError::Shape { what, expected: usize::MAX, got })
+}
+
+/// Quantizes the weight `src` (`rows × cols` elements of `dtype`, little-endian bytes, any
+/// alignment) into E4M3FN `codes` (`rows * cols`, row-major) and the block scale grid `scales`
+/// (`ceil(rows/128) × ceil(cols/128)`, row-major), and returns the error of the dequantized
+/// weight against the source.
+///
+/// Runs in parallel over 128-row stripes. A NaN or infinity in the source is an error naming the
+/// first one in row-major order; `codes` and `scales` are then unspecified.
+pub fn quantize_weight_into(
+    src: &[u8],
+    dtype: SrcDtype,
+    rows: usize,
+    cols: usize,
+    fmt: ScaleFormat,
+    codes: &mut [u8],
+    scales: &mut [f32],
+) -> Result<ErrorStats, QuantError> {
+    check_len("source bytes", len_of("source bytes", rows, cols, dtype.size(), src.len())?, src.len())?;
+    check_len("codes", rows * cols, codes.len())?;
+    let grid_cols = cols.div_ceil(BLOCK);
+    check_len("scales", rows.div_ceil(BLOCK) * grid_cols, scales.len())?;
+    if rows == 0 || cols == 0 {
+        return Ok(ErrorStats::default());
+    }
+    // Lowest stripe known to hold a non-finite value: later stripes need not be quantized.
+    let first_bad = AtomicUsize::new(usize::MAX);
+    let stripe = BLOCK.min(rows) * cols;
+    let results: Vec<Result<ErrorStats, QuantError>> = src
+        .par_chunks(stripe * dtype.size())
+        .zip(codes.par_chunks_mut(stripe))
+        .zip(scales.par_chunks_mut(grid_cols))
+        .enumerate()
+        .map(|(i, ((src, codes), scales))| {
+            if i > first_bad.load(Ordering::Relaxed) {
+                return Ok(ErrorStats::default());
+            }
+            let r = quantize_stripe(src, dtype, cols, fmt, codes, scales);
+            r.map_err(|(row, col, value)| {
+                first_bad.fetch_min(i, Ordering::Relaxed);
+                QuantError::NonFinite { row: i * BLOCK + row, col, value }
+            })
+        })
+        .collect();
+    // In stripe order, so the first error is the first non-finite element in row-major order and
+    // the merged sums do not depend on thread scheduling.
+    let mut stats = ErrorStats::default();
+    for r in results {
+        stats.merge(&r?);
+    }
+    Ok(stats)
+}
+
+/// A non-finite element: (row within the stripe, column, value).
+type NonFiniteAt = (usize, usize, f32);
+
+/// Quantizes one stripe of at most 128 rows, block by block through an f32 scratch block.
+fn quantize_stripe(
+    src: &[u8],
+    dtype: SrcDtype,
+    cols: usize,
+    fmt: ScaleFormat,
+    codes: &mut [u8],
+    scales: &mut [f32],
+) -> Result<ErrorStats, NonFiniteAt> {
+    let rows = codes.len() / cols;
+    let esize = dtype.size();
+    let mut scratch = vec![0f32; rows * BLOCK];
+    let mut stats = ErrorStats::default();
+    for (j, scale) in scales.iter_mut().enumerate() {
+        let c0 = j * BLOCK;
+        let w = BLOCK.min(cols - c0);
+        let block = &mut scratch[..rows * w];
+        for (r, dst) in block.chunks_exact_mut(w).enumerate() {
+            let start = (r * cols + c0) * esize;
+            widen(&src[start..start + w * esize], dtype, dst);
+        }
+        let amax = abs_max_bits(block);
+        if amax >= F32_INF_BITS {
+            return Err(first_non_finite(src, dtype, cols));
+        }
+        let s = scale_inv_for(f32::from_bits(amax), fmt);
+        *scale = s;
+        for (r, x) in block.chunks_exact(w).enumerate() {
+            let out = &mut codes[r * cols + c0..r * cols + c0 + w];
+            encode_scaled(x, s, out);
+            accumulate_error(x, out, s, &mut stats);
+        }
+    }
+    Ok(stats)
+}
+
+/// f32 bits of +Inf: an absolute-value bit pattern at or above it is not finite.
+const F32_INF_BITS: u32 = 0x7F80_0000;
+
+/// Widens `src` (little-endian elements of `dtype`) into `dst`, exactly.
+#[inline]
+fn widen(src: &[u8], dtype: SrcDtype, dst: &mut [f32]) {
+    match dtype {
+        SrcDtype::BF16 => {
+            for (d, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
+            }
+        }
+        SrcDtype::F16 => {
+            for (d, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+            }
+        }
+        SrcDtype::F32 => {
+            for (d, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+    }
+}
+
+/// Largest `|x|` as f32 bits (bit patterns of non-negative floats order like the floats); at or
+/// above [`F32_INF_BITS`] when `x` holds a NaN or an infinity.
+#[inline]
+fn abs_max_bits(x: &[f32]) -> u32 {
+    x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7FFF_FFFF))
+}
+
+/// Position and value of the first non-finite element of a stripe (`src` row-major, `cols`
+/// wide). Only called once `src` is known to hold one.
+#[cold]
+fn first_non_finite(src: &[u8], dtype: SrcDtype, cols: usize) -> NonFiniteAt {
+    let mut one = [0f32];
+    for (i, b) in src.chunks_exact(dtype.size()).enumerate() {
+        widen(b, dtype, &mut one);
+        if !one[0].is_finite() {
+            return (i / cols, i % cols, one[0]);
+        }
+    }
+    debug_assert!(false, "first_non_finite called on a finite stripe");
+    (0, 0, f32::NAN)
+}
+
+/// `out[i] = E4M3(x[i] / s)`.
+#[inline]
+fn encode_scaled(x: &[f32], s: f32, out: &mut [u8]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = f32_to_e4m3(v / s);
+    }
+}
+
+/// Adds the error of `codes` dequantized with `s` against `x` to `stats`. Sums within one call
+/// (at most 128 elements) run in eight f32 lanes, then go to the f64 totals.
+#[inline]
+fn accumulate_error(x: &[f32], codes: &[u8], s: f32, stats: &mut ErrorStats) {
+    const L: usize = 8;
+    let mut sq_ref = [0f32; L];
+    let mut sq_err = [0f32; L];
+    let mut max_err = [0f32; L];
+    let mut xs = x.chunks_exact(L);
+    let mut cs = codes.chunks_exact(L);
+    for (xc, cc) in (&mut xs).zip(&mut cs) {
+        for l in 0..L {
+            let e = E4M3_LUT[usize::from(cc[l])] * s - xc[l];
+            sq_ref[l] += xc[l] * xc[l];
+            sq_err[l] += e * e;
+            max_err[l] = max_err[l].max(e.abs());
+        }
+    }
+    for (l, (&v, &c)) in xs.remainder().iter().zip(cs.remainder()).enumerate() {
+        let e = E4M3_LUT[usize::from(c)] * s - v;
+        sq_ref[l] += v * v;
+        sq_err[l] += e * e;
+        max_err[l] = max_err[l].max(e.abs());
+    }
+    stats.numel += x.len() as u64;
+    stats.sum_sq_ref += sq_ref.iter().map(|&v| f64::from(v)).sum::<f64>();
+    stats.sum_sq_err += sq_err.iter().map(|&v| f64::from(v)).sum::<f64>();
+    stats.max_abs_err = max_err.iter().fold(stats.max_abs_err, |m, &v| m.max(f64::from(v)));
+}
+
+/// Dequantizes `codes` (`rows × cols` E4M3FN) with the block `scales` into `out` (f32,
+/// `code_value * scale_inv`). NaN codes give NaN.
+pub fn dequantize_weight_into(
+    codes: &[u8],
+    scales: &[f32],
+    rows: usize,
+    cols: usize,
+    out: &mut [f32],
+) -> Result<(), QuantError> {
+    dequantize_with(codes, scales, rows, cols, out, 1, |v, dst: &mut [f32]| dst[0] = v)
+}
+
+/// Dequantizes like [`dequantize_weight_into`] and rounds each value to bfloat16 (nearest, ties
+/// to even), writing little-endian bytes (`rows * cols * 2`) into `out`.
+pub fn dequantize_weight_to_bf16(
+    codes: &[u8],
+    scales: &[f32],
+    rows: usize,
+    cols: usize,
+    out: &mut [u8],
+) -> Result<(), QuantError> {
+    dequantize_with(codes, scales, rows, cols, out, 2, |v, dst: &mut [u8]| {
+        dst.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+    })
+}
+
+/// Shared body of the dequantizers: `out` holds `per` items of `T` per element, and `put`
+/// writes one dequantized value into them.
+fn dequantize_with<T: Send>(
+    codes: &[u8],
+    scales: &[f32],
+    rows: usize,
+    cols: usize,
+    out: &mut [T],
+    per: usize,
+    put: impl Fn(f32, &mut [T]) + Sync,
+) -> Result<(), QuantError> {
+    check_len("codes", len_of("codes", rows, cols, 1, codes.len())?, codes.len())?;
+    check_len("output", len_of("output", rows, cols, per, out.len())?, out.len())?;
+    let grid_cols = cols.div_ceil(BLOCK);
+    check_len("scales", rows.div_ceil(BLOCK) * grid_cols, scales.len())?;
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    let stripe = BLOCK.min(rows) * cols;
+    out.par_chunks_mut(stripe * per)
+        .zip(codes.par_chunks(stripe))
+        .zip(scales.par_chunks(grid_cols))
+        .for_each(|((out, codes), scales)| {
+            for (out_row, code_row) in out.chunks_exact_mut(cols * per).zip(codes.chunks_exact(cols)) {
+                for ((o, c), &s) in out_row.chunks_mut(BLOCK * per).zip(code_row.chunks(BLOCK)).zip(scales) {
+                    for (dst, &code) in o.chunks_exact_mut(per).zip(c) {
+                        put(E4M3_LUT[usize::from(code)] * s, dst);
+                    }
+                }
+            }
+        });
+    Ok(())
+}
+
+/// Quantizes activations `x` (`tokens × dim`, row-major) per token and per 128 channels into
+/// E4M3FN `codes` (`tokens * dim`) and `scales` (`tokens × ceil(dim/128)`), by the same rule as
+/// weight blocks. A NaN or infinity is an error naming the first one in row-major order.
+pub fn quantize_token_groups(
+    x: &[f32],
+    tokens: usize,
+    dim: usize,
+    fmt: ScaleFormat,
+    codes: &mut [u8],
+    scales: &mut [f32],
+) -> Result<(), QuantError> {
+    check_len("activations", len_of("activations", tokens, dim, 1, x.len())?, x.len())?;
+    check_len("codes", tokens * dim, codes.len())?;
+    let groups = dim.div_ceil(BLOCK);
+    check_len("scales", tokens * groups, scales.len())?;
+    if tokens == 0 || dim == 0 {
+        return Ok(());
+    }
+    let rows_per_task = (TASK_ELEMENTS / dim).max(1);
+    let results: Vec<Result<(), QuantError>> = x
+        .par_chunks(rows_per_task * dim)
+        .zip(codes.par_chunks_mut(rows_per_task * dim))
+        .zip(scales.par_chunks_mut(rows_per_task * groups))
+        .enumerate()
+        .map(|(t, ((x, codes), scales))| {
+            let rows = x.chunks_exact(dim).zip(codes.chunks_exact_mut(dim)).zip(scales.chunks_exact_mut(groups));
+            for (r, ((x, codes), scales)) in rows.enumerate() {
+                let groups = x.chunks(BLOCK).zip(codes.chunks_mut(BLOCK)).zip(scales.iter_mut());
+                for ((xg, cg), scale) in groups {
+                    let s = group_scale(xg, fmt).ok_or_else(|| non_finite_in_row(x, t * rows_per_task + r))?;
+                    *scale = s;
+                    encode_scaled(xg, s, cg);
+                }
+            }
+            Ok(())
+        })
+        .collect();
+    results.into_iter().collect()
+}
+
+/// Replaces the activations `x` (`tokens × dim`) by their quantized-then-dequantized values, as
+/// [`quantize_token_groups`] followed by dequantization would give (W8A8 simulation).
+pub fn fake_quant_token_groups(x: &mut [f32], tokens: usize, dim: usize, fmt: ScaleFormat) -> Result<(), QuantError> {
+    check_len("activations", len_of("activations", tokens, dim, 1, x.len())?, x.len())?;
+    if tokens == 0 || dim == 0 {
+        return Ok(());
+    }
+    let rows_per_task = (TASK_ELEMENTS / dim).max(1);
+    let results: Vec<Result<(), QuantError>> = x
+        .par_chunks_mut(rows_per_task * dim)
+        .enumerate()
+        .map(|(t, x)| {
+            for (r, row) in x.chunks_exact_mut(dim).enumerate() {
+                for g in 0..dim.div_ceil(BLOCK) {
+                    let group = &mut row[g * BLOCK..dim.min(g * BLOCK + BLOCK)];
+                    let Some(s) = group_scale(group, fmt) else {
+                        return Err(non_finite_in_row(row, t * rows_per_task + r));
+                    };
+                    for v in group.iter_mut() {
+                        *v = E4M3_LUT[usize::from(f32_to_e4m3(*v / s))] * s;
+                    }
+                }
+            }
+            Ok(())
+        })
+        .collect();
+    results.into_iter().collect()
+}
+
+/// Elements per parallel task for activations.
+const TASK_ELEMENTS: usize = 1 << 16;
+
+/// Scale of one activation group, or `None` when it holds a NaN or an infinity.
+#[inline]
+fn group_scale(x: &[f32], fmt: ScaleFormat) -> Option<f32> {
+    let amax = abs_max_bits(x);
+    (amax < F32_INF_BITS).then(|| scale_inv_for(f32::from_bits(amax), fmt))
+}
+
+/// The error for the first non-finite element of `row` (token `token`).
+#[cold]
+fn non_finite_in_row(row: &[f32], token: usize) -> QuantError {
+    let col = row.iter().position(|v| !v.is_finite()).unwrap_or(0);
+    QuantError::NonFinite { row: token, col, value: row.get(col).copied().unwrap_or(f32::NAN) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fp8::e4m3_to_f32;
+    use crate::stats::compare;
+
+    /// splitmix64: deterministic test data without a rand dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+
+        /// Uniform in [0, 1).
+        fn uniform(&mut self) -> f64 {
+            (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        }
+
+        /// Standard normal (Box-Muller).
+        fn gauss(&mut self) -> f32 {
+            let u = 1.0 - self.uniform();
+            let v = self.uniform();
+            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+        }
+    }
+
+    /// Reference E4M3FN encoder, written from the format definition: nearest of the finite codes
+    /// by exhaustive search, ties to even mantissa, saturating, sign kept.
+    fn ref_e4m3(x: f32) -> u8 {
+        let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+        if x.is_nan() {
+            return sign | 0x7F;
+        }
+        let mag = f64::from(x.abs()).min(448.0);
+        let mut best = (0u8, f64::INFINITY);
+        for c in 0u8..0x7F {
+            let (e, m) = (i32::from(c >> 3), f64::from(c & 7));
+            let v = if e == 0 { m / 8.0 * 2f64.powi(-6) } else { (1.0 + m / 8.0) * 2f64.powi(e - 7) };
+            let d = (v - mag).abs();
+            if d < best.1 || (d == best.1 && c & 1 == 0) {
+                best = (c, d);
+            }
+        }
+        sign | best.0
+    }
+
+    /// Source tensor in one dtype: its little-endian bytes and its exact f32 values.
+    struct Src {
+        dtype: SrcDtype,
+        bytes: Vec<u8>,
+        values: Vec<f32>,
+    }
+
+    /// Rounds `values` to `dtype` and keeps both the bytes and the rounded values.
+    fn make_src(values: &[f32], dtype: SrcDtype) -> Src {
+        let mut bytes = Vec::new();
+        let mut exact = Vec::new();
+        for &v in values {
+            match dtype {
+                SrcDtype::BF16 => {
+                    let h = half::bf16::from_f32(v);
+                    bytes.extend_from_slice(&h.to_le_bytes());
+                    exact.push(h.to_f32());
+                }
+                SrcDtype::F16 => {
+                    let h = half::f16::from_f32(v);
+                    bytes.extend_from_slice(&h.to_le_bytes());
+                    exact.push(h.to_f32());
+                }
+                SrcDtype::F32 => {
+                    bytes.extend_from_slice(&v.to_le_bytes());
+                    exact.push(v);
+                }
+            }
+        }
+        Src { dtype, bytes, values: exact }
+    }
+
+    /// Plain scalar reference of the contract: per block, amax, scale, divide, encode.
+    fn ref_quantize(x: &[f32], rows: usize, cols: usize, fmt: ScaleFormat) -> (Vec<u8>, Vec<f32>) {
+        let (gr, gc) = (rows.div_ceil(128), cols.div_ceil(128));
+        let mut codes = vec![0u8; rows * cols];
+        let mut scales = vec![0f32; gr * gc];
+        for bi in 0..gr {
+            for bj in 0..gc {
+                let (r0, r1) = (bi * 128, rows.min(bi * 128 + 128));
+                let (c0, c1) = (bj * 128, cols.min(bj * 128 + 128));
+                let mut amax = 0f32;
+                for r in r0..r1 {
+                    for c in c0..c1 {
+                        amax = amax.max(x[r * cols + c].abs());
+                    }
+                }
+                let mut s = amax.max(1e-12) / 448.0;
+                if fmt == ScaleFormat::Ue8m0 {
+                    let mut p = 2f32.powi(-149);
+                    while p < s {
+                        p *= 2.0;
+                    }
+                    s = p;
+                }
+                scales[bi * gc + bj] = s;
+                for r in r0..r1 {
+                    for c in c0..c1 {
+                        codes[r * cols + c] = ref_e4m3(x[r * cols + c] / s);
+                    }
+                }
+            }
+        }
+        (codes, scales)
+    }
+
+    fn assert_same(what: &str, got_codes: &[u8], got_scales: &[f32], want: &(Vec<u8>, Vec<f32>), x: &[f32]) {
+        if let Some(i) = (0..want.1.len()).find(|&i| got_scales[i].to_bits() != want.1[i].to_bits()) {
+            panic!(
+                "{what}: first scale mismatch at block {i}: got {:#010x}, reference {:#010x}",
+                got_scales[i].to_bits(),
+                want.1[i].to_bits()
+            );
+        }
+        if let Some(i) = (0..want.0.len()).find(|&i| got_codes[i] != want.0[i]) {
+            panic!(
+                "{what}: first code mismatch at element {i} (input {:#010x}): got {:#04x}, reference {:#04x}",
+                x[i].to_bits(),
+                got_codes[i],
+                want.0[i]
+            );
+        }
+    }
+
+    fn quantize(src: &Src, rows: usize, cols: usize, fmt: ScaleFormat) -> (Vec<u8>, Vec<f32>, ErrorStats) {
+        let mut codes = vec![0xAAu8; rows * cols];
+        let mut scales = vec![f32::NAN; rows.div_ceil(128) * cols.div_ceil(128)];
+        let stats = quantize_weight_into(&src.bytes, src.dtype, rows, cols, fmt, &mut codes, &mut scales);
+        match stats {
+            Ok(s) => (codes, scales, s),
+            Err(e) => panic!("quantize {rows}x{cols} {:?}: {e}", src.dtype),
+        }
+    }
+
+    fn gaussian(rows: usize, cols: usize, seed: u64, sigma: f32) -> Vec<f32> {
+        let mut rng = Rng(seed);
+        (0..rows * cols).map(|_| rng.gauss() * sigma).collect()
+    }
+
+    const SHAPES: [(usize, usize); 6] = [(1, 1), (127, 129), (300, 200), (129, 1000), (128, 128), (3, 260)];
+    const DTYPES: [SrcDtype; 3] = [SrcDtype::BF16, SrcDtype::F16, SrcDtype::F32];
+    const FORMATS: [ScaleFormat; 2] = [ScaleFormat::F32, ScaleFormat::Ue8m0];
+
+    #[test]
+    fn block_quantization_is_bitwise_the_scalar_reference_for_all_shapes_dtypes_and_formats() {
+        for (k, &(rows, cols)) in SHAPES.iter().enumerate() {
+            let raw = gaussian(rows, cols, 17 + k as u64, 0.02);
+            for dtype in DTYPES {
+                let src = make_src(&raw, dtype);
+                for fmt in FORMATS {
+                    let (codes, scales, _) = quantize(&src, rows, cols, fmt);
+                    let want = ref_quantize(&src.values, rows, cols, fmt);
+                    assert_same(&format!("{rows}x{cols} {dtype:?} {fmt:?}"), &codes, &scales, &want, &src.values);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn all_zero_blocks_get_scale_1e12_over_448_and_zero_codes() {
+        for fmt in FORMATS {
+            let src = make_src(&[0.0; 300 * 200], SrcDtype::BF16);
+            let (codes, scales, stats) = quantize(&src, 300, 200, fmt);
+            let want = scale_inv_for(0.0, fmt);
+            assert_eq!(scale_inv_for(0.0, ScaleFormat::F32), 1e-12f32 / 448.0);
+            assert!(scales.iter().all(|s| s.to_bits() == want.to_bits()), "{fmt:?}: scales {scales:?}");
+            assert!(codes.iter().all(|&c| c == 0), "{fmt:?}: non-zero code");
+            assert_eq!((stats.numel, stats.sum_sq_err, stats.rel_rms()), (60000, 0.0, 0.0));
+        }
+        // Negative zeros keep their sign.
+        let src = make_src(&[-0.0; 4], SrcDtype::F32);
+        assert_eq!(quantize(&src, 2, 2, ScaleFormat::F32).0, vec![0x80; 4]);
+    }
+
+    #[test]
+    fn outlier_and_tiny_magnitude_blocks_match_the_reference() {
+        let (rows, cols) = (129, 300);
+        let mut rng = Rng(5);
+        let mut x: Vec<f32> = (0..rows * cols).map(|_| (rng.uniform() as f32 - 0.5) * 2e-3).collect();
+        x[3 * cols + 7] = 1e4; // outlier in block (0, 0)
+        x[128 * cols + 299] = -1e4; // outlier in the edge block (1, 2)
+        for c in 128..256 {
+            for r in 0..128 {
+                x[r * cols + c] = if (r + c) % 3 == 0 { 1e-30 } else { -3e-31 }; // block (0, 1): tiny
+            }
+        }
+        for dtype in [SrcDtype::BF16, SrcDtype::F32] {
+            let src = make_src(&x, dtype);
+            for fmt in FORMATS {
+                let (codes, scales, _) = quantize(&src, rows, cols, fmt);
+                let want = ref_quantize(&src.values, rows, cols, fmt);
+                assert_same(&format!("outliers {dtype:?} {fmt:?}"), &codes, &scales, &want, &src.values);
+                if fmt == ScaleFormat::F32 {
+                    assert_eq!(codes[3 * cols + 7], 0x7E, "outlier is the block max, 448");
+                    assert_eq!(codes[128 * cols + 299], 0xFE, "edge-block outlier is -448");
+                }
+                // Tiny block: amax < 1e-12, so every value is far below the smallest step.
+                assert!(codes[128..256].iter().all(|&c| c & 0x7F == 0));
+            }
+        }
+    }
+
+    #[test]
+    fn ue8m0_scales_are_powers_of_two_at_least_the_f32_scale_and_below_twice_it() {
+        let (rows, cols) = (300, 1000);
+        let mut rng = Rng(9);
+        let x: Vec<f32> = (0..rows * cols).map(|i| rng.gauss() * 10f32.powi((i % 13) as i32 - 6)).collect();
+        let src = make_src(&x, SrcDtype::F32);
+        let (_, f, _) = quantize(&src, rows, cols, ScaleFormat::F32);
+        let (_, p, _) = quantize(&src, rows, cols, ScaleFormat::Ue8m0);
+        for (i, (&f, &p)) in f.iter().zip(&p).enumerate() {
+            assert_eq!(p.to_bits() & 0x007F_FFFF, 0, "block {i}: {:#010x} not a power of two", p.to_bits());
+            assert!(p >= f && p < 2.0 * f, "block {i}: ue8m0 {:#010x} vs f32 {:#010x}", p.to_bits(), f.to_bits());
+        }
+        for amax in [448.0f32, 896.0, 1.0, 1e-12, 0.0] {
+            let p = scale_inv_for(amax, ScaleFormat::Ue8m0);
+            let f = scale_inv_for(amax, ScaleFormat::F32);
+            assert!(p >= f && p < 2.0 * f && p.to_bits() & 0x007F_FFFF == 0, "amax {amax:e}");
+        }
+        assert_eq!(scale_inv_for(448.0, ScaleFormat::Ue8m0), 1.0, "exact power of two stays");
+    }
+
+    #[test]
+    fn dequantize_round_trip_error_is_small_on_gaussian_data_and_stats_agree() {
+        let (rows, cols) = (300, 1000);
+        let src = make_src(&gaussian(rows, cols, 3, 0.02), SrcDtype::BF16);
+        for fmt in FORMATS {
+            let (codes, scales, stats) = quantize(&src, rows, cols, fmt);
+            let mut deq = vec![0f32; rows * cols];
+            dequantize_weight_into(&codes, &scales, rows, cols, &mut deq).unwrap();
+            let direct = compare(&src.values, &deq);
+            assert!(direct.rel_rms() < 0.05, "{fmt:?}: rel_rms {}", direct.rel_rms());
+            assert_eq!(stats.numel, direct.numel);
+            assert!((stats.rel_rms() - direct.rel_rms()).abs() < 1e-5 * direct.rel_rms(), "{stats:?} vs {direct:?}");
+            assert!((stats.max_abs() - direct.max_abs()).abs() <= 1e-6 * direct.max_abs());
+            // Dequantization is code value times block scale.
+            for (i, &d) in deq.iter().enumerate() {
+                let s = scales[(i / cols / 128) * cols.div_ceil(128) + (i % cols) / 128];
+                assert_eq!(d.to_bits(), (e4m3_to_f32(codes[i]) * s).to_bits(), "element {i}");
+            }
+            let mut bf = vec![0u8; rows * cols * 2];
+            dequantize_weight_to_bf16(&codes, &scales, rows, cols, &mut bf).unwrap();
+            for (i, (b, &d)) in bf.chunks_exact(2).zip(&deq).enumerate() {
+                let want = half::bf16::from_f32(d).to_bits();
+                assert_eq!(u16::from_le_bytes([b[0], b[1]]), want, "bf16 element {i} ({:#010x})", d.to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn non_finite_reports_the_first_element_in_row_major_order_across_stripes() {
+        let (rows, cols) = (700, 300);
+        let x = gaussian(rows, cols, 11, 1.0);
+        // Several stripes hold NaN/Inf; in stripe 1 a later block column has an earlier row.
+        let bad = [(650, 3, f32::NAN), (140, 250, f32::INFINITY), (141, 5, f32::NAN), (400, 0, f32::NEG_INFINITY)];
+        for dtype in DTYPES {
+            for _ in 0..5 {
+                let mut x = x.clone();
+                for &(r, c, v) in &bad {
+                    x[r * cols + c] = v;
+                }
+                let src = make_src(&x, dtype);
+                let mut codes = vec![0u8; rows * cols];
+                let mut scales = vec![0f32; 6 * 3];
+                let r = quantize_weight_into(&src.bytes, dtype, rows, cols, ScaleFormat::F32, &mut codes, &mut scales);
+                match r {
+                    Err(QuantError::NonFinite { row: 140, col: 250, value }) if value == f32::INFINITY => {}
+                    other => panic!("{dtype:?}: expected Inf at [140, 250], got {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shape_mismatches_are_errors_and_empty_tensors_are_fine() {
+        let src = make_src(&[1.0; 6], SrcDtype::BF16);
+        let mut codes = [0u8; 6];
+        let mut scales = [0f32; 1];
+        let r = quantize_weight_into(&src.bytes[1..], SrcDtype::BF16, 2, 3, ScaleFormat::F32, &mut codes, &mut scales);
+        assert!(matches!(r, Err(QuantError::Shape { what: "source bytes", expected: 12, got: 11 })), "{r:?}");
+        let r = quantize_weight_into(&src.bytes, SrcDtype::BF16, 2, 3, ScaleFormat::F32, &mut codes[1..], &mut scales);
+        assert!(matches!(r, Err(QuantError::Shape { what: "codes", .. })), "{r:?}");
+        let r = quantize_weight_into(&src.bytes, SrcDtype::BF16, 2, 3, ScaleFormat::F32, &mut codes, &mut []);
+        assert!(matches!(r, Err(QuantError::Shape { what: "scales", .. })), "{r:?}");
+        let r = quantize_weight_into(&[], SrcDtype::BF16, usize::MAX, 3, ScaleFormat::F32, &mut [], &mut []);
+        assert!(matches!(r, Err(QuantError::Shape { .. })), "overflowing shape: {r:?}");
+        for (rows, cols) in [(0, 0), (0, 5), (5, 0)] {
+            let r = quantize_weight_into(&[], SrcDtype::F32, rows, cols, ScaleFormat::F32, &mut [], &mut []);
+            assert_eq!(r.unwrap(), ErrorStats::default());
+            dequantize_weight_into(&[], &[], rows, cols, &mut []).unwrap();
+            quantize_token_groups(&[], rows, cols, ScaleFormat::F32, &mut [], &mut []).unwrap();
+        }
+        let r = dequantize_weight_to_bf16(&codes, &scales, 2, 3, &mut [0u8; 6]);
+        assert!(matches!(r, Err(QuantError::Shape { what: "output", expected: 12, got: 6 })), "{r:?}");
+    }
+
+    #[test]
+    fn token_groups_equal_block_quantization_of_each_row_alone() {
+        for &(tokens, dim) in &[(1, 1), (5, 300), (37, 128), (700, 129)] {
+            let x = gaussian(tokens, dim, 23, 3.0);
+            for fmt in FORMATS {
+                let groups = dim.div_ceil(128);
+                let mut codes = vec![0u8; tokens * dim];
+                let mut scales = vec![0f32; tokens * groups];
+                quantize_token_groups(&x, tokens, dim, fmt, &mut codes, &mut scales).unwrap();
+                let mut fake = x.clone();
+                fake_quant_token_groups(&mut fake, tokens, dim, fmt).unwrap();
+                for t in 0..tokens {
+                    let row = make_src(&x[t * dim..(t + 1) * dim], SrcDtype::F32);
+                    let (rc, rs, _) = quantize(&row, 1, dim, fmt);
+                    let what = format!("{tokens}x{dim} {fmt:?} token {t}");
+                    assert_same(&what, &codes[t * dim..(t + 1) * dim], &scales[t * groups..(t + 1) * groups], &(rc, rs), &row.values);
+                    let mut deq = vec![0f32; dim];
+                    dequantize_weight_into(&codes[t * dim..(t + 1) * dim], &scales[t * groups..(t + 1) * groups], 1, dim, &mut deq)
+                        .unwrap();
+                    for (c, (a, b)) in fake[t * dim..(t + 1) * dim].iter().zip(&deq).enumerate() {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{what}: fake quant differs at channel {c} ({:#010x})", x[t * dim + c].to_bits());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn token_groups_report_the_first_non_finite_in_row_major_order() {
+        let (tokens, dim) = (1000, 300);
+        let mut x = gaussian(tokens, dim, 2, 1.0);
+        x[900 * dim + 3] = f32::NAN;
+        x[600 * dim + 299] = f32::INFINITY;
+        x[600 * dim + 200] = f32::NEG_INFINITY;
+        let mut codes = vec![0u8; tokens * dim];
+        let mut scales = vec![0f32; tokens * 3];
+        let r = quantize_token_groups(&x, tokens, dim, ScaleFormat::F32, &mut codes, &mut scales);
+        assert!(matches!(r, Err(QuantError::NonFinite { row: 600, col: 200, .. })), "{r:?}");
+        let r = fake_quant_token_groups(&mut x, tokens, dim, ScaleFormat::F32);
+        assert!(matches!(r, Err(QuantError::NonFinite { row: 600, col: 200, .. })), "{r:?}");
+    }
+
+    #[test]
+    fn scale_format_serializes_lowercase() {
+        assert_eq!(serde_json::to_string(&ScaleFormat::Ue8m0).unwrap(), "\"ue8m0\"");
+        assert_eq!(serde_json::from_str::<ScaleFormat>("\"f32\"").unwrap(), ScaleFormat::F32);
+    }
+
+    /// Throughput of BF16 weight quantization (release: `cargo test --release -p fp8forge-quant
+    /// --lib -- --ignored --nocapture bench_`).
+    #[test]
+    #[ignore]
+    fn bench_quantize_1gib_bf16() {
+        let (rows, cols) = (32768, 16384); // 512 Mi elements = 1 GiB of BF16
+        let mut rng = Rng(1);
+        let mut bytes = vec![0u8; rows * cols * 2];
+        for b in bytes.chunks_exact_mut(2) {
+            let v = half::bf16::from_f32(rng.gauss() * 0.02);
+            b.copy_from_slice(&v.to_le_bytes());
+        }
+        // Unaligned view, as a memory map might give.
+        bytes.insert(0, 0);
+        let src = &bytes[1..];
+        let mut codes = vec![0u8; rows * cols];
+        let mut scales = vec![0f32; (rows / 128) * (cols / 128)];
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let s = quantize_weight_into(src, SrcDtype::BF16, rows, cols, ScaleFormat::F32, &mut codes, &mut scales).unwrap();
+            let dt = t.elapsed().as_secs_f64();
+            println!(
+                "quantize 1 GiB bf16: {dt:.3} s, {:.2} GB/s of input, {} threads, rel_rms {:.4}",
+                src.len() as f64 / dt / 1e9,
+                rayon::current_num_threads(),
+                s.rel_rms()
+            );
+        }
+        let mut out = vec![0u8; rows * cols * 2];
+        let t = std::time::Instant::now();
+        dequantize_weight_to_bf16(&codes, &scales, rows, cols, &mut out).unwrap();
+        println!("dequantize to bf16: {:.3} s", t.elapsed().as_secs_f64());
+    }
+}

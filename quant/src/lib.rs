@@ -1,0 +1,10 @@
+//! FP8 quantization for fp8forge: the E4M3FN and E5M2 codecs, 128×128 block scaling of weights,
+//! 1×128 per-token-group scaling of activations, error statistics, tensor selection and the
+//! checkpoint conversion pipeline (plan -> execute -> verify) built on `fp8forge-formats`.
+
+pub mod block;
+pub mod convert;
+pub mod fp8;
+pub mod plan;
+pub mod select;
+pub mod stats;

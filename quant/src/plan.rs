@@ -1,0 +1,272 @@
+//! Planning a conversion: a pure function of the input's headers and the options that says
+//! which tensor goes where, in which dtype and shape, and how many bytes come in and go out.
+//! Every run over the same input and options computes the same plan, which is what lets
+//! `--resume` and `--shard i/n` jobs agree on the output without talking to each other.
+
+use fp8forge_formats::{Checkpoint, Dtype, PlannedTensor};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::block::{BLOCK, ScaleFormat};
+use crate::select::{Decision, Selection};
+
+/// Output layout of the quantized checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputFormat {
+    /// DeepSeek / transformers "fp8": `weight_scale_inv` tensors, `quant_method: "fp8"`.
+    Deepseek,
+    /// compressed-tensors "float-quantized": `weight_scale` tensors, block strategy.
+    CompressedTensors,
+}
+
+/// What the user asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvertOptions {
+    /// Output layout.
+    pub format: OutputFormat,
+    /// Scale format (f32 or power-of-two ue8m0 values stored as f32).
+    pub scale_format: ScaleFormat,
+    /// Extra exclusion patterns.
+    pub skip: Vec<String>,
+    /// Patterns replacing the default selection when not empty.
+    pub only: Vec<String>,
+    /// Largest output shard, in bytes of tensor data.
+    pub max_shard_size: u64,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            format: OutputFormat::Deepseek,
+            scale_format: ScaleFormat::F32,
+            skip: vec![],
+            only: vec![],
+            max_shard_size: 5_000_000_000,
+        }
+    }
+}
+
+/// What is done to one input tensor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "lowercase")]
+pub enum Action {
+    /// Quantized: output tensors are the codes then the scales.
+    Quantize {
+        /// Rows (N, output features).
+        rows: usize,
+        /// Columns (K, input features).
+        cols: usize,
+    },
+    /// Copied byte for byte.
+    Copy {
+        /// Why it is not quantized.
+        reason: String,
+    },
+}
+
+/// One input tensor and what becomes of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Item {
+    /// Name of the tensor in the input.
+    pub source: String,
+    /// Index of the input shard holding it.
+    pub shard: usize,
+    /// What is done to it.
+    #[serde(flatten)]
+    pub action: Action,
+    /// Output tensors, in file order (one when copied; weight and scale when quantized).
+    pub outputs: Vec<PlannedTensor>,
+    /// Input bytes.
+    pub bytes_in: u64,
+}
+
+/// One output safetensors file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutFile {
+    /// File name in the output directory.
+    pub name: String,
+    /// Index of the input shard its tensors come from.
+    pub input_shard: usize,
+    /// Its tensors.
+    pub items: Vec<Item>,
+}
+
+impl OutFile {
+    /// Output tensors in file order.
+    pub fn tensors(&self) -> Vec<PlannedTensor> {
+        self.items.iter().flat_map(|i| i.outputs.iter().cloned()).collect()
+    }
+
+    /// Bytes of tensor data in the file.
+    pub fn data_bytes(&self) -> u64 {
+        self.items.iter().flat_map(|i| &i.outputs).map(PlannedTensor::nbytes).sum()
+    }
+}
+
+/// The whole conversion, before anything is written.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Options it was made with.
+    pub options: ConvertOptions,
+    /// Input shard file names, in order.
+    pub input_shards: Vec<String>,
+    /// Output files.
+    pub files: Vec<OutFile>,
+    /// Other files copied from the input directory.
+    pub copies: Vec<String>,
+    /// Directory entries not carried over.
+    pub not_copied: Vec<String>,
+}
+
+/// Summary numbers of a plan.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PlanSummary {
+    /// Input tensors.
+    pub tensors: usize,
+    /// Of which quantized.
+    pub quantized: usize,
+    /// Of which copied unchanged.
+    pub copied: usize,
+    /// Tensor bytes read.
+    pub bytes_in: u64,
+    /// Tensor bytes written.
+    pub bytes_out: u64,
+    /// Output safetensors files.
+    pub files: usize,
+}
+
+/// Why a plan cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// A selection pattern is invalid.
+    #[error(transparent)]
+    Select(#[from] crate::select::SelectError),
+    /// The input already holds FP8 weights or a quantization_config.
+    #[error("{path}: already quantized ({what}); run `fp8forge dequant` first to requantize")]
+    AlreadyQuantized {
+        /// The file at fault.
+        path: std::path::PathBuf,
+        /// What shows it.
+        what: String,
+    },
+}
+
+/// Name of the scale tensor that goes with weight `name`.
+pub fn scale_name(name: &str, format: OutputFormat) -> String {
+    let suffix = match format {
+        OutputFormat::Deepseek => "_scale_inv",
+        OutputFormat::CompressedTensors => "_scale",
+    };
+    format!("{name}{suffix}")
+}
+
+/// Makes the plan for `ckpt` under `opts`.
+pub fn make_plan(ckpt: &Checkpoint, opts: &ConvertOptions) -> Result<Plan, PlanError> {
+    if let Some(qc) = ckpt.config.as_ref().and_then(|c| c.get("quantization_config")) {
+        let method = qc.get("quant_method").and_then(|m| m.as_str()).unwrap_or("unknown");
+        return Err(PlanError::AlreadyQuantized {
+            path: ckpt.root.join("config.json"),
+            what: format!("quantization_config with quant_method {method:?}"),
+        });
+    }
+    let sel = Selection::new(&opts.skip, &opts.only)?;
+    let mut items_per_shard = Vec::with_capacity(ckpt.shards.len());
+    for (si, shard) in ckpt.shards.iter().enumerate() {
+        let mut items = Vec::new();
+        for t in &shard.file.header().tensors {
+            let (action, outputs) = match sel.decide(&t.name, t.dtype, &t.shape) {
+                Decision::Quantize => {
+                    let (rows, cols) = (t.shape[0], t.shape[1]);
+                    let outs = vec![
+                        PlannedTensor { name: t.name.clone(), dtype: Dtype::F8_E4M3, shape: vec![rows, cols] },
+                        PlannedTensor {
+                            name: scale_name(&t.name, opts.format),
+                            dtype: Dtype::F32,
+                            shape: vec![rows.div_ceil(BLOCK), cols.div_ceil(BLOCK)],
+                        },
+                    ];
+                    (Action::Quantize { rows, cols }, outs)
+                }
+                Decision::Keep(reason) => {
+                    if matches!(t.dtype, Dtype::F8_E4M3 | Dtype::F8_E5M2) {
+                        return Err(PlanError::AlreadyQuantized {
+                            path: shard.file.path().to_owned(),
+                            what: format!("tensor {} is {:?}", t.name, t.dtype),
+                        });
+                    }
+                    let out = PlannedTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() };
+                    (Action::Copy { reason }, vec![out])
+                }
+            };
+            items.push(Item { source: t.name.clone(), shard: si, action, outputs, bytes_in: t.nbytes() as u64 });
+        }
+        items_per_shard.push(items);
+    }
+    // Group each input shard's items into output files of at most max_shard_size data bytes.
+    let mut groups: Vec<(usize, Vec<Item>)> = Vec::new();
+    for (si, items) in items_per_shard.into_iter().enumerate() {
+        let mut current: Vec<Item> = Vec::new();
+        let mut size = 0u64;
+        for item in items {
+            let b: u64 = item.outputs.iter().map(PlannedTensor::nbytes).sum();
+            if !current.is_empty() && size + b > opts.max_shard_size {
+                groups.push((si, std::mem::take(&mut current)));
+                size = 0;
+            }
+            size += b;
+            current.push(item);
+        }
+        if !current.is_empty() || groups.iter().all(|(s, _)| *s != si) {
+            groups.push((si, current));
+        }
+    }
+    let n = groups.len();
+    let files = groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, (input_shard, items))| OutFile {
+            name: if n == 1 { "model.safetensors".into() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) },
+            input_shard,
+            items,
+        })
+        .collect();
+    Ok(Plan {
+        options: opts.clone(),
+        input_shards: ckpt.shards.iter().map(|s| s.name.clone()).collect(),
+        files,
+        copies: ckpt.extra_files.clone(),
+        not_copied: ckpt.skipped_files.clone(),
+    })
+}
+
+impl Plan {
+    /// A digest identifying the plan: equal digests mean identical output.
+    pub fn digest(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        fp8forge_formats::atomic::hex(&Sha256::digest(&json))
+    }
+
+    /// Summary numbers.
+    pub fn summary(&self) -> PlanSummary {
+        let mut s = PlanSummary { files: self.files.len(), ..Default::default() };
+        for item in self.files.iter().flat_map(|f| &f.items) {
+            s.tensors += 1;
+            match item.action {
+                Action::Quantize { .. } => s.quantized += 1,
+                Action::Copy { .. } => s.copied += 1,
+            }
+            s.bytes_in += item.bytes_in;
+            s.bytes_out += item.outputs.iter().map(PlannedTensor::nbytes).sum::<u64>();
+        }
+        s
+    }
+
+    /// Indices of the output files that job `i` of `n` writes: those whose input shard falls in
+    /// the job's contiguous share of the input shards.
+    pub fn files_of_job(&self, i: usize, n: usize) -> Vec<usize> {
+        let shards = self.input_shards.len();
+        let (lo, hi) = (i * shards / n, (i + 1) * shards / n);
+        (0..self.files.len()).filter(|&f| (lo..hi).contains(&self.files[f].input_shard)).collect()
+    }
+}
