@@ -15,7 +15,10 @@ pub struct Bar {
 impl Bar {
     /// A bar, visible unless `hidden`.
     pub fn new(hidden: bool, verb: &str) -> Self {
-        let bar = ProgressBar::with_draw_target(None, if hidden { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() });
+        let bar = ProgressBar::with_draw_target(
+            None,
+            if hidden { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() },
+        );
         let style = ProgressStyle::with_template(&format!(
             "{verb} {{bar:30}} {{bytes}}/{{total_bytes}} {{binary_bytes_per_sec}} ETA {{eta}} {{msg}}"
         ))
@@ -139,7 +142,14 @@ pub fn render_plan(plan: &fp8forge_quant::plan::Plan) -> String {
 /// `inspect` for people: a summary, then one line per tensor.
 pub fn render_inspection(r: &fp8forge_quant::inspect::Inspection) -> String {
     let total: u64 = r.files.iter().map(|f| f.bytes).sum();
-    let mut out = format!("{}: {} tensors in {} files, {}; state: {}\n", r.path.display(), r.tensors.len(), r.files.len(), human_bytes(total), r.state);
+    let mut out = format!(
+        "{}: {} tensors in {} files, {}; state: {}\n",
+        r.path.display(),
+        r.tensors.len(),
+        r.files.len(),
+        human_bytes(total),
+        r.state
+    );
     for (dtype, d) in &r.by_dtype {
         out += &format!("  {dtype:<8} {:>7} tensors {:>12}\n", d.tensors, human_bytes(d.bytes));
     }
@@ -147,7 +157,14 @@ pub fn render_inspection(r: &fp8forge_quant::inspect::Inspection) -> String {
         out += &format!("quantization_config: {q}\n");
     }
     for t in &r.tensors {
-        out += &format!("{:<12} {:<8} {:<18} {:>10}  {}\n", t.role, t.dtype, format!("{:?}", t.shape), human_bytes(t.bytes), t.name);
+        out += &format!(
+            "{:<12} {:<8} {:<18} {:>10}  {}\n",
+            t.role,
+            t.dtype,
+            format!("{:?}", t.shape),
+            human_bytes(t.bytes),
+            t.name
+        );
     }
     out
 }

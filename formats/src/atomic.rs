@@ -82,7 +82,11 @@ impl AtomicFile {
     /// Flushes, fsyncs, renames to the final name and fsyncs the directory.
     pub fn commit(mut self) -> Result<WrittenFile> {
         let out = self.out.take().ok_or_else(|| closed(&self.tmp_path))?;
-        let file = out.into_inner().map_err(|e| FormatError::Io { path: self.tmp_path.clone(), op: "write", source: e.into_error() })?;
+        let file = out.into_inner().map_err(|e| FormatError::Io {
+            path: self.tmp_path.clone(),
+            op: "write",
+            source: e.into_error(),
+        })?;
         file.sync_all().map_err(FormatError::io(&self.tmp_path, "fsync"))?;
         drop(file);
         std::fs::rename(&self.tmp_path, &self.final_path).map_err(FormatError::io(&self.final_path, "rename"))?;

@@ -95,19 +95,25 @@ impl Checkpoint {
 /// Reads and parses a JSON file.
 pub fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(FormatError::io(path, "read"))?;
-    serde_json::from_str(&text).map_err(|e| FormatError::BadJson { path: path.to_owned(), reason: format!("malformed JSON: {e}") })
+    serde_json::from_str(&text)
+        .map_err(|e| FormatError::BadJson { path: path.to_owned(), reason: format!("malformed JSON: {e}") })
 }
 
 fn plain_name(path: &Path) -> Result<String> {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .map(str::to_owned)
-        .ok_or_else(|| FormatError::BadCheckpoint { path: path.to_owned(), reason: "file name is not valid UTF-8".into() })
+    path.file_name().and_then(|n| n.to_str()).map(str::to_owned).ok_or_else(|| FormatError::BadCheckpoint {
+        path: path.to_owned(),
+        reason: "file name is not valid UTF-8".into(),
+    })
 }
 
 /// True when `name` is a plain file name: no separators, not `.`/`..`, not absolute, not empty.
 pub fn is_plain_name(name: &str) -> bool {
-    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\\') && !name.contains('\0')
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\\')
+        && !name.contains('\0')
 }
 
 /// Refuses a file that is a symbolic link leading outside the checkpoint directory. Links into the
@@ -115,7 +121,9 @@ pub fn is_plain_name(name: &str) -> bool {
 /// layout and are accepted.
 fn check_inside(root: &Path, path: &Path) -> Result<()> {
     let link = std::fs::symlink_metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => FormatError::BadCheckpoint { path: path.to_owned(), reason: "missing file (named by the index)".into() },
+        std::io::ErrorKind::NotFound => {
+            FormatError::BadCheckpoint { path: path.to_owned(), reason: "missing file (named by the index)".into() }
+        }
         _ => FormatError::Io { path: path.to_owned(), op: "stat", source: e },
     })?;
     if !link.file_type().is_symlink() {
@@ -151,7 +159,9 @@ fn index_files(index_path: &Path) -> Result<Vec<String>> {
     for (tensor, file) in map {
         let file = file.as_str().ok_or_else(|| bad(format!("tensor {tensor}: file name is not a string")))?;
         if !is_plain_name(file) || Path::new(file).is_absolute() {
-            return Err(bad(format!("tensor {tensor}: file {file:?} is not a plain file name inside the checkpoint directory")));
+            return Err(bad(format!(
+                "tensor {tensor}: file {file:?} is not a plain file name inside the checkpoint directory"
+            )));
         }
         if !files.iter().any(|f| f == file) {
             files.push(file.to_owned());

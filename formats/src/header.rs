@@ -101,8 +101,8 @@ pub fn header_len(path: &Path, prefix: &[u8], file_len: u64) -> Result<usize> {
 pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
     let bad = |reason: String| FormatError::BadHeader { path: path.to_owned(), reason };
     let text = std::str::from_utf8(json).map_err(|e| bad(format!("header is not UTF-8: {e}")))?;
-    let value: Value = serde_json::from_str(text.trim_end_matches(' '))
-        .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    let value: Value =
+        serde_json::from_str(text.trim_end_matches(' ')).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
     let Value::Object(map) = value else {
         return Err(bad("header is not a JSON object".into()));
     };
@@ -121,7 +121,11 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
     let mut expected = 0usize;
     for t in &tensors {
         if t.begin != expected {
-            let what = if t.begin < expected { "overlaps the previous tensor" } else { "leaves a gap after the previous tensor" };
+            let what = if t.begin < expected {
+                "overlaps the previous tensor"
+            } else {
+                "leaves a gap after the previous tensor"
+            };
             return Err(FormatError::BadTensor {
                 path: path.to_owned(),
                 tensor: t.name.clone(),
@@ -134,7 +138,10 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
     if end != Some(file_len) {
         let last = tensors.last().map_or("(none)".to_string(), |t| t.name.clone());
         let reason = if end.is_some_and(|e| e > file_len) {
-            format!("data ends at byte {} but the file has {file_len} bytes (truncated?); last tensor {last}", data_start + expected)
+            format!(
+                "data ends at byte {} but the file has {file_len} bytes (truncated?); last tensor {last}",
+                data_start + expected
+            )
         } else {
             format!("{} trailing bytes after the last tensor {last}", file_len - (data_start + expected) as u64)
         };
@@ -144,7 +151,8 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
 }
 
 fn parse_metadata(path: &Path, entry: &Value) -> Result<BTreeMap<String, String>> {
-    let bad = || FormatError::BadHeader { path: path.to_owned(), reason: "__metadata__ is not a map of strings".into() };
+    let bad =
+        || FormatError::BadHeader { path: path.to_owned(), reason: "__metadata__ is not a map of strings".into() };
     let Value::Object(m) = entry else { return Err(bad()) };
     m.iter().map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())).ok_or_else(bad)).collect()
 }
@@ -154,15 +162,22 @@ fn parse_entry(path: &Path, name: String, entry: &Value) -> Result<TensorInfo> {
     let Value::Object(e) = entry else {
         return Err(bad("entry is not an object".into()));
     };
-    let dtype_str = e.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("missing or non-string \"dtype\"".into()))?;
+    let dtype_str =
+        e.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("missing or non-string \"dtype\"".into()))?;
     let dtype = parse_dtype(dtype_str).ok_or_else(|| bad(format!("unknown dtype {dtype_str:?}")))?;
-    let shape_v = e.get("shape").and_then(Value::as_array).ok_or_else(|| bad("missing or non-array \"shape\"".into()))?;
+    let shape_v =
+        e.get("shape").and_then(Value::as_array).ok_or_else(|| bad("missing or non-array \"shape\"".into()))?;
     let mut shape = Vec::with_capacity(shape_v.len());
     for d in shape_v {
         let d = d.as_u64().and_then(|d| usize::try_from(d).ok());
-        shape.push(d.ok_or_else(|| bad(format!("shape {shape_v:?} has a dimension that is not a non-negative integer")))?);
+        shape.push(
+            d.ok_or_else(|| bad(format!("shape {shape_v:?} has a dimension that is not a non-negative integer")))?,
+        );
     }
-    let offs = e.get("data_offsets").and_then(Value::as_array).ok_or_else(|| bad("missing or non-array \"data_offsets\"".into()))?;
+    let offs = e
+        .get("data_offsets")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("missing or non-array \"data_offsets\"".into()))?;
     let off = |i: usize| offs.get(i).and_then(Value::as_u64).and_then(|v| usize::try_from(v).ok());
     let (Some(begin), Some(end), 2) = (off(0), off(1), offs.len()) else {
         return Err(bad(format!("data_offsets {offs:?} is not a pair of non-negative integers")));

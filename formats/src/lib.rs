@@ -17,10 +17,10 @@ pub mod qconfig;
 pub mod reader;
 pub mod writer;
 
+pub use atomic::WrittenFile;
 pub use checkpoint::{Checkpoint, Shard};
 pub use error::{FormatError, Result};
 pub use header::{Header, TensorInfo};
 pub use reader::SafetensorsFile;
 pub use safetensors::Dtype;
-pub use atomic::WrittenFile;
 pub use writer::{PlannedTensor, ShardWriter};

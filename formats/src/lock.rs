@@ -46,7 +46,9 @@ impl DirLock {
                     reason: format!("another fp8forge run ({}) is writing this output", holder.trim()),
                 });
             }
-            Err(TryLockError::Error(e)) => return Err(FormatError::Io { path: path.to_owned(), op: "lock", source: e }),
+            Err(TryLockError::Error(e)) => {
+                return Err(FormatError::Io { path: path.to_owned(), op: "lock", source: e });
+            }
         }
         if !shared {
             let _ = file.set_len(0);

@@ -22,7 +22,8 @@ pub fn read_manifest(dir: &Path) -> Result<BTreeMap<String, String>> {
     let text = std::fs::read_to_string(&path).map_err(FormatError::io(&path, "read"))?;
     let mut out = BTreeMap::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let bad = || FormatError::BadJson { path: path.clone(), reason: format!("line {}: not \"<sha256>  <file>\"", i + 1) };
+        let bad =
+            || FormatError::BadJson { path: path.clone(), reason: format!("line {}: not \"<sha256>  <file>\"", i + 1) };
         let (h, name) = line.split_once("  ").ok_or_else(bad)?;
         let name = name.strip_prefix('*').unwrap_or(name);
         if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) || !crate::checkpoint::is_plain_name(name) {

@@ -60,7 +60,10 @@ impl ShardWriter {
     pub fn write_tensor(&mut self, name: &str, parts: &[&[u8]]) -> Result<()> {
         let path = self.file.path().to_owned();
         let Some(t) = self.tensors.get(self.next) else {
-            return Err(FormatError::Output { path, reason: format!("tensor {name} written past the end of the planned shard") });
+            return Err(FormatError::Output {
+                path,
+                reason: format!("tensor {name} written past the end of the planned shard"),
+            });
         };
         let got: u64 = parts.iter().map(|p| p.len() as u64).sum();
         if t.name != name || t.nbytes() != got {
@@ -84,7 +87,10 @@ impl ShardWriter {
                 reason: format!("shard closed before tensor {} was written", t.name),
             });
         }
-        debug_assert_eq!(self.file.written(), self.data_start + self.tensors.iter().map(PlannedTensor::nbytes).sum::<u64>());
+        debug_assert_eq!(
+            self.file.written(),
+            self.data_start + self.tensors.iter().map(PlannedTensor::nbytes).sum::<u64>()
+        );
         self.file.commit()
     }
 }

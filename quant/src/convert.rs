@@ -13,11 +13,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, PoisonError, mpsc};
 
 use fp8forge_formats::atomic::{copy_atomic, is_partial_name, write_atomic};
 use fp8forge_formats::lock::DirLock;
 use fp8forge_formats::manifest::{MANIFEST_NAME, write_manifest};
-use fp8forge_formats::{Checkpoint, Dtype, FormatError, ShardWriter, WrittenFile, qconfig};
+use fp8forge_formats::{Checkpoint, Dtype, FormatError, PlannedTensor, ShardWriter, WrittenFile, qconfig};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -69,7 +70,13 @@ pub struct TensorReport {
 impl TensorReport {
     /// Builds the report of `name` from its statistics.
     pub fn new(name: &str, shape: [usize; 2], s: &ErrorStats) -> Self {
-        TensorReport { name: name.to_owned(), shape, rel_rms: s.rel_rms(), max_abs_err: s.max_abs(), snr_db: s.snr_db() }
+        TensorReport {
+            name: name.to_owned(),
+            shape,
+            rel_rms: s.rel_rms(),
+            max_abs_err: s.max_abs(),
+            snr_db: s.snr_db(),
+        }
     }
 }
 
@@ -212,9 +219,15 @@ fn prepare_output(out: &Path, plan: &Plan, digest: &str, run: &RunOptions) -> Re
                 )));
             }
             Some(_) if run.resume || run.shard.is_some() => {}
-            Some(_) => return Err(err("holds an unfinished conversion: add --resume to finish it, or --force to start over".into())),
+            Some(_) => {
+                return Err(err(
+                    "holds an unfinished conversion: add --resume to finish it, or --force to start over".into()
+                ));
+            }
             None if out.join(MANIFEST_NAME).exists() => {
-                return Err(err("already holds a finished checkpoint (SHA256SUMS present); use --force to overwrite it".into()));
+                return Err(err(
+                    "already holds a finished checkpoint (SHA256SUMS present); use --force to overwrite it".into(),
+                ));
             }
             None => return Err(err("exists and is not empty; use --force to overwrite".into())),
         }
@@ -230,7 +243,9 @@ fn prepare_output(out: &Path, plan: &Plan, digest: &str, run: &RunOptions) -> Re
     }
     // Under the lock: the digest on disk (if a concurrent job wrote one) must still be ours.
     match std::fs::read_to_string(&digest_path).ok().map(|s| s.trim().to_owned()) {
-        Some(d) if d != digest => return Err(err("another conversion with other input or options started here".into())),
+        Some(d) if d != digest => {
+            return Err(err("another conversion with other input or options started here".into()));
+        }
         Some(_) => {}
         None => {
             write_atomic(&digest_path, format!("{digest}\n").as_bytes())?;
@@ -298,7 +313,52 @@ fn src_dtype(d: Dtype) -> Option<SrcDtype> {
     }
 }
 
-/// Writes one output file: quantized and copied tensors, streamed one at a time.
+/// Output bytes allowed in flight between the quantizer and the writer thread. A tensor larger
+/// than this goes through alone, so peak memory stays near one input tensor plus its output
+/// (the bound of `bench/convert.sh`), while small tensors overlap quantization with writing.
+const IN_FLIGHT_BYTES: u64 = 256 << 20;
+
+/// A counter of output bytes in flight, waited on by the producer.
+struct Budget {
+    /// Bytes in flight, and whether the writer has stopped (then nothing waits any more).
+    used: Mutex<(u64, bool)>,
+    freed: Condvar,
+}
+
+impl Budget {
+    /// Waits until `bytes` fit in the budget (or nothing is in flight), then takes them.
+    fn take(&self, bytes: u64) {
+        let mut used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
+        while !used.1 && used.0 > 0 && used.0 + bytes > IN_FLIGHT_BYTES {
+            used = self.freed.wait(used).unwrap_or_else(PoisonError::into_inner);
+        }
+        used.0 += bytes;
+    }
+
+    /// Gives `bytes` back.
+    fn give(&self, bytes: u64) {
+        let mut used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
+        used.0 = used.0.saturating_sub(bytes);
+        self.freed.notify_all();
+    }
+
+    /// The writer has stopped: wake the producer for good.
+    fn close(&self) {
+        self.used.lock().unwrap_or_else(PoisonError::into_inner).1 = true;
+        self.freed.notify_all();
+    }
+}
+
+/// The data of one input tensor on its way to the writer.
+enum Payload<'a> {
+    /// Bytes copied from the input map (released once written).
+    Copy(&'a [u8]),
+    /// Quantized codes and the scale grid as little-endian bytes.
+    Quantized(Vec<u8>, Vec<u8>),
+}
+
+/// Writes one output file. The calling thread quantizes (in parallel, with rayon) tensor after
+/// tensor while a writer thread hashes and writes the previous ones.
 fn write_file(
     ckpt: &Checkpoint,
     file: &OutFile,
@@ -307,8 +367,63 @@ fn write_file(
     progress: &dyn Progress,
     reports: &mut Vec<TensorReport>,
 ) -> Result<WrittenFile, ConvertError> {
-    let mut w = ShardWriter::create(path, file.tensors())?;
-    for item in &file.items {
+    let writer = ShardWriter::create(path, file.tensors())?;
+    let budget = Budget { used: Mutex::new((0, false)), freed: Condvar::new() };
+    let (tx, rx) = mpsc::channel::<(usize, Payload<'_>, u64)>();
+    std::thread::scope(|scope| {
+        let budget = &budget;
+        let handle = scope.spawn(move || {
+            let r = write_all(writer, file, ckpt, rx, budget, progress);
+            budget.close();
+            r
+        });
+        let produced = produce(ckpt, file, opts, budget, &tx, reports);
+        drop(tx);
+        let written = handle.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        // A producer error comes first: the writer then only saw its input end early.
+        produced.and(written)
+    })
+}
+
+/// The writer thread: writes and hashes what the producer sends, in order.
+fn write_all<'a>(
+    mut w: ShardWriter,
+    file: &OutFile,
+    ckpt: &'a Checkpoint,
+    rx: mpsc::Receiver<(usize, Payload<'a>, u64)>,
+    budget: &Budget,
+    progress: &dyn Progress,
+) -> Result<WrittenFile, ConvertError> {
+    for (i, payload, bytes) in rx {
+        let item = &file.items[i];
+        let shard = &ckpt.shards[item.shard].file;
+        match &payload {
+            Payload::Copy(data) => w.write_tensor(&item.outputs[0].name, &[data])?,
+            Payload::Quantized(codes, scales) => {
+                w.write_tensor(&item.outputs[0].name, &[codes])?;
+                w.write_tensor(&item.outputs[1].name, &[scales])?;
+            }
+        }
+        if let (Payload::Copy(_), Some(info)) = (&payload, shard.header().get(&item.source)) {
+            shard.release(info);
+        }
+        drop(payload);
+        budget.give(bytes);
+        progress.tensor_done(&item.source, item.bytes_in);
+    }
+    Ok(w.finish()?)
+}
+
+/// Quantizes the tensors of `file` in order and hands them to the writer through `tx`.
+fn produce<'a>(
+    ckpt: &'a Checkpoint,
+    file: &OutFile,
+    opts: &ConvertOptions,
+    budget: &Budget,
+    tx: &mpsc::Sender<(usize, Payload<'a>, u64)>,
+    reports: &mut Vec<TensorReport>,
+) -> Result<(), ConvertError> {
+    for (i, item) in file.items.iter().enumerate() {
         let shard = &ckpt.shards[item.shard].file;
         let missing = || FormatError::BadTensor {
             path: shard.path().to_owned(),
@@ -317,25 +432,33 @@ fn write_file(
         };
         let info = shard.header().get(&item.source).ok_or_else(missing)?;
         let data = shard.data(info);
-        match &item.action {
-            Action::Copy { .. } => w.write_tensor(&item.outputs[0].name, &[data])?,
+        let (payload, bytes) = match &item.action {
+            Action::Copy { .. } => (Payload::Copy(data), 0),
             Action::Quantize { rows, cols } => {
                 let (rows, cols) = (*rows, *cols);
                 let dtype = src_dtype(info.dtype).ok_or_else(missing)?;
+                let bytes = item.outputs.iter().map(PlannedTensor::nbytes).sum();
+                budget.take(bytes);
                 let mut codes = vec![0u8; rows * cols];
                 let mut scales = vec![0f32; rows.div_ceil(128) * cols.div_ceil(128)];
                 let stats = quantize_weight_into(data, dtype, rows, cols, opts.scale_format, &mut codes, &mut scales)
-                    .map_err(|source| ConvertError::Quant { path: shard.path().to_owned(), tensor: item.source.clone(), source })?;
-                let scale_bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
-                w.write_tensor(&item.outputs[0].name, &[&codes])?;
-                w.write_tensor(&item.outputs[1].name, &[&scale_bytes])?;
+                    .map_err(|source| ConvertError::Quant {
+                    path: shard.path().to_owned(),
+                    tensor: item.source.clone(),
+                    source,
+                })?;
+                shard.release(info);
                 reports.push(TensorReport::new(&item.source, [rows, cols], &stats));
+                let scale_bytes = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+                (Payload::Quantized(codes, scale_bytes), bytes)
             }
+        };
+        if tx.send((i, payload, bytes)).is_err() {
+            // The writer stopped on an error; it reports it.
+            return Ok(());
         }
-        shard.release(info);
-        progress.tensor_done(&item.source, item.bytes_in);
     }
-    Ok(w.finish()?)
+    Ok(())
 }
 
 /// Moves the finished files into OUT and writes config.json (with its quantization_config), the

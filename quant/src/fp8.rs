@@ -4,8 +4,8 @@
 //! finite code, or an infinity, becomes that largest code with the input's sign, so a finite input
 //! never gives NaN. NaN gives the NaN code with the input's sign. The sign of zero is kept.
 //!
-//! The encoders are branch-free integer manipulation of the f32 bits (plus one exact float add for
-//! the subnormal range), so that a loop over a slice auto-vectorizes.
+//! The encoders are branch-free manipulation of the f32 bits (plus one float add that does the
+//! rounding in the subnormal range), so that a loop over a slice auto-vectorizes.
 
 /// Largest finite E4M3FN value (`S.1111.110` = 1.75 · 2^8).
 pub const E4M3_MAX: f32 = 448.0;
@@ -13,59 +13,61 @@ pub const E4M3_MAX: f32 = 448.0;
 /// Largest finite E5M2 value (`S.11110.11` = 1.75 · 2^15).
 pub const E5M2_MAX: f32 = 57344.0;
 
-/// f32 bits of [`E4M3_MAX`].
-const E4M3_MAX_BITS: u32 = 0x43E0_0000;
-/// f32 bits of [`E5M2_MAX`].
-const E5M2_MAX_BITS: u32 = 0x4760_0000;
 /// f32 bits of 2^-6, the smallest normal E4M3FN magnitude.
-const E4M3_MIN_NORMAL_BITS: u32 = 0x3C80_0000;
+const E4M3_MIN_NORMAL_BITS: i32 = 0x3C80_0000;
 /// f32 bits of 2^-14, the smallest normal E5M2 magnitude.
-const E5M2_MIN_NORMAL_BITS: u32 = 0x3880_0000;
+const E5M2_MIN_NORMAL_BITS: i32 = 0x3880_0000;
 /// f32 bits of +Inf: an absolute value above it is NaN.
-const F32_INF_BITS: u32 = 0x7F80_0000;
-/// 2^23: adding it to a value in [0, 2^23) rounds that value to an integer, ties to even, and
-/// leaves the integer in the low mantissa bits.
-const MAGIC_2_23: f32 = 8_388_608.0;
-/// f32 bits of [`MAGIC_2_23`].
-const MAGIC_2_23_BITS: u32 = 0x4B00_0000;
+const F32_INF_BITS: i32 = 0x7F80_0000;
+
+// How the encoders work, on `a`, the f32 bits of |x| clamped to the largest finite value
+// (clamping first makes everything above it, +Inf included, round to that value):
+//
+// - normal range: round the 23-bit f32 mantissa to the format's mantissa width, ties to even, by
+//   adding just under half an output ulp plus the output LSB, and shift; then rebias the
+//   exponent. A carry out of the mantissa correctly bumps the exponent.
+// - subnormal range (below the smallest normal): the code is round_ties_even(|x| / ulp), with
+//   ulp = 2^-9 (E4M3FN) or 2^-16 (E5M2); adding 2^23 · ulp makes the f32 adder do exactly that
+//   rounding, leaving the integer in the low mantissa bits. The largest result is the code of the
+//   smallest normal, which is right.
+//
+// All comparisons are on i32 (the magnitudes are below 2^31), which SSE2 has natively.
 
 /// Encodes `x` as E4M3FN: round to nearest even, saturating to ±448, NaN to `0x7F`/`0xFF`.
 #[inline(always)]
 pub fn f32_to_e4m3(x: f32) -> u8 {
+    const MAGIC: f32 = 16384.0; // 2^23 · 2^-9
+    const MAGIC_BITS: i32 = 0x4680_0000;
     let bits = x.to_bits();
     let sign = (bits >> 24) & 0x80;
-    let abs = bits & 0x7FFF_FFFF;
-    // Saturation: clamping the magnitude to 448 before rounding makes everything above (and
-    // +Inf) round to 448 itself.
-    let a = abs.min(E4M3_MAX_BITS);
-    // Normal range [2^-6, 448]: round the 23-bit mantissa to 3 bits (ties to even: add just
-    // under half, plus the LSB that is kept), then rebias the exponent from 127 to 7. A carry
-    // out of the mantissa correctly bumps the exponent.
-    let normal = ((a + 0x7_FFFF + ((a >> 20) & 1)) >> 20).wrapping_sub((127 - 7) << 3);
-    // Subnormal range [0, 2^-6): the code is round_ties_even(|x| · 2^9) (value m · 2^-9), up to
-    // 8, which is exactly the code of 2^-6. Both the multiplication and the add are exact except
-    // for the one rounding we want.
-    let sub = (f32::from_bits(a) * 512.0 + MAGIC_2_23).to_bits().wrapping_sub(MAGIC_2_23_BITS);
+    let abs = (bits & 0x7FFF_FFFF) as i32;
+    let af = f32::from_bits(abs as u32);
+    let af = if af < E4M3_MAX { af } else { E4M3_MAX };
+    let a = af.to_bits() as i32;
+    let normal = ((a + 0x7_FFFF + ((a >> 20) & 1)) >> 20) - ((127 - 7) << 3);
+    let sub = (af + MAGIC).to_bits() as i32 - MAGIC_BITS;
     let code = if a < E4M3_MIN_NORMAL_BITS { sub } else { normal };
     let code = if abs > F32_INF_BITS { 0x7F } else { code };
-    (code | sign) as u8
+    (code as u32 | sign) as u8
 }
 
 /// Encodes `x` as E5M2: round to nearest even, saturating to ±57344 (infinities included), NaN
 /// to `0x7F`/`0xFF`.
 #[inline(always)]
 pub fn f32_to_e5m2(x: f32) -> u8 {
+    const MAGIC: f32 = 128.0; // 2^23 · 2^-16
+    const MAGIC_BITS: i32 = 0x4300_0000;
     let bits = x.to_bits();
     let sign = (bits >> 24) & 0x80;
-    let abs = bits & 0x7FFF_FFFF;
-    let a = abs.min(E5M2_MAX_BITS);
-    // Normal range [2^-14, 57344]: 2 mantissa bits, exponent rebiased from 127 to 15.
-    let normal = ((a + 0xF_FFFF + ((a >> 21) & 1)) >> 21).wrapping_sub((127 - 15) << 2);
-    // Subnormal range [0, 2^-14): code = round_ties_even(|x| · 2^16), value m · 2^-16.
-    let sub = (f32::from_bits(a) * 65536.0 + MAGIC_2_23).to_bits().wrapping_sub(MAGIC_2_23_BITS);
+    let abs = (bits & 0x7FFF_FFFF) as i32;
+    let af = f32::from_bits(abs as u32);
+    let af = if af < E5M2_MAX { af } else { E5M2_MAX };
+    let a = af.to_bits() as i32;
+    let normal = ((a + 0xF_FFFF + ((a >> 21) & 1)) >> 21) - ((127 - 15) << 2);
+    let sub = (af + MAGIC).to_bits() as i32 - MAGIC_BITS;
     let code = if a < E5M2_MIN_NORMAL_BITS { sub } else { normal };
     let code = if abs > F32_INF_BITS { 0x7F } else { code };
-    (code | sign) as u8
+    (code as u32 | sign) as u8
 }
 
 /// True for the two E4M3FN NaN codes, `0x7F` and `0xFF` (`S.1111.111`).
@@ -118,7 +120,7 @@ const fn build_lut(man: u32, bias: u32, ieee_specials: bool) -> [f32; 256] {
         let e = (b >> man) & exp_max;
         let m = b & man_mask;
         let bits = if e == exp_max && ieee_specials && m == 0 {
-            F32_INF_BITS
+            F32_INF_BITS as u32
         } else if e == exp_max && (ieee_specials || m == man_mask) {
             0x7FC0_0000
         } else if e == 0 {
@@ -339,6 +341,48 @@ mod tests {
         encode_e4m3_slice(&src, &mut dst);
         for (x, &d) in src.iter().zip(&dst) {
             assert_eq!(d, f32_to_e4m3(*x), "slice encoder differs at input {:#010x}", x.to_bits());
+        }
+    }
+
+    /// Reference by search in the sorted finite magnitudes: the two neighbours of |x|, the nearer
+    /// one, ties to the even mantissa.
+    fn table_encode(sorted: &[(u8, f64)], max: f64, x: f32) -> u8 {
+        let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+        if x.is_nan() {
+            return sign | 0x7F;
+        }
+        let mag = f64::from(x.abs()).min(max);
+        let i = sorted.partition_point(|&(_, v)| v <= mag); // sorted[i - 1] <= mag < sorted[i]
+        let (lo, vlo) = sorted[i - 1];
+        let Some(&(hi, vhi)) = sorted.get(i) else { return sign | lo };
+        let (dlo, dhi) = (mag - vlo, vhi - mag);
+        let code = if dlo < dhi || (dlo == dhi && lo & 1 == 0) { lo } else { hi };
+        sign | code
+    }
+
+    /// All 2^32 f32 inputs against the table reference (slow: run in release with `--ignored`).
+    #[test]
+    #[ignore = "slow (4 Gi inputs): run in release"]
+    fn e4m3_and_e5m2_match_the_definition_on_all_2_32_f32_inputs() {
+        use rayon::prelude::*;
+        for (fmt, enc) in [(&E4M3, f32_to_e4m3 as fn(f32) -> u8), (&E5M2, f32_to_e5m2)] {
+            let mut sorted = fmt.finite_table();
+            sorted.sort_by(|a, b| a.1.total_cmp(&b.1));
+            let bad = (0u32..=0xFFFF).into_par_iter().find_first(|&hi| {
+                (0u32..=0xFFFF).any(|lo| {
+                    let x = f32::from_bits(hi << 16 | lo);
+                    enc(x) != table_encode(&sorted, fmt.max, x)
+                })
+            });
+            if let Some(hi) = bad {
+                let lo = (0u32..=0xFFFF)
+                    .find(|&lo| {
+                        let x = f32::from_bits(hi << 16 | lo);
+                        enc(x) != table_encode(&sorted, fmt.max, x)
+                    })
+                    .unwrap_or(0);
+                panic!("{}: first mismatch at input {:#010x}", fmt.name, hi << 16 | lo);
+            }
         }
     }
 }

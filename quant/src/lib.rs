@@ -4,7 +4,10 @@
 
 pub mod block;
 pub mod convert;
+pub mod dequant;
 pub mod fp8;
+pub mod inspect;
 pub mod plan;
 pub mod select;
 pub mod stats;
+pub mod verify;

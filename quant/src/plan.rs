@@ -226,7 +226,11 @@ pub fn make_plan(ckpt: &Checkpoint, opts: &ConvertOptions) -> Result<Plan, PlanE
         .into_iter()
         .enumerate()
         .map(|(i, (input_shard, items))| OutFile {
-            name: if n == 1 { "model.safetensors".into() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) },
+            name: if n == 1 {
+                "model.safetensors".into()
+            } else {
+                format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+            },
             input_shard,
             items,
         })

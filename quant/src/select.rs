@@ -1,7 +1,7 @@
 //! Which tensors are quantized: the default rules, and the user's `--skip` / `--only` overrides.
 
-use regex::Regex;
 use fp8forge_formats::Dtype;
+use regex::Regex;
 
 /// Default exclusions: (pattern on the full tensor name, reason shown to the user).
 ///
@@ -61,7 +61,11 @@ impl Selection {
     pub fn new(skip: &[String], only: &[String]) -> Result<Self, SelectError> {
         let defaults = DEFAULT_SKIP
             .iter()
-            .map(|(p, why)| Regex::new(p).map(|r| (r, *why)).map_err(|e| SelectError::BadRegex { pattern: (*p).into(), reason: e.to_string() }))
+            .map(|(p, why)| {
+                Regex::new(p)
+                    .map(|r| (r, *why))
+                    .map_err(|e| SelectError::BadRegex { pattern: (*p).into(), reason: e.to_string() })
+            })
             .collect::<Result<_, _>>()?;
         Ok(Selection { defaults, skip: compile(skip)?, only: compile(only)? })
     }

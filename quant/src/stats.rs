@@ -37,21 +37,13 @@ impl ErrorStats {
     /// Relative RMS error, `sqrt(sum_sq_err / sum_sq_ref)`; 0 when both sums are 0 (an all-zero
     /// reference reproduced exactly), +Inf when only the reference is all zero.
     pub fn rel_rms(&self) -> f64 {
-        if self.sum_sq_err == 0.0 {
-            0.0
-        } else {
-            (self.sum_sq_err / self.sum_sq_ref).sqrt()
-        }
+        if self.sum_sq_err == 0.0 { 0.0 } else { (self.sum_sq_err / self.sum_sq_ref).sqrt() }
     }
 
     /// Signal-to-noise ratio in dB, `10 · log10(sum_sq_ref / sum_sq_err)`; `None` when the error
     /// is exactly zero (infinite SNR).
     pub fn snr_db(&self) -> Option<f64> {
-        if self.sum_sq_err == 0.0 {
-            None
-        } else {
-            Some(10.0 * (self.sum_sq_ref / self.sum_sq_err).log10())
-        }
+        if self.sum_sq_err == 0.0 { None } else { Some(10.0 * (self.sum_sq_ref / self.sum_sq_err).log10()) }
     }
 
     /// Largest absolute error.

@@ -17,7 +17,11 @@ fn main() {
         specs.push((format!("{p}.up_proj.weight"), Dtype::BF16, vec![2048, 7168]));
         specs.push((format!("{p}.down_proj.weight"), Dtype::BF16, vec![7168, 2048]));
         if e % 16 == 0 {
-            specs.push((format!("model.layers.{}.post_attention_layernorm.weight", 3 + e / 16), Dtype::BF16, vec![7168]));
+            specs.push((
+                format!("model.layers.{}.post_attention_layernorm.weight", 3 + e / 16),
+                Dtype::BF16,
+                vec![7168],
+            ));
         }
     }
     let config = serde_json::json!({"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"]});

@@ -239,7 +239,11 @@ pub fn write_checkpoint(dir: &Path, specs: &[Spec], config: &serde_json::Value, 
     let mut weight_map = serde_json::Map::new();
     let mut total = 0u64;
     for (i, chunk) in specs.chunks(per).enumerate() {
-        let name = if shards == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{shards:05}.safetensors", i + 1) };
+        let name = if shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{shards:05}.safetensors", i + 1)
+        };
         let planned: Vec<PlannedTensor> =
             chunk.iter().map(|(n, d, s)| PlannedTensor { name: n.clone(), dtype: *d, shape: s.clone() }).collect();
         let mut wr = ShardWriter::create(&dir.join(&name), planned.clone()).expect("create shard");
@@ -253,11 +257,16 @@ pub fn write_checkpoint(dir: &Path, specs: &[Spec], config: &serde_json::Value, 
     }
     if shards > 1 {
         let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&index).expect("json")).expect("index");
+        std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&index).expect("json"))
+            .expect("index");
     }
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(config).expect("json")).expect("config");
     std::fs::write(dir.join("generation_config.json"), br#"{"bos_token_id": 0, "eos_token_id": 1}"#).expect("gen");
-    std::fs::write(dir.join("tokenizer.json"), br#"{"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []}}"#).expect("tok");
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        br#"{"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []}}"#,
+    )
+    .expect("tok");
     std::fs::write(dir.join("tokenizer_config.json"), br#"{"model_max_length": 4096}"#).expect("tokcfg");
 }
 

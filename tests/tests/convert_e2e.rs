@@ -79,13 +79,19 @@ fn convert_and_check(arch: Arch, shards: usize, extra: &[&str], scale_suffix: &s
     let d = tempfile::tempdir().expect("tempdir");
     let (input, out) = (d.path().join("in"), d.path().join("out"));
     write_model(&input, arch, shards);
-    let mut args: Vec<std::ffi::OsString> = vec!["convert".into(), input.clone().into(), out.clone().into(), "--quiet".into()];
+    let mut args: Vec<std::ffi::OsString> =
+        vec!["convert".into(), input.clone().into(), out.clone().into(), "--quiet".into()];
     args.extend(extra.iter().map(Into::into));
     let o = fp8forge_p(&args);
     assert!(o.status.success(), "convert failed: {}", stderr(&o));
     let (q, c) = check_against_input(&input, &out, scale_suffix, ue8m0);
     assert!(q > 10 && c > 5, "{q} quantized, {c} copied");
-    let v = fp8forge_p(&["verify".into(), out.clone().into_os_string(), "--reference".into(), input.clone().into_os_string()]);
+    let v = fp8forge_p(&[
+        "verify".into(),
+        out.clone().into_os_string(),
+        "--reference".into(),
+        input.clone().into_os_string(),
+    ]);
     assert!(v.status.success(), "verify failed: {}{}", String::from_utf8_lossy(&v.stdout), stderr(&v));
     for name in ["generation_config.json", "tokenizer.json", "tokenizer_config.json"] {
         assert_eq!(std::fs::read(input.join(name)).ok(), std::fs::read(out.join(name)).ok(), "{name} not carried over");
@@ -93,7 +99,8 @@ fn convert_and_check(arch: Arch, shards: usize, extra: &[&str], scale_suffix: &s
     let names: Vec<String> = dir_files(&out).into_iter().map(|(n, _)| n).collect();
     assert!(!std::fs::exists(out.join(".fp8forge")).unwrap_or(true), "state directory left behind");
     assert!(names.contains(&"SHA256SUMS".to_string()), "{names:?}");
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).expect("config")).expect("json");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).expect("config")).expect("json");
     config["quantization_config"].clone()
 }
 
@@ -127,7 +134,14 @@ fn small_max_shard_size_splits_output_and_index_totals_match() {
     let d = tempfile::tempdir().expect("tempdir");
     let (input, out) = (d.path().join("in"), d.path().join("out"));
     write_model(&input, Arch::Qwen3Moe, 1);
-    let o = fp8forge_p(&["convert".as_ref(), input.as_os_str(), out.as_os_str(), "--quiet".as_ref(), "--max-shard-size".as_ref(), "300kB".as_ref()]);
+    let o = fp8forge_p(&[
+        "convert".as_ref(),
+        input.as_os_str(),
+        out.as_os_str(),
+        "--quiet".as_ref(),
+        "--max-shard-size".as_ref(),
+        "300kB".as_ref(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).expect("index")).expect("json");
@@ -141,7 +155,8 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
     let d = tempfile::tempdir().expect("tempdir");
     let (input, out) = (d.path().join("in"), d.path().join("out"));
     write_model(&input, Arch::Mixtral, 2);
-    let o = fp8forge_p(&["convert".as_ref(), input.as_os_str(), out.as_os_str(), "--dry-run".as_ref(), "--json".as_ref()]);
+    let o =
+        fp8forge_p(&["convert".as_ref(), input.as_os_str(), out.as_os_str(), "--dry-run".as_ref(), "--json".as_ref()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object on stdout");
     assert!(v["summary"]["quantized"].as_u64().unwrap_or(0) > 0);
@@ -167,6 +182,7 @@ fn dequant_restores_bf16_close_to_the_original() {
             assert!(err <= 0.05f64.powi(2) * norm, "{}: relative error {}", t.name, (err / norm).sqrt());
         }
     }
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(back.join("config.json")).expect("config")).expect("json");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(back.join("config.json")).expect("config")).expect("json");
     assert!(config.get("quantization_config").is_none());
 }

@@ -13,7 +13,8 @@ fn big_model(dir: &Path) {
 }
 
 fn convert_args(input: &Path, out: &Path, extra: &[&str]) -> Vec<std::ffi::OsString> {
-    let mut a: Vec<std::ffi::OsString> = vec!["convert".into(), input.into(), out.into(), "--quiet".into(), "--max-shard-size".into(), "2MB".into()];
+    let mut a: Vec<std::ffi::OsString> =
+        vec!["convert".into(), input.into(), out.into(), "--quiet".into(), "--max-shard-size".into(), "2MB".into()];
     a.extend(extra.iter().map(Into::into));
     a
 }
@@ -32,7 +33,12 @@ fn assert_same(expected: &[(String, Vec<u8>)], out: &Path, what: &str) {
     assert_eq!(names(&got), names(expected), "{what}: file lists differ");
     for ((n, a), (_, b)) in expected.iter().zip(&got) {
         let first = a.iter().zip(b).position(|(x, y)| x != y);
-        assert!(a.len() == b.len() && first.is_none(), "{what}: {n} differs (sizes {} vs {}, first byte {first:?})", a.len(), b.len());
+        assert!(
+            a.len() == b.len() && first.is_none(),
+            "{what}: {n} differs (sizes {} vs {}, first byte {first:?})",
+            a.len(),
+            b.len()
+        );
     }
     assert!(!out.join(".fp8forge").exists(), "{what}: state directory left behind");
 }

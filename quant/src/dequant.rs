@@ -1,0 +1,1153 @@
+//! FP8 checkpoint -> BF16 checkpoint.
+//!
+//! Reads DeepSeek-style (`<m>.weight` + `<m>.weight_scale_inv`) and compressed-tensors
+//! (`<m>.weight` + `<m>.weight_scale`) FP8 checkpoints, with F32, BF16, F16 or F8_E8M0 scales laid
+//! out as a block grid (the block size comes from config.json, never from the grid's shape), one
+//! scale per tensor, or one per output channel. Every FP8 weight becomes BF16 (`q · s` in f32,
+//! rounded to nearest even), its scales are dropped, and every other tensor is copied byte for
+//! byte into an output file of the same name as its input shard.
+//!
+//! The scale-layout helpers here ([`Fp8Scheme`], [`ScaleLayout`], [`ScaleGeometry`]) are shared with
+//! `verify` and `inspect`, so the three commands agree on what a well-formed FP8 weight is.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use fp8forge_formats::atomic::{copy_atomic, is_partial_name, write_atomic};
+use fp8forge_formats::checkpoint::INDEX_NAME;
+use fp8forge_formats::lock::DirLock;
+use fp8forge_formats::manifest::{MANIFEST_NAME, write_manifest};
+use fp8forge_formats::{Checkpoint, Dtype, FormatError, PlannedTensor, ShardWriter, TensorInfo, WrittenFile};
+use rayon::prelude::*;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::block::{BLOCK, dequantize_weight_to_bf16};
+use crate::convert::{ConvertError, Progress};
+use crate::fp8::{E4M3_LUT, E5M2_LUT};
+
+/// Name of the lock file held inside OUT while `dequant` writes it (removed at the end).
+pub const DEQUANT_LOCK: &str = ".fp8forge-dequant.lock";
+
+/// Directory inside OUT where the safetensors files are written until every one of them is
+/// complete: a run stopped halfway (a NaN code in the tenth shard) leaves no partial checkpoint
+/// that a loader could pick up. Removed at the end, on success or failure.
+pub const DEQUANT_STAGING: &str = ".fp8forge-dequant.staging";
+
+/// Output bytes of dequantized tensors computed ahead of the writer: small tensors are
+/// dequantized in parallel in batches of about this size, a larger tensor goes alone (and is
+/// itself dequantized in parallel over its rows).
+const BATCH_BYTES: u64 = 128 << 20;
+
+/// Block size assumed when config.json names none (DeepSeek's and ours).
+pub const DEFAULT_BLOCK: [usize; 2] = [BLOCK, BLOCK];
+
+/// How the scales of an FP8 weight are laid out over it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScaleLayout {
+    /// One scale per `[rows, cols]` block: grid `[ceil(N/rows), ceil(K/cols)]` (leading dims of a
+    /// stacked weight kept).
+    Block([usize; 2]),
+    /// One scale per output row: shape `[N, 1]` or `[N]`.
+    Channel,
+    /// One scale for the whole tensor (any shape with one element).
+    Tensor,
+}
+
+/// Where each scale of one FP8 weight applies: the weight is seen as `batch` matrices of
+/// `rows × cols` (leading dims flattened), each cut into `block_rows × block_cols` blocks with one
+/// scale per block, scales row-major over `[batch, ceil(rows/block_rows), ceil(cols/block_cols)]`.
+/// Per-tensor and per-channel scales are blocks of the whole matrix and of one row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScaleGeometry {
+    /// Number of stacked matrices (1 for a 2-D weight).
+    pub batch: usize,
+    /// Rows of each matrix (N).
+    pub rows: usize,
+    /// Columns of each matrix (K).
+    pub cols: usize,
+    /// Rows per block (at least 1).
+    pub block_rows: usize,
+    /// Columns per block (at least 1).
+    pub block_cols: usize,
+}
+
+impl ScaleGeometry {
+    /// Rows of the scale grid of one matrix.
+    pub fn grid_rows(&self) -> usize {
+        self.rows.div_ceil(self.block_rows)
+    }
+
+    /// Columns of the scale grid.
+    pub fn grid_cols(&self) -> usize {
+        self.cols.div_ceil(self.block_cols)
+    }
+
+    /// Number of scales.
+    pub fn scale_count(&self) -> usize {
+        self.batch * self.grid_rows() * self.grid_cols()
+    }
+
+    /// True for DeepSeek's 128×128 blocks on one matrix: the layout `block.rs` handles.
+    pub fn is_standard_block(&self) -> bool {
+        self.batch == 1 && self.block_rows == BLOCK && self.block_cols == BLOCK
+    }
+}
+
+/// Splits a weight shape into (leading dims, rows, cols); a 1-D tensor is one row.
+fn matrix_dims(shape: &[usize]) -> (&[usize], usize, usize) {
+    match shape {
+        [] => (&[], 1, 1),
+        [k] => (&[], 1, *k),
+        [lead @ .., n, k] => (lead, *n, *k),
+    }
+}
+
+impl ScaleLayout {
+    /// The scale shape this layout wants for a weight of shape `weight` (for per-tensor scales,
+    /// `[1]`; per-channel, `[..., N, 1]`).
+    pub fn expected_shape(&self, weight: &[usize]) -> Vec<usize> {
+        let (lead, n, k) = matrix_dims(weight);
+        let mut s = lead.to_vec();
+        match self {
+            ScaleLayout::Block([bn, bk]) => s.extend([n.div_ceil(*bn), k.div_ceil(*bk)]),
+            ScaleLayout::Channel => s.extend([n, 1]),
+            ScaleLayout::Tensor => return vec![1],
+        }
+        s
+    }
+
+    /// The geometry of a scale tensor of shape `scale` on a weight of shape `weight` under this
+    /// layout, or `None` when the shapes do not fit it.
+    pub fn fit(&self, weight: &[usize], scale: &[usize]) -> Option<ScaleGeometry> {
+        let (lead, n, k) = matrix_dims(weight);
+        let batch: usize = lead.iter().product();
+        match *self {
+            ScaleLayout::Block([bn, bk]) => (bn > 0 && bk > 0 && scale == self.expected_shape(weight))
+                .then_some(ScaleGeometry { batch, rows: n, cols: k, block_rows: bn, block_cols: bk }),
+            ScaleLayout::Channel => {
+                let per_row = scale.len() == lead.len() + 1 && scale[..lead.len()] == *lead && scale[lead.len()] == n;
+                (per_row || scale == self.expected_shape(weight)).then_some(ScaleGeometry {
+                    batch,
+                    rows: n,
+                    cols: k,
+                    block_rows: 1,
+                    block_cols: k.max(1),
+                })
+            }
+            ScaleLayout::Tensor => (scale.iter().product::<usize>() == 1).then_some(ScaleGeometry {
+                batch: 1,
+                rows: batch * n,
+                cols: k,
+                block_rows: (batch * n).max(1),
+                block_cols: k.max(1),
+            }),
+        }
+    }
+
+    /// Words for messages: "128x128 blocks", "per-channel", "per-tensor".
+    pub fn describe(&self) -> String {
+        match self {
+            ScaleLayout::Block([bn, bk]) => format!("{bn}x{bk} blocks"),
+            ScaleLayout::Channel => "per-channel".into(),
+            ScaleLayout::Tensor => "per-tensor".into(),
+        }
+    }
+}
+
+/// What config.json's `quantization_config` says about FP8 weights: the method, the scale layout
+/// and the name suffixes of the scale tensors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fp8Scheme {
+    /// `quant_method`, when there is a quantization_config.
+    pub method: Option<String>,
+    /// The declared scale layout (128×128 blocks when nothing says otherwise).
+    pub layout: ScaleLayout,
+    /// Suffixes appended to a weight's name to name its scale tensor, preferred first.
+    pub scale_suffixes: &'static [&'static str],
+}
+
+/// Scale suffix of DeepSeek / transformers "fp8" checkpoints.
+pub const SUFFIX_SCALE_INV: &str = "_scale_inv";
+/// Scale suffix of compressed-tensors checkpoints.
+pub const SUFFIX_SCALE: &str = "_scale";
+
+impl Fp8Scheme {
+    /// Reads the scheme from a config.json value (`None`: no config, the defaults). A malformed
+    /// block size or disagreeing compressed-tensors groups are an error (a sentence about
+    /// `quantization_config`).
+    pub fn from_config(config: Option<&Value>) -> Result<Self, String> {
+        let Some(qc) = config.and_then(|c| c.get("quantization_config")) else {
+            return Ok(Fp8Scheme {
+                method: None,
+                layout: ScaleLayout::Block(DEFAULT_BLOCK),
+                scale_suffixes: &[SUFFIX_SCALE_INV, SUFFIX_SCALE],
+            });
+        };
+        let method = qc.get("quant_method").and_then(Value::as_str).map(str::to_owned);
+        match method.as_deref() {
+            Some("compressed-tensors") => {
+                let mut layouts: Vec<ScaleLayout> = Vec::new();
+                let groups = qc.get("config_groups").and_then(Value::as_object);
+                for (gname, g) in groups.into_iter().flatten() {
+                    let Some(w) = g.get("weights").filter(|w| !w.is_null()) else { continue };
+                    let strategy = w.get("strategy").and_then(Value::as_str).unwrap_or("");
+                    let bs = w.get("block_structure").filter(|b| !b.is_null());
+                    let layout = match (strategy, bs) {
+                        (_, Some(b)) => ScaleLayout::Block(parse_block(b).ok_or_else(|| {
+                            format!(
+                                "quantization_config.config_groups.{gname}.weights.block_structure {b} is not two positive integers"
+                            )
+                        })?),
+                        ("block", None) => ScaleLayout::Block(DEFAULT_BLOCK),
+                        ("channel", None) => ScaleLayout::Channel,
+                        ("tensor", None) => ScaleLayout::Tensor,
+                        (other, None) => {
+                            return Err(format!(
+                                "quantization_config.config_groups.{gname}.weights.strategy {other:?} is not block, channel or tensor"
+                            ));
+                        }
+                    };
+                    if !layouts.contains(&layout) {
+                        layouts.push(layout);
+                    }
+                }
+                if layouts.len() > 1 {
+                    let all: Vec<String> = layouts.iter().map(ScaleLayout::describe).collect();
+                    return Err(format!(
+                        "quantization_config.config_groups mix weight layouts ({}), which is not supported",
+                        all.join(", ")
+                    ));
+                }
+                Ok(Fp8Scheme {
+                    method,
+                    layout: layouts.first().copied().unwrap_or(ScaleLayout::Block(DEFAULT_BLOCK)),
+                    scale_suffixes: &[SUFFIX_SCALE],
+                })
+            }
+            _ => {
+                let layout = match qc.get("weight_block_size").filter(|b| !b.is_null()) {
+                    Some(b) => ScaleLayout::Block(parse_block(b).ok_or_else(|| {
+                        format!("quantization_config.weight_block_size {b} is not two positive integers")
+                    })?),
+                    // The fp8 method without a block size is per-tensor (and names the scale
+                    // `weight_scale`, as vLLM's Fp8LinearMethod does).
+                    None if method.as_deref() == Some("fp8") => ScaleLayout::Tensor,
+                    None => ScaleLayout::Block(DEFAULT_BLOCK),
+                };
+                let scale_suffixes: &'static [&'static str] = match (method.as_deref(), layout) {
+                    (Some("fp8"), ScaleLayout::Block(_)) => &[SUFFIX_SCALE_INV],
+                    _ => &[SUFFIX_SCALE_INV, SUFFIX_SCALE],
+                };
+                Ok(Fp8Scheme { method, layout, scale_suffixes })
+            }
+        }
+    }
+}
+
+/// Parses a block size: `[rows, cols]` of positive integers, or the older string form `"RxC"`.
+fn parse_block(v: &Value) -> Option<[usize; 2]> {
+    let dims: Vec<usize> = match v {
+        Value::Array(a) => a.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect::<Option<_>>()?,
+        Value::String(s) => s.split(['x', 'X']).map(|d| d.trim().parse().ok()).collect::<Option<_>>()?,
+        _ => return None,
+    };
+    match dims[..] {
+        [bn, bk] if bn > 0 && bk > 0 => Some([bn, bk]),
+        _ => None,
+    }
+}
+
+/// The decode table of an FP8 element type that carries weights, if `dtype` is one.
+pub fn code_lut(dtype: Dtype) -> Option<&'static [f32; 256]> {
+    match dtype {
+        Dtype::F8_E4M3 => Some(&E4M3_LUT),
+        Dtype::F8_E5M2 => Some(&E5M2_LUT),
+        _ => None,
+    }
+}
+
+/// True for the 8-bit float dtypes that hold weight codes (not the E8M0 scale type).
+pub fn is_fp8_weight_dtype(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::F8_E4M3 | Dtype::F8_E5M2 | Dtype::F8_E4M3FNUZ | Dtype::F8_E5M2FNUZ)
+}
+
+/// Decodes a scale tensor (F32, BF16, F16 or F8_E8M0, little-endian) to f32; `None` for other
+/// dtypes. E8M0 byte `e` is `2^(e-127)` (255 is NaN).
+pub fn scales_to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    let two = |b: &[u8]| [b[0], b[1]];
+    Some(match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes(two(b)).to_f32()).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes(two(b)).to_f32()).collect(),
+        Dtype::F8_E8M0 => bytes.iter().map(|&e| e8m0_to_f32(e)).collect(),
+        _ => return None,
+    })
+}
+
+/// The value of an E8M0 (unsigned exponent) byte: `2^(e-127)`, NaN for 255.
+pub fn e8m0_to_f32(e: u8) -> f32 {
+    match e {
+        0 => f32::from_bits(0x0040_0000), // 2^-127, an f32 subnormal
+        255 => f32::NAN,
+        e => f32::from_bits(u32::from(e) << 23),
+    }
+}
+
+/// Number of codes of `codes` that decode to NaN or an infinity under `lut`, and the index of
+/// the first one.
+pub fn count_bad_codes(codes: &[u8], lut: &[f32; 256]) -> (usize, Option<usize>) {
+    let bad: [bool; 256] = std::array::from_fn(|i| !lut[i].is_finite());
+    const CHUNK: usize = 1 << 20;
+    codes
+        .par_chunks(CHUNK)
+        .enumerate()
+        .map(|(ci, c)| {
+            let n = c.iter().filter(|&&b| bad[usize::from(b)]).count();
+            let first = (n > 0).then(|| c.iter().position(|&b| bad[usize::from(b)]).map(|p| ci * CHUNK + p)).flatten();
+            (n, first)
+        })
+        .reduce(|| (0, None), |a, b| (a.0 + b.0, a.1.or(b.1)))
+}
+
+/// An FP8 weight ready to decode: its codes, their decode table, its scales widened to f32 and
+/// where they apply.
+#[derive(Clone, Copy, Debug)]
+pub struct Fp8Weight<'a> {
+    /// The codes, row-major over `[batch * rows, cols]`.
+    pub codes: &'a [u8],
+    /// Decode table of the code type ([`code_lut`]).
+    pub lut: &'static [f32; 256],
+    /// The scales, row-major over the grid of `geom`.
+    pub scales: &'a [f32],
+    /// Where each scale applies.
+    pub geom: ScaleGeometry,
+}
+
+impl Fp8Weight<'_> {
+    /// True for DeepSeek's layout, E4M3 in 128×128 blocks, which `block.rs` dequantizes.
+    pub fn is_standard(&self) -> bool {
+        self.geom.is_standard_block() && std::ptr::eq(self.lut, &E4M3_LUT)
+    }
+
+    /// Dequantizes rows `row0..row0 + out.len() / (cols * per)` of the weight seen as a
+    /// `[batch * rows, cols]` matrix, calling `put(q · s, dst)` on the `per` items of `out` of
+    /// each element, in parallel over rows.
+    pub fn decode_rows<T: Send>(&self, row0: usize, out: &mut [T], per: usize, put: impl Fn(f32, &mut [T]) + Sync) {
+        let g = &self.geom;
+        let cols = g.cols;
+        if cols == 0 || g.rows == 0 || per == 0 {
+            return;
+        }
+        let (gr, gc) = (g.grid_rows(), g.grid_cols());
+        out.par_chunks_mut(cols * per).enumerate().for_each(|(i, out_row)| {
+            let row = row0 + i;
+            let (b, r) = (row / g.rows, row % g.rows);
+            let grow = b * gr + r / g.block_rows;
+            let srow = &self.scales[grow * gc..(grow + 1) * gc];
+            let code_row = &self.codes[row * cols..(row + 1) * cols];
+            for ((o, c), &s) in out_row.chunks_mut(g.block_cols * per).zip(code_row.chunks(g.block_cols)).zip(srow) {
+                for (dst, &code) in o.chunks_exact_mut(per).zip(c) {
+                    put(self.lut[usize::from(code)] * s, dst);
+                }
+            }
+        });
+    }
+
+    /// Dequantizes the whole weight to BF16 little-endian bytes (the f32 product rounded to
+    /// nearest even): through `block.rs` for the standard layout, the general decoder otherwise.
+    pub fn to_bf16(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.codes.len() * 2];
+        let g = &self.geom;
+        if !(self.is_standard() && dequantize_weight_to_bf16(self.codes, self.scales, g.rows, g.cols, &mut out).is_ok())
+        {
+            self.decode_rows(0, &mut out, 2, |v, d: &mut [u8]| {
+                d.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+            });
+        }
+        out
+    }
+}
+
+/// What `dequant` did.
+#[derive(Clone, Debug, Serialize)]
+pub struct DequantReport {
+    /// Output directory.
+    pub output: PathBuf,
+    /// Safetensors files written (one per input shard).
+    pub files: usize,
+    /// FP8 weights turned into BF16.
+    pub tensors_dequantized: usize,
+    /// Tensors copied byte for byte.
+    pub tensors_copied: usize,
+    /// Bytes of the safetensors files written (headers included).
+    pub bytes_out: u64,
+}
+
+/// Output tensors on their way to the writer: (index in the file plan, bytes).
+type Batch<'a> = Vec<(usize, Cow<'a, [u8]>)>;
+
+/// A tensor located in a checkpoint: the shard index and its header entry.
+type Loc<'a> = (usize, &'a TensorInfo);
+
+/// What happens to one input tensor.
+enum Op<'a> {
+    /// Copied unchanged.
+    Copy,
+    /// Dequantized with the scale tensor at `scale`.
+    Dequant { lut: &'static [f32; 256], scale: Loc<'a>, geom: ScaleGeometry },
+}
+
+/// One output tensor and where it comes from.
+struct Entry<'a> {
+    info: &'a TensorInfo,
+    op: Op<'a>,
+    /// Input bytes (the weight's plus its scale's when dequantized), for progress.
+    bytes_in: u64,
+}
+
+/// The plan of one output file.
+struct FilePlan<'a> {
+    shard: usize,
+    entries: Vec<Entry<'a>>,
+}
+
+impl FilePlan<'_> {
+    fn tensors(&self) -> Vec<PlannedTensor> {
+        self.entries
+            .iter()
+            .map(|e| PlannedTensor {
+                name: e.info.name.clone(),
+                dtype: if matches!(e.op, Op::Dequant { .. }) { Dtype::BF16 } else { e.info.dtype },
+                shape: e.info.shape.clone(),
+            })
+            .collect()
+    }
+}
+
+/// A tensor-level error of the input, as [`ConvertError`].
+fn bad_tensor(path: &Path, tensor: &str, reason: String) -> ConvertError {
+    ConvertError::Format(FormatError::BadTensor { path: path.to_owned(), tensor: tensor.to_owned(), reason })
+}
+
+/// Decides, before anything is written, what becomes of every tensor: each FP8 weight must have
+/// a scale tensor whose shape fits it; scale tensors (and static `input_scale`s) of FP8 weights
+/// are dropped.
+fn plan_files<'a>(ckpt: &'a Checkpoint, scheme: &Fp8Scheme) -> Result<Vec<FilePlan<'a>>, ConvertError> {
+    let mut by_name: HashMap<&str, Loc<'a>> = HashMap::new();
+    for (si, s) in ckpt.shards.iter().enumerate() {
+        for t in &s.file.header().tensors {
+            by_name.insert(&t.name, (si, t));
+        }
+    }
+    // Suffixes in order of preference: the config's, then the other convention.
+    let mut suffixes: Vec<&str> = scheme.scale_suffixes.to_vec();
+    for s in [SUFFIX_SCALE_INV, SUFFIX_SCALE] {
+        if !suffixes.contains(&s) {
+            suffixes.push(s);
+        }
+    }
+    let mut dropped: HashSet<&str> = HashSet::new();
+    let mut ops: HashMap<&str, Op<'a>> = HashMap::new();
+    for s in &ckpt.shards {
+        let path = s.file.path();
+        for t in s.file.header().tensors.iter().filter(|t| is_fp8_weight_dtype(t.dtype)) {
+            let lut = code_lut(t.dtype).ok_or_else(|| {
+                bad_tensor(path, &t.name, format!("dtype {:?} is not supported (E4M3FN and E5M2 are)", t.dtype))
+            })?;
+            let names: Vec<String> = suffixes.iter().map(|x| format!("{}{x}", t.name)).collect();
+            let Some(&(ss, st)) = names.iter().find_map(|n| by_name.get(n.as_str())) else {
+                return Err(bad_tensor(
+                    path,
+                    &t.name,
+                    format!("FP8 tensor without a scale tensor (looked for {})", names.join(", ")),
+                ));
+            };
+            let spath = ckpt.shards[ss].file.path();
+            if scales_to_f32(st.dtype, &[]).is_none() {
+                return Err(bad_tensor(
+                    spath,
+                    &st.name,
+                    format!("scale dtype {:?} is not supported (F32, BF16, F16, F8_E8M0 are)", st.dtype),
+                ));
+            }
+            let geom = [scheme.layout, ScaleLayout::Tensor, ScaleLayout::Channel]
+                .iter()
+                .find_map(|l| l.fit(&t.shape, &st.shape))
+                .ok_or_else(|| {
+                    bad_tensor(
+                        spath,
+                        &st.name,
+                        format!(
+                            "scale shape {:?} does not fit weight {} of shape {:?}: {} need {:?} \
+                             (or 1 element per tensor, or [N, 1] per channel)",
+                            st.shape,
+                            t.name,
+                            t.shape,
+                            scheme.layout.describe(),
+                            scheme.layout.expected_shape(&t.shape)
+                        ),
+                    )
+                })?;
+            dropped.insert(&st.name);
+            if let Some(m) = t.name.strip_suffix(".weight")
+                && let Some((_, i)) = by_name.get(format!("{m}.input_scale").as_str())
+            {
+                dropped.insert(&i.name);
+            }
+            ops.insert(&t.name, Op::Dequant { lut, scale: (ss, st), geom });
+        }
+    }
+    Ok(ckpt
+        .shards
+        .iter()
+        .enumerate()
+        .map(|(si, s)| FilePlan {
+            shard: si,
+            entries: s
+                .file
+                .header()
+                .tensors
+                .iter()
+                .filter(|t| !dropped.contains(t.name.as_str()))
+                .map(|t| {
+                    let op = ops.remove(t.name.as_str()).unwrap_or(Op::Copy);
+                    let scale_bytes = match &op {
+                        Op::Dequant { scale: (_, st), .. } => st.nbytes() as u64,
+                        Op::Copy => 0,
+                    };
+                    Entry { info: t, op, bytes_in: t.nbytes() as u64 + scale_bytes }
+                })
+                .collect(),
+        })
+        .collect())
+}
+
+/// Holds the output lock; on drop (success or failure) removes the staging directory and the
+/// lock file, then unlocks.
+struct OutLock {
+    lock: Option<DirLock>,
+    staging: PathBuf,
+}
+
+impl Drop for OutLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.staging);
+        if let Some(l) = self.lock.take() {
+            let _ = std::fs::remove_file(l.path());
+        }
+    }
+}
+
+/// True when `a` and `b` are the same existing directory.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
+}
+
+/// Checks that OUT may be written, takes its lock, and clears it of an earlier output under
+/// `force` (and of temporary files of a killed run in any case).
+fn prepare_output(ckpt: &Checkpoint, out: &Path, force: bool) -> Result<OutLock, ConvertError> {
+    let err = |reason: &str| ConvertError::Output { path: out.to_owned(), reason: reason.into() };
+    if out.exists() && !out.is_dir() {
+        return Err(err("exists and is not a directory"));
+    }
+    if out.is_dir() {
+        if same_dir(out, &ckpt.root) {
+            return Err(err("is the input directory; dequantize into another directory"));
+        }
+        let mut leftovers_only = true;
+        for e in std::fs::read_dir(out).map_err(FormatError::io(out, "read_dir"))? {
+            let name = e.map_err(FormatError::io(out, "read_dir"))?.file_name().to_string_lossy().into_owned();
+            leftovers_only &= name == DEQUANT_LOCK || name == DEQUANT_STAGING || is_partial_name(&name);
+        }
+        if !leftovers_only && !force {
+            return Err(err("exists and is not empty; use --force to overwrite"));
+        }
+    }
+    std::fs::create_dir_all(out).map_err(FormatError::io(out, "create"))?;
+    let staging = out.join(DEQUANT_STAGING);
+    let lock = OutLock { lock: Some(DirLock::acquire(&out.join(DEQUANT_LOCK))?), staging: staging.clone() };
+    // A killed run's staged files are not trusted: start over.
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(FormatError::io(&staging, "remove"))?;
+    }
+    std::fs::create_dir_all(&staging).map_err(FormatError::io(&staging, "create"))?;
+    for e in std::fs::read_dir(out).map_err(FormatError::io(out, "read_dir"))? {
+        let e = e.map_err(FormatError::io(out, "read_dir"))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = name.ends_with(".safetensors")
+            || name.ends_with(".safetensors.index.json")
+            || name == MANIFEST_NAME
+            || name == "config.json"
+            || ckpt.extra_files.contains(&name);
+        if (is_partial_name(&name) || (force && ours)) && e.path().is_file() {
+            std::fs::remove_file(e.path()).map_err(FormatError::io(e.path(), "remove"))?;
+        }
+    }
+    Ok(lock)
+}
+
+/// Dequantizes the FP8 checkpoint `input` (a directory or one `.safetensors` file) into a BF16
+/// checkpoint in `out`: one output file per input shard with the same name, FP8 weights as BF16,
+/// their scale tensors dropped, every other tensor byte-identical; config.json without its
+/// `quantization_config`, the other files carried over, the index rewritten when there is one,
+/// and a `SHA256SUMS` manifest, written last.
+///
+/// Refuses a non-empty `out` unless `force`, and the input directory itself always. Every FP8
+/// weight's scale is checked before anything is written; a NaN code found while converting is an
+/// error naming the file and tensor. Files are written atomically, under a lock on `out`.
+pub fn dequant(input: &Path, out: &Path, force: bool, progress: &dyn Progress) -> Result<DequantReport, ConvertError> {
+    let ckpt = Checkpoint::open(input)?;
+    let scheme = Fp8Scheme::from_config(ckpt.config.as_ref())
+        .map_err(|reason| FormatError::BadJson { path: ckpt.root.join("config.json"), reason })?;
+    let plans = plan_files(&ckpt, &scheme)?;
+    let lock = prepare_output(&ckpt, out, force)?;
+
+    let entries = plans.iter().flat_map(|p| &p.entries);
+    progress.begin(entries.clone().map(|e| e.bytes_in).sum(), entries.clone().count());
+    let dequantized = entries.clone().filter(|e| matches!(e.op, Op::Dequant { .. })).count();
+    let mut report = DequantReport {
+        output: out.to_owned(),
+        files: plans.len(),
+        tensors_dequantized: dequantized,
+        tensors_copied: entries.count() - dequantized,
+        bytes_out: 0,
+    };
+
+    let mut manifest = BTreeMap::new();
+    let staging = out.join(DEQUANT_STAGING);
+    for plan in &plans {
+        let name = &ckpt.shards[plan.shard].name;
+        let written = write_file(&ckpt, plan, &staging.join(name), progress)?;
+        report.bytes_out += written.bytes;
+        manifest.insert(name.clone(), written.sha256);
+    }
+    for plan in &plans {
+        let name = &ckpt.shards[plan.shard].name;
+        std::fs::rename(staging.join(name), out.join(name)).map_err(FormatError::io(out.join(name), "rename"))?;
+    }
+    fp8forge_formats::atomic::sync_parent(&out.join(MANIFEST_NAME))?;
+    if let Some(config) = &ckpt.config {
+        let mut config = config.clone();
+        if let Value::Object(m) = &mut config {
+            m.shift_remove("quantization_config");
+        }
+        manifest.insert("config.json".into(), write_atomic(&out.join("config.json"), &pretty(&config))?.sha256);
+    }
+    for name in ckpt.extra_files.iter().filter(|n| *n != MANIFEST_NAME) {
+        manifest.insert(name.clone(), copy_atomic(&ckpt.root.join(name), &out.join(name))?.sha256);
+    }
+    let had_index = input.is_dir() && ckpt.root.join(INDEX_NAME).exists();
+    if plans.len() > 1 || had_index {
+        let mut weight_map = BTreeMap::new();
+        let mut total = 0u64;
+        for plan in &plans {
+            for t in plan.tensors() {
+                total += t.nbytes();
+                weight_map.insert(t.name, ckpt.shards[plan.shard].name.clone());
+            }
+        }
+        let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+        manifest.insert(INDEX_NAME.into(), write_atomic(&out.join(INDEX_NAME), &pretty(&index))?.sha256);
+    }
+    write_manifest(out, &manifest)?;
+    drop(lock);
+    Ok(report)
+}
+
+/// JSON as transformers writes it: two-space indent and a final newline.
+fn pretty(v: &Value) -> Vec<u8> {
+    let mut s = serde_json::to_vec_pretty(v).unwrap_or_default();
+    s.push(b'\n');
+    s
+}
+
+/// Writes one output file: the calling thread dequantizes batches of tensors in parallel while a
+/// writer thread writes the previous batch.
+fn write_file(
+    ckpt: &Checkpoint,
+    plan: &FilePlan<'_>,
+    path: &Path,
+    progress: &dyn Progress,
+) -> Result<WrittenFile, ConvertError> {
+    let mut writer = ShardWriter::create(path, plan.tensors())?;
+    let shard = &ckpt.shards[plan.shard].file;
+    let (tx, rx) = mpsc::sync_channel::<Batch<'_>>(0);
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(move || -> Result<WrittenFile, ConvertError> {
+            for batch in rx {
+                for (i, data) in batch {
+                    let e = &plan.entries[i];
+                    writer.write_tensor(&e.info.name, &[&data])?;
+                    if matches!(data, Cow::Borrowed(_)) {
+                        shard.release(e.info);
+                    }
+                    progress.tensor_done(&e.info.name, e.bytes_in);
+                }
+            }
+            Ok(writer.finish()?)
+        });
+        let produced = produce(ckpt, plan, &tx);
+        drop(tx);
+        let written = handle.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        // A producer error comes first: the writer then only saw its input end early.
+        produced.and(written)
+    })
+}
+
+/// Dequantizes the tensors of `plan` in batches and sends them, in order, to the writer.
+fn produce<'a>(
+    ckpt: &'a Checkpoint,
+    plan: &FilePlan<'a>,
+    tx: &mpsc::SyncSender<Batch<'a>>,
+) -> Result<(), ConvertError> {
+    let mut start = 0;
+    while start < plan.entries.len() {
+        let mut end = start;
+        let mut bytes = 0u64;
+        while end < plan.entries.len() {
+            let e = &plan.entries[end];
+            let b = if matches!(e.op, Op::Dequant { .. }) { 2 * e.info.numel() as u64 } else { 0 };
+            if end > start && bytes + b > BATCH_BYTES {
+                break;
+            }
+            bytes += b;
+            end += 1;
+        }
+        let batch = (start..end)
+            .into_par_iter()
+            .map(|i| Ok((i, tensor_data(ckpt, plan.shard, &plan.entries[i])?)))
+            .collect::<Result<Vec<_>, ConvertError>>()?;
+        if tx.send(batch).is_err() {
+            // The writer stopped on an error; it reports it.
+            return Ok(());
+        }
+        start = end;
+    }
+    Ok(())
+}
+
+/// The output bytes of one tensor: borrowed from the input map when copied, the BF16 weight
+/// when dequantized (the input pages are released once read).
+fn tensor_data<'a>(ckpt: &'a Checkpoint, shard: usize, e: &Entry<'a>) -> Result<Cow<'a, [u8]>, ConvertError> {
+    let file = &ckpt.shards[shard].file;
+    let codes = file.data(e.info);
+    let Op::Dequant { lut, scale: (ss, st), geom } = &e.op else {
+        return Ok(Cow::Borrowed(codes));
+    };
+    let sfile = &ckpt.shards[*ss].file;
+    let scales = scales_to_f32(st.dtype, sfile.data(st)).unwrap_or_default();
+    sfile.release(st);
+    if let Some((i, s)) = scales.iter().enumerate().find(|(_, s)| !s.is_finite()) {
+        return Err(bad_tensor(sfile.path(), &st.name, format!("scale {i} is {s}, not finite")));
+    }
+    let (bad, first) = count_bad_codes(codes, lut);
+    if bad > 0 {
+        let what = if std::ptr::eq(*lut, &E4M3_LUT) { "NaN codes (0x7F/0xFF)" } else { "NaN or infinite codes" };
+        return Err(bad_tensor(
+            file.path(),
+            &e.info.name,
+            format!("{bad} {what}, first at element {}", first.unwrap_or(0)),
+        ));
+    }
+    let out = Fp8Weight { codes, lut, scales: &scales, geom: *geom }.to_bf16();
+    file.release(e.info);
+    Ok(Cow::Owned(out))
+}
+
+/// Small checkpoints for the tests of `dequant`, `verify` and `inspect`.
+#[cfg(test)]
+pub(crate) mod fixture {
+    use std::path::Path;
+
+    use fp8forge_formats::{Dtype, PlannedTensor, ShardWriter};
+
+    /// Deterministic pseudo-random numbers (splitmix64).
+    pub struct Rng(u64);
+
+    impl Rng {
+        /// A generator from a seed.
+        pub fn new(seed: u64) -> Self {
+            Rng(seed)
+        }
+
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+
+        /// Uniform in [0, 1).
+        pub fn uniform(&mut self) -> f32 {
+            (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+        }
+
+        /// Standard normal (Box-Muller).
+        pub fn normal(&mut self) -> f32 {
+            let u1 = self.uniform().max(1e-7);
+            let u2 = self.uniform();
+            (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        }
+    }
+
+    /// `n` gaussian values of standard deviation `std` as BF16 bytes.
+    pub fn bf16_gaussian(rng: &mut Rng, n: usize, std: f32) -> Vec<u8> {
+        (0..n).flat_map(|_| half::bf16::from_f32(rng.normal() * std).to_le_bytes()).collect()
+    }
+
+    /// BF16 little-endian bytes to f32.
+    pub fn bf16_to_f32(b: &[u8]) -> Vec<f32> {
+        b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+    }
+
+    /// f32 values as little-endian bytes.
+    pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// A tensor to write: name, dtype, shape, bytes.
+    pub type T = (String, Dtype, Vec<usize>, Vec<u8>);
+
+    /// Writes one safetensors file with `tensors` in this order.
+    pub fn write_file(path: &Path, tensors: &[T]) {
+        let plan = tensors
+            .iter()
+            .map(|(name, dtype, shape, _)| PlannedTensor { name: name.clone(), dtype: *dtype, shape: shape.clone() })
+            .collect();
+        let mut w = ShardWriter::create(path, plan).expect("create shard");
+        for (name, _, _, data) in tensors {
+            w.write_tensor(name, &[data]).expect("write tensor");
+        }
+        w.finish().expect("finish shard");
+    }
+
+    /// Writes a sharded checkpoint (index included when more than one file) with `config`.
+    pub fn write_checkpoint(dir: &Path, shards: &[Vec<T>], config: &serde_json::Value) {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let n = shards.len();
+        let mut map = serde_json::Map::new();
+        for (i, tensors) in shards.iter().enumerate() {
+            let name =
+                if n == 1 { "model.safetensors".into() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
+            write_file(&dir.join(&name), tensors);
+            for t in tensors {
+                map.insert(t.0.clone(), name.clone().into());
+            }
+        }
+        if n > 1 {
+            let index = serde_json::json!({ "metadata": { "total_size": 0 }, "weight_map": map });
+            std::fs::write(dir.join(fp8forge_formats::checkpoint::INDEX_NAME), index.to_string()).expect("index");
+        }
+        std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(config).expect("json")).expect("config");
+    }
+
+    /// A small BF16 MoE-like checkpoint in two shards: gaussian weights whose shapes are not all
+    /// multiples of 128 (one with an all-zero block and an outlier), an embedding, norms, a router
+    /// and a 1-D bias that stay in BF16, plus a tokenizer file.
+    pub fn bf16_model(dir: &Path) {
+        let mut rng = Rng::new(7);
+        let mut t = |name: &str, shape: &[usize], std: f32| -> T {
+            let n = shape.iter().product();
+            (name.to_string(), Dtype::BF16, shape.to_vec(), bf16_gaussian(&mut rng, n, std))
+        };
+        let mut up = t("model.layers.0.mlp.up_proj.weight", &[320, 192], 0.02);
+        // An all-zero first block row and one outlier.
+        for b in &mut up.3[..128 * 192 * 2] {
+            *b = 0;
+        }
+        up.3[(200 * 192 + 7) * 2..(200 * 192 + 8) * 2].copy_from_slice(&half::bf16::from_f32(3.5).to_le_bytes());
+        let shard0 = vec![
+            t("model.embed_tokens.weight", &[64, 96], 1.0),
+            t("model.layers.0.input_layernorm.weight", &[96], 1.0),
+            t("model.layers.0.self_attn.q_proj.weight", &[96, 96], 0.05),
+            up,
+            t("model.layers.0.mlp.down_proj.weight", &[192, 320], 0.02),
+        ];
+        let shard1 = vec![
+            t("model.layers.1.mlp.gate.weight", &[4, 96], 0.1),
+            t("model.layers.1.mlp.experts.0.gate_proj.weight", &[256, 256], 0.03),
+            t("model.layers.1.mlp.experts.1.gate_proj.weight", &[130, 129], 1.0),
+            t("model.layers.1.self_attn.o_proj.bias", &[96], 0.1),
+            t("model.norm.weight", &[96], 1.0),
+            t("lm_head.weight", &[64, 96], 0.05),
+        ];
+        let config = serde_json::json!({"architectures": ["TinyMoe"], "hidden_size": 96, "torch_dtype": "bfloat16"});
+        write_checkpoint(dir, &[shard0, shard1], &config);
+        std::fs::write(dir.join("tokenizer.json"), b"{\"version\": \"1.0\"}").expect("tokenizer");
+    }
+
+    /// Converts `input` into `out` with the default options (DeepSeek layout, f32 scales).
+    pub fn convert_default(input: &Path, out: &Path) {
+        convert_with(input, out, crate::plan::OutputFormat::Deepseek);
+    }
+
+    /// Converts `input` into `out` in `format`.
+    pub fn convert_with(input: &Path, out: &Path, format: crate::plan::OutputFormat) {
+        let opts = crate::plan::ConvertOptions { format, ..Default::default() };
+        crate::convert::convert(input, out, &opts, &Default::default(), &crate::convert::NoProgress).expect("convert");
+    }
+
+    /// Rewrites the safetensors file `path`, letting `edit` change each tensor (name, dtype,
+    /// shape, bytes) in place.
+    pub fn rewrite(path: &Path, mut edit: impl FnMut(&mut T)) {
+        let tensors: Vec<T> = {
+            let f = fp8forge_formats::SafetensorsFile::open(path).expect("open");
+            f.header()
+                .tensors
+                .iter()
+                .map(|t| {
+                    let mut x = (t.name.clone(), t.dtype, t.shape.clone(), f.data(t).to_vec());
+                    edit(&mut x);
+                    x
+                })
+                .collect()
+        };
+        write_file(path, &tensors);
+    }
+
+    /// Recomputes the SHA256SUMS manifest of `dir` over the files it lists.
+    pub fn refresh_manifest(dir: &Path) {
+        let old = fp8forge_formats::manifest::read_manifest(dir).expect("manifest");
+        let new = old
+            .keys()
+            .map(|n| (n.clone(), fp8forge_formats::atomic::sha256_file(&dir.join(n)).expect("hash")))
+            .collect();
+        fp8forge_formats::manifest::write_manifest(dir, &new).expect("write manifest");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixture::*;
+    use super::*;
+    use crate::convert::NoProgress;
+    use fp8forge_formats::SafetensorsFile;
+
+    fn find<'a>(ck: &'a Checkpoint, name: &str) -> (&'a SafetensorsFile, &'a TensorInfo) {
+        let (s, t) = ck.find(name).unwrap_or_else(|| panic!("{name} missing"));
+        (&s.file, t)
+    }
+
+    #[test]
+    fn dequant_of_a_converted_checkpoint_is_within_block_error_and_copies_pass_through_bytes() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (input, fp8, back) = (d.path().join("in"), d.path().join("fp8"), d.path().join("back"));
+        bf16_model(&input);
+        convert_default(&input, &fp8);
+        let r = dequant(&fp8, &back, false, &NoProgress).expect("dequant");
+        assert_eq!((r.files, r.tensors_dequantized, r.tensors_copied), (2, 5, 6), "{r:?}");
+
+        let (a, q, b) = (
+            Checkpoint::open(&input).expect("in"),
+            Checkpoint::open(&fp8).expect("fp8"),
+            Checkpoint::open(&back).expect("back"),
+        );
+        let names = |c: &Checkpoint| c.shards.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&b), names(&q), "output files keep the input's names");
+        let mut count = 0;
+        for s in &a.shards {
+            for t in &s.file.header().tensors {
+                count += 1;
+                let (bf, bt) = find(&b, &t.name);
+                assert_eq!((bt.dtype, &bt.shape), (t.dtype, &t.shape), "{}", t.name);
+                let (qf, qt) = find(&q, &t.name);
+                if qt.dtype != Dtype::F8_E4M3 {
+                    assert_eq!(bf.data(bt), s.file.data(t), "{} is not byte-identical", t.name);
+                    continue;
+                }
+                // Bitwise: bf16(code value × scale) of the FP8 checkpoint.
+                let (sf, st) = find(&q, &format!("{}_scale_inv", t.name));
+                let scales = scales_to_f32(st.dtype, sf.data(st)).expect("f32");
+                let (n, k) = (t.shape[0], t.shape[1]);
+                let codes = qf.data(qt);
+                let got = bf16_to_f32(bf.data(bt));
+                let orig = bf16_to_f32(s.file.data(t));
+                let mut err = 0f64;
+                let mut norm = 0f64;
+                for r in 0..n {
+                    for c in 0..k {
+                        let sc = scales[(r / 128) * k.div_ceil(128) + c / 128];
+                        let want = half::bf16::from_f32(E4M3_LUT[codes[r * k + c] as usize] * sc).to_f32();
+                        let i = r * k + c;
+                        assert_eq!(got[i].to_bits(), want.to_bits(), "{}[{r},{c}]", t.name);
+                        // Within half an E4M3 step of the original, plus BF16 rounding.
+                        let tol = (orig[i].abs() * 0.0625).max(sc * 2f32.powi(-10)) * 1.0001 + got[i].abs() / 256.0;
+                        assert!((got[i] - orig[i]).abs() <= tol, "{}[{r},{c}]: {} vs {}", t.name, got[i], orig[i]);
+                        err += f64::from(got[i] - orig[i]).powi(2);
+                        norm += f64::from(orig[i]).powi(2);
+                    }
+                }
+                assert!(err <= 0.05f64.powi(2) * norm.max(1e-30), "{}: rel rms {}", t.name, (err / norm).sqrt());
+            }
+        }
+        assert_eq!(count, b.shards.iter().map(|s| s.file.header().tensors.len()).sum::<usize>(), "extra tensors");
+        let config: Value =
+            serde_json::from_slice(&std::fs::read(back.join("config.json")).expect("config")).expect("j");
+        assert!(config.get("quantization_config").is_none(), "{config}");
+        assert_eq!(config["architectures"][0], "TinyMoe");
+        assert_eq!(std::fs::read(back.join("tokenizer.json")).ok(), std::fs::read(input.join("tokenizer.json")).ok());
+        let index: Value = serde_json::from_slice(&std::fs::read(back.join(INDEX_NAME)).expect("index")).expect("j");
+        assert_eq!(index["metadata"]["total_size"].as_u64(), Some(b.total_tensor_bytes()));
+        let checks = fp8forge_formats::manifest::check_manifest(&back, |_| {}).expect("manifest");
+        assert!(checks.iter().all(|c| c.status == "ok"), "{checks:?}");
+        assert!(!back.join(DEQUANT_LOCK).exists(), "lock file left behind");
+    }
+
+    #[test]
+    fn dequant_refuses_a_non_empty_output_without_force_and_the_input_directory_always() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (input, fp8, back) = (d.path().join("in"), d.path().join("fp8"), d.path().join("back"));
+        bf16_model(&input);
+        convert_default(&input, &fp8);
+        std::fs::create_dir_all(&back).expect("mkdir");
+        std::fs::write(back.join("stale.safetensors"), b"junk").expect("junk");
+        let e = dequant(&fp8, &back, false, &NoProgress).expect_err("non-empty").to_string();
+        assert!(e.contains("not empty") && e.contains("--force"), "{e}");
+        dequant(&fp8, &back, true, &NoProgress).expect("with force");
+        assert!(!back.join("stale.safetensors").exists(), "force leaves stale shards");
+        Checkpoint::open(&back).expect("output opens");
+        let e = dequant(&fp8, &fp8, true, &NoProgress).expect_err("in place").to_string();
+        assert!(e.contains("input directory"), "{e}");
+        assert!(Checkpoint::open(&fp8).is_ok(), "input damaged");
+    }
+
+    /// Builds codes with known values for `n` elements (no NaN codes).
+    fn codes(rng: &mut Rng, n: usize) -> Vec<u8> {
+        (0..n).map(|_| (rng.uniform() * 254.0) as u8).map(|c| if c & 0x7F == 0x7F { 0 } else { c }).collect()
+    }
+
+    #[test]
+    fn dequant_reads_bf16_block_e8m0_per_channel_and_f32_per_tensor_scales_with_the_config_block_size() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (input, back) = (d.path().join("in"), d.path().join("back"));
+        let mut rng = Rng::new(3);
+        // compressed-tensors with 64×32 blocks: grid [2, 3] for a [100, 70] weight.
+        let (ca, cb, cc) = (codes(&mut rng, 100 * 70), codes(&mut rng, 40 * 50), codes(&mut rng, 30 * 20));
+        let sa: Vec<f32> = (0..6).map(|i| 0.001 * (i + 1) as f32).collect();
+        let sa_bf16: Vec<u8> = sa.iter().flat_map(|s| half::bf16::from_f32(*s).to_le_bytes()).collect();
+        let sc_e8m0: Vec<u8> = (0..30).map(|i| 120 + (i % 5) as u8).collect();
+        let tensors = vec![
+            ("a.weight".to_string(), Dtype::F8_E4M3, vec![100, 70], ca.clone()),
+            ("a.weight_scale".into(), Dtype::BF16, vec![2, 3], sa_bf16.clone()),
+            ("a.input_scale".into(), Dtype::F32, vec![1], f32_bytes(&[0.5])),
+            ("b.weight".into(), Dtype::F8_E4M3, vec![40, 50], cb.clone()),
+            ("b.weight_scale".into(), Dtype::F32, vec![1], f32_bytes(&[0.25])),
+            ("c.weight".into(), Dtype::F8_E5M2, vec![30, 20], cc.iter().map(|&c| c & 0x7B).collect()),
+            ("c.weight_scale".into(), Dtype::F8_E8M0, vec![30, 1], sc_e8m0.clone()),
+            ("norm.weight".into(), Dtype::BF16, vec![3], vec![1, 2, 3, 4, 5, 6]),
+        ];
+        let mut config = fp8forge_formats::qconfig::compressed_tensors_fp8_block(&[]);
+        config["config_groups"]["group_0"]["weights"]["block_structure"] = serde_json::json!([64, 32]);
+        write_checkpoint(&input, std::slice::from_ref(&tensors), &serde_json::json!({"quantization_config": config}));
+        let r = dequant(&input, &back, false, &NoProgress).expect("dequant");
+        assert_eq!((r.tensors_dequantized, r.tensors_copied), (3, 1));
+        let b = Checkpoint::open(&back).expect("back");
+        assert!(b.find("a.weight_scale").is_none() && b.find("a.input_scale").is_none(), "scales kept");
+        let bf = |x: f32| half::bf16::from_f32(x).to_f32().to_bits();
+        let got = |name: &str| bf16_to_f32(b.find(name).map(|(s, t)| s.file.data(t)).expect("tensor"));
+        let a = got("a.weight");
+        for r in 0..100 {
+            for c in 0..70 {
+                let s = half::bf16::from_f32(sa[(r / 64) * 3 + c / 32]).to_f32();
+                assert_eq!(a[r * 70 + c].to_bits(), bf(E4M3_LUT[ca[r * 70 + c] as usize] * s), "a[{r},{c}]");
+            }
+        }
+        let bw = got("b.weight");
+        assert!(bw.iter().zip(&cb).all(|(v, &c)| v.to_bits() == bf(E4M3_LUT[c as usize] * 0.25)), "per-tensor");
+        let cw = got("c.weight");
+        for r in 0..30 {
+            let s = 2f32.powi(i32::from(sc_e8m0[r]) - 127);
+            for c in 0..20 {
+                let code = cc[r * 20 + c] & 0x7B;
+                assert_eq!(cw[r * 20 + c].to_bits(), bf(E5M2_LUT[code as usize] * s), "c[{r},{c}]");
+            }
+        }
+        assert_eq!(b.find("norm.weight").map(|(s, t)| s.file.data(t).to_vec()), Some(vec![1, 2, 3, 4, 5, 6]));
+        assert!(!back.join(INDEX_NAME).exists(), "single file needs no index");
+    }
+
+    #[test]
+    fn dequant_refuses_a_scale_grid_that_does_not_fit_the_configured_block_naming_the_tensor() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (input, back) = (d.path().join("in"), d.path().join("back"));
+        // A 192-row weight: 128-row blocks give 2 grid rows; a grid of 3 (64-row blocks) is refused.
+        let tensors = vec![
+            ("q_a_proj.weight".to_string(), Dtype::F8_E4M3, vec![192, 256], vec![0x38; 192 * 256]),
+            ("q_a_proj.weight_scale_inv".into(), Dtype::F32, vec![3, 2], f32_bytes(&[1.0; 6])),
+        ];
+        let config = serde_json::json!({"quantization_config": fp8forge_formats::qconfig::deepseek_fp8(false, &[])});
+        write_checkpoint(&input, &[tensors], &config);
+        let e = dequant(&input, &back, false, &NoProgress).expect_err("bad grid").to_string();
+        assert!(e.contains("q_a_proj.weight_scale_inv") && e.contains("[2, 2]") && e.contains("128x128"), "{e}");
+        assert!(!back.exists() || std::fs::read_dir(&back).map(|mut r| r.next().is_none()).unwrap_or(false));
+    }
+
+    #[test]
+    fn dequant_refuses_a_nan_code_naming_file_and_tensor_and_leaves_no_half_written_file() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (input, fp8, back) = (d.path().join("in"), d.path().join("fp8"), d.path().join("back"));
+        bf16_model(&input);
+        convert_default(&input, &fp8);
+        let file = fp8.join("model-00002-of-00002.safetensors");
+        rewrite(&file, |t| {
+            if t.0 == "model.layers.1.mlp.experts.0.gate_proj.weight" {
+                t.3[1000] = 0xFF;
+            }
+        });
+        let e = dequant(&fp8, &back, false, &NoProgress).expect_err("NaN").to_string();
+        assert!(
+            e.contains("model-00002-of-00002.safetensors")
+                && e.contains("model.layers.1.mlp.experts.0.gate_proj.weight")
+                && e.contains("NaN"),
+            "{e}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&back).expect("out").flatten().map(|e| e.file_name()).collect();
+        assert!(left.is_empty(), "a failed dequant left {left:?} behind");
+    }
+
+    #[test]
+    fn general_decoder_matches_block_rs_bitwise_on_128_blocks() {
+        let mut rng = Rng::new(11);
+        let (n, k) = (300, 200);
+        let c = codes(&mut rng, n * k);
+        let s: Vec<f32> = (0..6).map(|_| rng.uniform() * 0.01 + 1e-4).collect();
+        let g = ScaleLayout::Block(DEFAULT_BLOCK).fit(&[n, k], &[3, 2]).expect("fits");
+        let mut via_block = vec![0u8; n * k * 2];
+        dequantize_weight_to_bf16(&c, &s, n, k, &mut via_block).expect("block.rs");
+        let mut general = vec![0u8; n * k * 2];
+        let w = Fp8Weight { codes: &c, lut: &E4M3_LUT, scales: &s, geom: g };
+        w.decode_rows(0, &mut general, 2, |v, d: &mut [u8]| {
+            d.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+        });
+        assert!(via_block == general, "general decoder differs from block.rs");
+    }
+
+    #[test]
+    fn scale_layouts_fit_only_their_shapes_and_config_block_sizes_are_read() {
+        let b = ScaleLayout::Block([128, 128]);
+        assert!(b.fit(&[192, 256], &[2, 2]).is_some());
+        assert!(b.fit(&[192, 256], &[3, 2]).is_none());
+        assert!(b.fit(&[4, 192, 256], &[4, 2, 2]).is_some_and(|g| g.batch == 4));
+        assert!(ScaleLayout::Channel.fit(&[192, 256], &[192, 1]).is_some());
+        assert!(ScaleLayout::Channel.fit(&[192, 256], &[192]).is_some());
+        assert!(ScaleLayout::Tensor.fit(&[192, 256], &[]).is_some());
+        assert!(ScaleLayout::Tensor.fit(&[192, 256], &[2]).is_none());
+        let ds = serde_json::json!({"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 32]}});
+        assert_eq!(Fp8Scheme::from_config(Some(&ds)).map(|s| s.layout), Ok(ScaleLayout::Block([64, 32])));
+        let ct =
+            serde_json::json!({"quantization_config": fp8forge_formats::qconfig::compressed_tensors_fp8_block(&[])});
+        let s = Fp8Scheme::from_config(Some(&ct)).expect("ct");
+        assert_eq!((s.layout, s.scale_suffixes), (ScaleLayout::Block([128, 128]), &[SUFFIX_SCALE][..]));
+        let bad = serde_json::json!({"quantization_config": {"quant_method": "fp8", "weight_block_size": [0, 128]}});
+        assert!(Fp8Scheme::from_config(Some(&bad)).is_err());
+        assert_eq!(parse_block(&Value::String("128x64".into())), Some([128, 64]));
+        assert_eq!(e8m0_to_f32(127), 1.0);
+        assert_eq!(e8m0_to_f32(0), 2f32.powi(-127));
+        assert!(e8m0_to_f32(255).is_nan());
+    }
+}

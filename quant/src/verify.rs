@@ -1,0 +1,645 @@
+//! Checking a converted checkpoint: (a) its `SHA256SUMS` manifest; (b) its structure: every FP8
+//! weight has a scale tensor of the right name, dtype and grid shape, every scale is finite and
+//! positive, no FP8 tensor holds a NaN code; (c) with the BF16 original as reference, the error of
+//! every dequantized weight, and byte equality of every tensor that was not quantized.
+//!
+//! Findings about the checkpoint are problems (one line each, naming file and tensor) in the
+//! report, not errors: an error means verification itself could not run (I/O failure, unreadable
+//! reference).
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use fp8forge_formats::header::dtype_name;
+use fp8forge_formats::manifest::{FileCheck, MANIFEST_NAME, check_manifest, read_manifest};
+use fp8forge_formats::{Checkpoint, Dtype, FormatError, SafetensorsFile, TensorInfo};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::block::{BLOCK, dequantize_weight_into};
+use crate::convert::{ConvertError, Progress, TensorReport};
+use crate::dequant::{
+    Fp8Scheme, Fp8Weight, SUFFIX_SCALE, SUFFIX_SCALE_INV, ScaleLayout, code_lut, count_bad_codes, is_fp8_weight_dtype,
+    scales_to_f32,
+};
+use crate::fp8::E4M3_LUT;
+use crate::stats::{ErrorStats, compare};
+
+/// What `verify` found.
+#[derive(Clone, Debug, Serialize)]
+pub struct VerifyReport {
+    /// True when no problem was found.
+    pub ok: bool,
+    /// Per-file result of the manifest check.
+    pub files: Vec<FileCheck>,
+    /// Problems, one line each naming the file and the tensor.
+    pub problems: Vec<String>,
+    /// Findings that do not fail the check (BF16 scales, files the manifest does not list, ...).
+    pub warnings: Vec<String>,
+    /// Error of every FP8 weight against the reference (empty without a reference).
+    pub tensors: Vec<TensorReport>,
+    /// The tensor with the largest relative RMS error.
+    pub worst: Option<TensorReport>,
+}
+
+/// A tensor of a checkpoint: its file and header entry.
+#[derive(Clone, Copy)]
+struct Loc<'a> {
+    file: &'a SafetensorsFile,
+    shard: &'a str,
+    info: &'a TensorInfo,
+}
+
+impl<'a> Loc<'a> {
+    fn data(&self) -> &'a [u8] {
+        self.file.data(self.info)
+    }
+
+    fn release(&self) {
+        self.file.release(self.info);
+    }
+}
+
+/// Every tensor of a checkpoint by name.
+fn locate(ckpt: &Checkpoint) -> HashMap<&str, Loc<'_>> {
+    let mut m = HashMap::new();
+    for s in &ckpt.shards {
+        for t in &s.file.header().tensors {
+            m.insert(t.name.as_str(), Loc { file: &s.file, shard: &s.name, info: t });
+        }
+    }
+    m
+}
+
+/// Findings about one tensor.
+#[derive(Default)]
+struct Outcome {
+    problems: Vec<String>,
+    warnings: Vec<String>,
+    report: Option<TensorReport>,
+}
+
+/// Verifies the checkpoint `dir` (a directory, or one `.safetensors` file, which has no
+/// manifest), against the BF16 checkpoint `reference` when given. Tensors are checked in
+/// parallel; the input pages of each are released once it is checked.
+pub fn verify(dir: &Path, reference: Option<&Path>, progress: &dyn Progress) -> Result<VerifyReport, ConvertError> {
+    let mut problems = Vec::new();
+    let mut warnings = Vec::new();
+    let opened = Checkpoint::open(dir);
+    let manifest = dir.join(MANIFEST_NAME);
+    let has_manifest = dir.is_dir() && manifest.is_file();
+    let hash_bytes: u64 = if has_manifest {
+        read_manifest(dir)
+            .map(|m| m.keys().filter_map(|n| std::fs::metadata(dir.join(n)).ok()).map(|m| m.len()).sum())
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    let (tensor_bytes, tensor_count) = opened.as_ref().map_or((0, 0), |c| {
+        let n = c.shards.iter().map(|s| s.file.header().tensors.len()).sum();
+        (c.total_tensor_bytes(), n)
+    });
+    progress.begin(hash_bytes + tensor_bytes, tensor_count);
+
+    // (a) manifest
+    let mut files = Vec::new();
+    if !dir.is_dir() {
+        warnings.push(format!("{}: a single file has no SHA256SUMS manifest to check", dir.display()));
+    } else if !has_manifest {
+        problems.push(format!("{}: no SHA256SUMS manifest", dir.display()));
+    } else {
+        match check_manifest(dir, |b| progress.tensor_done(MANIFEST_NAME, b)) {
+            Ok(checks) => files = checks,
+            Err(e @ FormatError::BadJson { .. }) => problems.push(e.to_string()),
+            Err(e) => return Err(e.into()),
+        }
+        for f in &files {
+            match f.status {
+                "ok" => {}
+                "mismatch" => {
+                    problems.push(format!("{}: sha256 differs from SHA256SUMS (changed or corrupted)", f.file))
+                }
+                "missing" => problems.push(format!("{}: listed in SHA256SUMS but missing", f.file)),
+                "unlisted" => warnings.push(format!("{}: not listed in SHA256SUMS", f.file)),
+                other => problems.push(format!("{}: manifest status {other}", f.file)),
+            }
+        }
+    }
+
+    let ckpt = match opened {
+        Ok(c) => c,
+        Err(e) if e.is_bad_input() => {
+            problems.push(e.to_string());
+            return Ok(finish(files, problems, warnings, vec![]));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let reference = reference.map(Checkpoint::open).transpose()?;
+
+    // (b) structure, and (c) the comparison with the reference, tensor by tensor.
+    let config_name = ckpt.root.join("config.json").display().to_string();
+    let scheme = Fp8Scheme::from_config(ckpt.config.as_ref()).unwrap_or_else(|reason| {
+        problems.push(format!("{config_name}: {reason}"));
+        Fp8Scheme::from_config(None).unwrap_or(Fp8Scheme {
+            method: None,
+            layout: ScaleLayout::Block([BLOCK, BLOCK]),
+            scale_suffixes: &[SUFFIX_SCALE_INV, SUFFIX_SCALE],
+        })
+    });
+    let here = locate(&ckpt);
+    let there = reference.as_ref().map(locate);
+    let fp8_count = here.values().filter(|l| is_fp8_weight_dtype(l.info.dtype)).count();
+    match (&ckpt.config, ckpt.config.as_ref().and_then(|c| c.get("quantization_config"))) {
+        (None, _) if dir.is_dir() => warnings.push(format!("{}: no config.json", dir.display())),
+        (Some(_), None) if fp8_count > 0 => {
+            problems.push(format!("{config_name}: {fp8_count} FP8 tensors but no quantization_config"))
+        }
+        (Some(_), Some(_)) if fp8_count == 0 => {
+            warnings.push(format!("{config_name}: quantization_config but no FP8 tensors"))
+        }
+        _ => {}
+    }
+
+    // Each FP8 weight claims its scale tensor, which is checked with it.
+    let mut scale_of: HashMap<&str, Loc<'_>> = HashMap::new();
+    for s in &ckpt.shards {
+        for t in s.file.header().tensors.iter().filter(|t| is_fp8_weight_dtype(t.dtype)) {
+            if let Some(l) = scheme.scale_suffixes.iter().find_map(|x| here.get(format!("{}{x}", t.name).as_str())) {
+                scale_of.insert(&t.name, *l);
+            }
+        }
+    }
+    let claimed: HashSet<&str> = scale_of.values().map(|l| l.info.name.as_str()).collect();
+    let tasks: Vec<Loc<'_>> = ckpt
+        .shards
+        .iter()
+        .flat_map(|s| s.file.header().tensors.iter().map(|info| Loc { file: &s.file, shard: &s.name, info }))
+        .filter(|l| !claimed.contains(l.info.name.as_str()))
+        .collect();
+    let ctx = Ctx { here: &here, there: there.as_ref(), scheme: &scheme, scale_of: &scale_of };
+    let outcomes: Vec<Outcome> = tasks
+        .par_iter()
+        .map(|l| {
+            let o = if is_fp8_weight_dtype(l.info.dtype) { ctx.check_fp8(l) } else { ctx.check_plain(l) };
+            let scale_bytes = scale_of.get(l.info.name.as_str()).map_or(0, |s| s.info.nbytes() as u64);
+            progress.tensor_done(&l.info.name, l.info.nbytes() as u64 + scale_bytes);
+            o
+        })
+        .collect();
+    let mut reports = Vec::new();
+    for o in outcomes {
+        problems.extend(o.problems);
+        warnings.extend(o.warnings);
+        reports.extend(o.report);
+    }
+    if let Some(r) = &reference {
+        for s in &r.shards {
+            for t in s.file.header().tensors.iter().filter(|t| !here.contains_key(t.name.as_str())) {
+                problems.push(format!(
+                    "{}: tensor {}: in the reference ({}) but missing from the checkpoint",
+                    dir.display(),
+                    t.name,
+                    s.name
+                ));
+            }
+        }
+    }
+    Ok(finish(files, problems, warnings, reports))
+}
+
+/// Assembles the report.
+fn finish(
+    files: Vec<FileCheck>,
+    problems: Vec<String>,
+    warnings: Vec<String>,
+    tensors: Vec<TensorReport>,
+) -> VerifyReport {
+    let worst = tensors.iter().max_by(|a, b| a.rel_rms.total_cmp(&b.rel_rms)).cloned();
+    VerifyReport { ok: problems.is_empty(), files, problems, warnings, tensors, worst }
+}
+
+/// What the per-tensor checks share.
+struct Ctx<'a, 'r> {
+    here: &'a HashMap<&'a str, Loc<'a>>,
+    there: Option<&'a HashMap<&'r str, Loc<'r>>>,
+    scheme: &'a Fp8Scheme,
+    scale_of: &'a HashMap<&'a str, Loc<'a>>,
+}
+
+impl Ctx<'_, '_> {
+    /// Checks a tensor that is not an FP8 weight: a scale tensor must belong to an FP8 weight, and
+    /// with a reference the bytes must be those of the reference.
+    fn check_plain(&self, l: &Loc<'_>) -> Outcome {
+        let mut o = Outcome::default();
+        let name = &l.info.name;
+        // `<w>_scale_inv` or `<m>.weight_scale` (not `input_scale`, `k_scale`...): a weight scale.
+        let weight = name
+            .strip_suffix(SUFFIX_SCALE_INV)
+            .or_else(|| name.strip_suffix(SUFFIX_SCALE).filter(|w| w.ends_with(".weight")));
+        if let Some(weight) = weight {
+            let why = match self.here.get(weight) {
+                Some(w) if is_fp8_weight_dtype(w.info.dtype) => format!(
+                    "is not the scale name {} expects for {weight} (it wants {})",
+                    self.scheme.method.as_deref().unwrap_or("this checkpoint"),
+                    self.scheme.scale_suffixes.iter().map(|s| format!("{weight}{s}")).collect::<Vec<_>>().join(" or ")
+                ),
+                Some(w) => format!("scale tensor of {weight}, which is {} and not FP8", dtype_name(w.info.dtype)),
+                None => format!("scale tensor of {weight}, which does not exist"),
+            };
+            o.problems.push(format!("{}: tensor {name}: {why}", l.shard));
+        }
+        if let Some(there) = self.there {
+            match there.get(name.as_str()) {
+                None => o.problems.push(format!("{}: tensor {name}: not in the reference", l.shard)),
+                Some(r) if (r.info.dtype, &r.info.shape) != (l.info.dtype, &l.info.shape) => {
+                    o.problems.push(format!(
+                        "{}: tensor {name}: {} {:?} here but {} {:?} in the reference ({})",
+                        l.shard,
+                        dtype_name(l.info.dtype),
+                        l.info.shape,
+                        dtype_name(r.info.dtype),
+                        r.info.shape,
+                        r.shard
+                    ));
+                }
+                Some(r) => {
+                    let (a, b) = (l.data(), r.data());
+                    if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
+                        o.problems.push(format!(
+                            "{}: tensor {name}: differs from the reference ({}) from byte {i} on",
+                            l.shard, r.shard
+                        ));
+                    }
+                    r.release();
+                }
+            }
+        }
+        l.release();
+        o
+    }
+
+    /// Checks an FP8 weight: no NaN codes; a scale tensor of the right name, dtype and shape,
+    /// every scale finite and positive; with a reference, its dequantization error.
+    fn check_fp8(&self, l: &Loc<'_>) -> Outcome {
+        let mut o = self.check_fp8_inner(l);
+        if self.there.is_some_and(|t| !t.contains_key(l.info.name.as_str())) {
+            o.problems.push(format!("{}: tensor {}: not in the reference", l.shard, l.info.name));
+        }
+        l.release();
+        o
+    }
+
+    fn check_fp8_inner(&self, l: &Loc<'_>) -> Outcome {
+        let mut o = Outcome::default();
+        let (name, shard) = (&l.info.name, l.shard);
+        let Some(lut) = code_lut(l.info.dtype) else {
+            o.problems.push(format!(
+                "{shard}: tensor {name}: dtype {} is not supported (F8_E4M3 and F8_E5M2 are)",
+                dtype_name(l.info.dtype)
+            ));
+            return o;
+        };
+        let codes = l.data();
+        let (bad, first) = count_bad_codes(codes, lut);
+        if bad > 0 {
+            let what = if std::ptr::eq(lut, &E4M3_LUT) { "NaN codes (0x7F/0xFF)" } else { "NaN or infinite codes" };
+            o.problems.push(format!("{shard}: tensor {name}: {bad} {what}, first at element {}", first.unwrap_or(0)));
+        }
+        let Some(s) = self.scale_of.get(name.as_str()) else {
+            let wanted: Vec<String> = self.scheme.scale_suffixes.iter().map(|x| format!("{name}{x}")).collect();
+            o.problems
+                .push(format!("{shard}: tensor {name}: FP8 weight without its scale tensor {}", wanted.join(" or ")));
+            return o;
+        };
+        let sname = &s.info.name;
+        match s.info.dtype {
+            Dtype::F32 => {}
+            Dtype::BF16 | Dtype::F16 | Dtype::F8_E8M0 => o.warnings.push(format!(
+                "{}: tensor {sname}: {} scales (F32 expected; loaders widen them)",
+                s.shard,
+                dtype_name(s.info.dtype)
+            )),
+            d => {
+                o.problems.push(format!("{}: tensor {sname}: scale dtype {} is not F32", s.shard, dtype_name(d)));
+                return o;
+            }
+        }
+        let layout = self.scheme.layout;
+        let Some(geom) = layout.fit(&l.info.shape, &s.info.shape) else {
+            o.problems.push(format!(
+                "{}: tensor {sname}: shape {:?}, expected {:?} for weight {name} {:?} with {}",
+                s.shard,
+                s.info.shape,
+                layout.expected_shape(&l.info.shape),
+                l.info.shape,
+                layout.describe()
+            ));
+            return o;
+        };
+        let scales = scales_to_f32(s.info.dtype, s.data()).unwrap_or_default();
+        s.release();
+        let bad_scales: Vec<(usize, f32)> =
+            scales.iter().copied().enumerate().filter(|(_, v)| !(v.is_finite() && *v > 0.0)).collect();
+        if let Some((i, v)) = bad_scales.first() {
+            o.problems.push(format!(
+                "{}: tensor {sname}: {} scales are not finite and > 0, first at element {i}: {v}",
+                s.shard,
+                bad_scales.len()
+            ));
+        }
+        let Some(there) = self.there else { return o };
+        if !o.problems.is_empty() {
+            return o;
+        }
+        let Some(r) = there.get(name.as_str()) else { return o };
+        let float = matches!(r.info.dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32);
+        if !float || r.info.shape != l.info.shape {
+            o.problems.push(format!(
+                "{shard}: tensor {name}: reference ({}) is {} {:?}, expected a BF16/F16/F32 tensor of shape {:?}",
+                r.shard,
+                dtype_name(r.info.dtype),
+                r.info.shape,
+                l.info.shape
+            ));
+            return o;
+        }
+        let stats = compare_with_reference(&Fp8Weight { codes, lut, scales: &scales, geom }, r.data(), r.info.dtype);
+        r.release();
+        let rows = geom.batch * geom.rows;
+        o.report = Some(TensorReport::new(name, [rows, geom.cols], &stats));
+        o
+    }
+}
+
+/// Widens `bytes` of a BF16, F16 or F32 tensor into `out`.
+fn widen_into(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        Dtype::BF16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        Dtype::F16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        _ => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+    }
+}
+
+/// Error statistics of the dequantized weight against the reference, computed stripe by stripe
+/// in parallel (memory: two f32 stripes per thread, never the whole tensor). 128×128 E4M3 blocks
+/// go through `block.rs`'s dequantizer one 128-row stripe at a time; other layouts through the
+/// general decoder.
+fn compare_with_reference(w: &Fp8Weight<'_>, reference: &[u8], ref_dtype: Dtype) -> ErrorStats {
+    let g = &w.geom;
+    let (rows, cols) = (g.batch * g.rows, g.cols);
+    if rows == 0 || cols == 0 {
+        return ErrorStats::default();
+    }
+    let standard = w.is_standard();
+    let stripe = if standard { BLOCK } else { (1usize << 16).div_ceil(cols).max(1) };
+    let elem = if ref_dtype == Dtype::F32 { 4 } else { 2 };
+    let gc = g.grid_cols();
+    (0..rows.div_ceil(stripe))
+        .into_par_iter()
+        .map(|si| {
+            let r0 = si * stripe;
+            let n = stripe.min(rows - r0);
+            let mut approx = vec![0f32; n * cols];
+            // A 128-row stripe of a standard weight is one row of the scale grid.
+            let done = standard && {
+                let (codes, scales) = (&w.codes[r0 * cols..(r0 + n) * cols], &w.scales[si * gc..(si + 1) * gc]);
+                dequantize_weight_into(codes, scales, n, cols, &mut approx).is_ok()
+            };
+            if !done {
+                w.decode_rows(r0, &mut approx, 1, |v, d: &mut [f32]| d[0] = v);
+            }
+            let mut exact = vec![0f32; n * cols];
+            widen_into(ref_dtype, &reference[r0 * cols * elem..(r0 + n) * cols * elem], &mut exact);
+            compare(&exact, &approx)
+        })
+        .reduce(ErrorStats::default, |mut a, b| {
+            a.merge(&b);
+            a
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::NoProgress;
+    use crate::dequant::fixture::*;
+
+    /// A fresh BF16 model and its default conversion, in a tempdir.
+    fn converted() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (input, out) = (d.path().join("in"), d.path().join("out"));
+        bf16_model(&input);
+        convert_default(&input, &out);
+        (d, input, out)
+    }
+
+    const SHARD2: &str = "model-00002-of-00002.safetensors";
+    const EXPERT0: &str = "model.layers.1.mlp.experts.0.gate_proj.weight";
+
+    fn problems_mention(r: &VerifyReport, words: &[&str]) -> bool {
+        r.problems.iter().any(|p| words.iter().all(|w| p.contains(w)))
+    }
+
+    #[test]
+    fn verify_passes_on_a_fresh_conversion() {
+        let (_d, _input, out) = converted();
+        let r = verify(&out, None, &NoProgress).expect("verify");
+        assert!(r.ok, "{:?}", r.problems);
+        assert!(r.files.iter().all(|f| f.status == "ok") && r.files.len() >= 5, "{:?}", r.files);
+        assert!(r.tensors.is_empty() && r.worst.is_none());
+    }
+
+    #[test]
+    fn verify_fails_naming_the_file_when_one_byte_of_a_weight_file_is_flipped() {
+        let (_d, _input, out) = converted();
+        let p = out.join(SHARD2);
+        let mut bytes = std::fs::read(&p).expect("read");
+        let i = bytes.len() - 100;
+        bytes[i] ^= 0x01;
+        std::fs::write(&p, &bytes).expect("write");
+        let r = verify(&out, None, &NoProgress).expect("verify");
+        assert!(!r.ok);
+        assert!(problems_mention(&r, &[SHARD2, "sha256"]), "{:?}", r.problems);
+        assert_eq!(r.files.iter().find(|f| f.file == SHARD2).map(|f| f.status), Some("mismatch"));
+    }
+
+    #[test]
+    fn verify_fails_naming_the_tensor_when_a_scale_has_the_wrong_shape() {
+        let (_d, _input, out) = converted();
+        // [256, 256] weight: grid [2, 2]; stored as [4, 1] (same bytes, wrong shape).
+        rewrite(&out.join(SHARD2), |t| {
+            if t.0 == format!("{EXPERT0}_scale_inv") {
+                t.2 = vec![4, 1];
+            }
+        });
+        refresh_manifest(&out);
+        let r = verify(&out, None, &NoProgress).expect("verify");
+        assert!(!r.ok);
+        assert!(
+            problems_mention(&r, &[SHARD2, &format!("{EXPERT0}_scale_inv"), "[4, 1]", "[2, 2]"]),
+            "{:?}",
+            r.problems
+        );
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+    }
+
+    #[test]
+    fn verify_fails_naming_file_and_tensor_when_an_fp8_code_is_nan() {
+        let (_d, _input, out) = converted();
+        rewrite(&out.join(SHARD2), |t| {
+            if t.0 == EXPERT0 {
+                t.3[77] = 0x7F;
+                t.3[99] = 0xFF;
+            }
+        });
+        refresh_manifest(&out);
+        let r = verify(&out, None, &NoProgress).expect("verify");
+        assert!(!r.ok);
+        assert!(problems_mention(&r, &[SHARD2, EXPERT0, "2 NaN codes", "element 77"]), "{:?}", r.problems);
+    }
+
+    #[test]
+    fn verify_fails_when_a_scale_is_zero_or_the_scale_tensor_is_missing() {
+        let (_d, _input, out) = converted();
+        let down = "model.layers.0.mlp.down_proj.weight";
+        rewrite(&out.join("model-00001-of-00002.safetensors"), |t| {
+            if t.0 == format!("{down}_scale_inv") {
+                t.3[4..8].copy_from_slice(&0f32.to_le_bytes());
+            }
+            if t.0 == "model.layers.0.self_attn.q_proj.weight_scale_inv" {
+                t.0 = "model.layers.0.self_attn.q_proj.weight_scale".into();
+            }
+        });
+        let index_path = out.join(fp8forge_formats::checkpoint::INDEX_NAME);
+        let mut index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&index_path).expect("index")).expect("json");
+        let map = index["weight_map"].as_object_mut().expect("map");
+        let file = map.shift_remove("model.layers.0.self_attn.q_proj.weight_scale_inv").expect("listed");
+        map.insert("model.layers.0.self_attn.q_proj.weight_scale".into(), file);
+        std::fs::write(&index_path, index.to_string()).expect("write index");
+        refresh_manifest(&out);
+        let r = verify(&out, None, &NoProgress).expect("verify");
+        assert!(
+            problems_mention(&r, &[&format!("{down}_scale_inv"), "not finite and > 0", "element 1"]),
+            "{:?}",
+            r.problems
+        );
+        assert!(problems_mention(&r, &["q_proj.weight", "without its scale tensor"]), "{:?}", r.problems);
+        assert!(problems_mention(&r, &["q_proj.weight_scale", "is not the scale name"]), "{:?}", r.problems);
+        assert_eq!(r.problems.len(), 3, "{:#?}", r.problems);
+    }
+
+    #[test]
+    fn verify_reports_a_missing_manifest_as_a_problem_not_an_error() {
+        let (_d, _input, out) = converted();
+        std::fs::remove_file(out.join(MANIFEST_NAME)).expect("rm");
+        let r = verify(&out, None, &NoProgress).expect("verify runs");
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        assert!(r.problems[0].contains("no SHA256SUMS manifest"));
+    }
+
+    #[test]
+    fn verify_with_reference_gives_rel_rms_below_5_percent_on_gaussian_weights() {
+        let (_d, input, out) = converted();
+        let r = verify(&out, Some(&input), &NoProgress).expect("verify");
+        assert!(r.ok, "{:?}", r.problems);
+        assert_eq!(r.tensors.len(), 5);
+        for t in &r.tensors {
+            assert!(t.rel_rms < 0.05 && t.rel_rms > 0.0, "{}: rel_rms {}", t.name, t.rel_rms);
+            assert!(t.snr_db.is_some_and(|s| s > 26.0), "{}: snr {:?}", t.name, t.snr_db);
+        }
+        let worst = r.worst.as_ref().expect("worst");
+        assert!(r.tensors.iter().all(|t| t.rel_rms <= worst.rel_rms));
+        // Same numbers as the converter measured while quantizing.
+        let d2 = tempfile::tempdir().expect("tempdir");
+        let rep = crate::convert::convert(
+            &input,
+            &d2.path().join("o"),
+            &Default::default(),
+            &Default::default(),
+            &NoProgress,
+        )
+        .expect("convert");
+        for t in &rep.tensors {
+            let v = r.tensors.iter().find(|x| x.name == t.name).expect("reported");
+            // Equal up to the order of the f64 sums.
+            assert!((v.rel_rms - t.rel_rms).abs() <= 1e-6 * t.rel_rms, "{}: {} vs {}", t.name, v.rel_rms, t.rel_rms);
+        }
+    }
+
+    #[test]
+    fn verify_with_reference_names_pass_through_tensors_that_differ_or_are_missing() {
+        let (_d, input, out) = converted();
+        rewrite(&input.join(SHARD2), |t| {
+            if t.0 == "model.norm.weight" {
+                t.3[10] ^= 0x40;
+            }
+            if t.0 == "lm_head.weight" {
+                t.0 = "lm_head2.weight".into();
+            }
+        });
+        std::fs::remove_file(input.join(fp8forge_formats::checkpoint::INDEX_NAME)).expect("rm index");
+        let r = verify(&out, Some(&input), &NoProgress).expect("verify");
+        assert!(!r.ok);
+        assert!(
+            problems_mention(&r, &[SHARD2, "model.norm.weight", "differs from the reference", "byte 10"]),
+            "{:?}",
+            r.problems
+        );
+        assert!(problems_mention(&r, &["lm_head.weight", "not in the reference"]), "{:?}", r.problems);
+        assert!(problems_mention(&r, &["lm_head2.weight", "missing from the checkpoint"]), "{:?}", r.problems);
+        assert_eq!(r.problems.len(), 3, "{:?}", r.problems);
+    }
+
+    #[test]
+    fn verify_with_reference_measures_non_standard_blocks_through_the_general_decoder() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (reference, q) = (d.path().join("ref"), d.path().join("q"));
+        let mut rng = Rng::new(5);
+        let (n, k) = (100, 70);
+        let x = bf16_gaussian(&mut rng, n * k, 0.02);
+        let xf = bf16_to_f32(&x);
+        // Quantize by hand with 64×32 blocks, BF16 scales.
+        let mut scales = [0f32; 2 * 3];
+        for (bi, s) in scales.iter_mut().enumerate() {
+            let (br, bc) = (bi / 3, bi % 3);
+            let mut amax = 0f32;
+            for r in br * 64..(br * 64 + 64).min(n) {
+                for c in bc * 32..(bc * 32 + 32).min(k) {
+                    amax = amax.max(xf[r * k + c].abs());
+                }
+            }
+            *s = half::bf16::from_f32(amax / 448.0).to_f32();
+        }
+        let codes: Vec<u8> =
+            (0..n * k).map(|i| crate::fp8::f32_to_e4m3(xf[i] / scales[(i / k / 64) * 3 + (i % k) / 32])).collect();
+        write_checkpoint(&reference, &[vec![("w.weight".into(), Dtype::BF16, vec![n, k], x)]], &serde_json::json!({}));
+        let qc = serde_json::json!({"quant_method": "fp8", "weight_block_size": [64, 32]});
+        let sb: Vec<u8> = scales.iter().flat_map(|s| half::bf16::from_f32(*s).to_le_bytes()).collect();
+        write_checkpoint(
+            &q,
+            &[vec![
+                ("w.weight".into(), Dtype::F8_E4M3, vec![n, k], codes),
+                ("w.weight_scale_inv".into(), Dtype::BF16, vec![2, 3], sb),
+            ]],
+            &serde_json::json!({"quantization_config": qc}),
+        );
+        let r = verify(&q, Some(&reference), &NoProgress).expect("verify");
+        assert_eq!(r.problems, vec![format!("{}: no SHA256SUMS manifest", q.display())]);
+        assert!(r.warnings.iter().any(|w| w.contains("BF16 scales")), "{:?}", r.warnings);
+        let t = &r.tensors[0];
+        assert!(t.rel_rms > 0.0 && t.rel_rms < 0.05, "rel_rms {}", t.rel_rms);
+    }
+}
