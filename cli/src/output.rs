@@ -92,21 +92,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     if v < 1.0 { Err(format!("size {s:?} must be at least one byte")) } else { Ok(v as u64) }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse_in_decimal_and_binary_units() {
-        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert_eq!(parse_size("1000"), Ok(1000));
-        assert_eq!(parse_size("1.5MB"), Ok(1_500_000));
-        assert!(parse_size("5XB").is_err());
-        assert!(parse_size("0").is_err());
-    }
-}
-
 /// The plan of `convert --dry-run`, for people.
 pub fn render_plan(plan: &fp8forge_quant::plan::Plan) -> String {
     use fp8forge_quant::plan::Action;
@@ -195,4 +180,19 @@ pub fn render_verify(r: &fp8forge_quant::verify::VerifyReport) -> String {
     }
     out += if r.ok { "OK\n" } else { "FAILED\n" };
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_decimal_and_binary_units() {
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("1.5MB"), Ok(1_500_000));
+        assert!(parse_size("5XB").is_err());
+        assert!(parse_size("0").is_err());
+    }
 }

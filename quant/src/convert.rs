@@ -229,6 +229,9 @@ fn prepare_output(out: &Path, plan: &Plan, digest: &str, run: &RunOptions) -> Re
                     "already holds a finished checkpoint (SHA256SUMS present); use --force to overwrite it".into(),
                 ));
             }
+            // A sibling job of a sharded run has created the state directory but not yet
+            // recorded the plan: the digest is checked again under the lock below.
+            None if run.shard.is_some() && only_state_dir(out)? => {}
             None => return Err(err("exists and is not empty; use --force to overwrite".into())),
         }
     }
@@ -256,6 +259,12 @@ fn prepare_output(out: &Path, plan: &Plan, digest: &str, run: &RunOptions) -> Re
         remove_partials(&state.join("files"))?;
     }
     Ok(locks)
+}
+
+/// True when the only entry of `out` is the state directory.
+fn only_state_dir(out: &Path) -> Result<bool, ConvertError> {
+    let mut entries = std::fs::read_dir(out).map_err(FormatError::io(out, "read_dir"))?;
+    Ok(entries.all(|e| e.is_ok_and(|e| e.file_name() == STATE_DIR)))
 }
 
 /// Removes what a conversion writes (and stale temporary files) from OUT; leaves other files.
