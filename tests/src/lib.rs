@@ -208,7 +208,7 @@ pub fn tensor_bytes(spec: &Spec, rng: &mut Rng) -> Vec<u8> {
     if name.contains("norm") {
         vals.iter_mut().for_each(|v| *v += 1.0);
     }
-    if shape.len() == 2 && shape[0] > 128 && shape[1] > 128 && name.ends_with("proj.weight") {
+    if shape.len() == 2 && shape[0] > 130 && shape[1] > 128 && name.ends_with("proj.weight") {
         let cols = shape[1];
         for r in 0..128 {
             for c in 0..128 {
@@ -224,6 +224,8 @@ pub fn tensor_bytes(spec: &Spec, rng: &mut Rng) -> Vec<u8> {
         vals[130 * cols + 3] = 40.0;
     }
     match dtype {
+        Dtype::I64 => (0..numel as i64).flat_map(i64::to_le_bytes).collect(),
+        Dtype::U8 => (0..numel).map(|i| i as u8).collect(),
         Dtype::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
         Dtype::F16 => vals.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
         _ => vals.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use fp8forge_formats::{Checkpoint, Dtype};
-use fp8forge_tests::{Arch, dir_files, fp8forge_p, stderr, write_model};
+use fp8forge_tests::{Arch, dir_files, fp8forge_p, stderr, write_checkpoint, write_model};
 
 /// Value of an E4M3FN code from the format definition (bias 7, subnormals at exponent 0).
 fn e4m3_value(b: u8) -> f32 {
@@ -185,4 +185,22 @@ fn dequant_restores_bf16_close_to_the_original() {
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(back.join("config.json")).expect("config")).expect("json");
     assert!(config.get("quantization_config").is_none());
+}
+
+#[test]
+fn f16_and_f32_weights_convert_and_non_float_tensors_pass_through_unchanged() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let (input, out) = (d.path().join("in"), d.path().join("out"));
+    let specs = vec![
+        ("model.layers.0.mlp.up_proj.weight".to_string(), Dtype::F16, vec![200, 130]),
+        ("model.layers.0.mlp.down_proj.weight".to_string(), Dtype::F32, vec![130, 200]),
+        ("model.layers.0.self_attn.o_proj.weight".to_string(), Dtype::BF16, vec![1, 1]),
+        ("model.position_ids".to_string(), Dtype::I64, vec![16]),
+        ("model.layers.0.mask".to_string(), Dtype::U8, vec![3, 5]),
+    ];
+    write_checkpoint(&input, &specs, &serde_json::json!({"model_type": "mixtral"}), 1, 3);
+    let o = fp8forge_p(&["convert".as_ref(), input.as_os_str(), out.as_os_str(), "--quiet".as_ref()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (q, c) = check_against_input(&input, &out, "_scale_inv", false);
+    assert_eq!((q, c), (3, 2), "quantized / copied");
 }
