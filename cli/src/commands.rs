@@ -8,9 +8,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use fp8forge_quant::block::ScaleFormat;
 use fp8forge_quant::convert::{self, ConvertError, ConvertReport, RunOptions};
 use fp8forge_quant::plan::{ConvertOptions, OutputFormat};
+use fp8forge_runtime::RuntimeError;
+use fp8forge_runtime::eval::{ActQuant, EvalOptions, Input, evaluate};
 use serde::Serialize;
 
-use crate::output::{Bar, human_bytes, parse_size, print_json};
+use crate::output::{Bar, StepBar, human_bytes, parse_size, print_json};
 
 /// Block-scaled FP8 for Mixture-of-Experts checkpoints on Hopper GPUs.
 #[derive(Parser, Debug)]
@@ -62,6 +64,51 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Evaluate a model on text: perplexity, and against a baseline KL divergence, top-1 and routing agreement.
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct EvalArgs {
+    /// Model directory (BF16, F16, F32 or FP8).
+    model: PathBuf,
+    /// Text file, tokenized with the model's tokenizer.json.
+    #[arg(long, conflicts_with = "tokens", required_unless_present = "tokens")]
+    text: Option<PathBuf>,
+    /// File of whitespace-separated token ids.
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// Window length in tokens (default: 512, or less when the model's max_position_embeddings is smaller).
+    #[arg(long)]
+    ctx: Option<usize>,
+    /// Baseline model (usually the BF16 original) to compare with.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// Quantize the inputs of FP8 layers per token in 1×128 groups (default: what the checkpoint says).
+    #[arg(long, value_enum, default_value = "auto")]
+    act_quant: ActQuantArg,
+    /// Memory for resident weights (f32); a larger model is streamed one layer at a time (default: half the available memory).
+    #[arg(long, value_parser = parse_size)]
+    max_memory: Option<u64>,
+    /// Always stream layers, whatever the memory.
+    #[arg(long)]
+    stream: bool,
+    /// Write the HTML report here.
+    #[arg(long, value_name = "FILE.html")]
+    report: Option<PathBuf>,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar and no summary.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ActQuantArg {
+    Auto,
+    None,
+    Fp8,
 }
 
 #[derive(clap::Args, Debug)]
@@ -135,6 +182,12 @@ pub struct Failure {
     pub code: u8,
 }
 
+impl From<RuntimeError> for Failure {
+    fn from(e: RuntimeError) -> Self {
+        Failure { code: if e.is_bad_input() { 2 } else { 1 }, message: e.to_string() }
+    }
+}
+
 impl From<ConvertError> for Failure {
     fn from(e: ConvertError) -> Self {
         Failure { code: if e.is_bad_input() { 2 } else { 1 }, message: e.to_string() }
@@ -178,7 +231,50 @@ pub fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             Ok(if r.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
+        Command::Eval(a) => run_eval(a),
     }
+}
+
+fn run_eval(a: EvalArgs) -> Result<ExitCode, Failure> {
+    let input = match (a.text, a.tokens) {
+        (Some(t), _) => Input::Text(t),
+        (None, Some(t)) => Input::Tokens(t),
+        (None, None) => return Err(Failure { message: "give --text FILE or --tokens FILE".into(), code: 2 }),
+    };
+    let opts = EvalOptions {
+        ctx: a.ctx,
+        act_quant: match a.act_quant {
+            ActQuantArg::Auto => ActQuant::Auto,
+            ActQuantArg::None => ActQuant::None,
+            ActQuantArg::Fp8 => ActQuant::Fp8,
+        },
+        max_memory: a.max_memory,
+        stream: a.stream.then_some(true),
+    };
+    let bar = StepBar::new(a.quiet || a.json, "eval");
+    let r = evaluate(&a.model, a.baseline.as_deref(), &input, &opts, &bar);
+    bar.finish();
+    let r = r?;
+    if let Some(path) = &a.report {
+        write_report(path, &r)?;
+    }
+    if a.json {
+        print_json(&r);
+    } else if !a.quiet {
+        print!("{}", crate::output::render_eval(&r));
+        if let Some(path) = &a.report {
+            println!("report: {}", path.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the HTML report atomically.
+fn write_report(path: &std::path::Path, r: &fp8forge_runtime::metrics::EvalResult) -> Result<(), Failure> {
+    let html = fp8forge_runtime::report::render_html(r);
+    fp8forge_formats::atomic::write_atomic(path, html.as_bytes())
+        .map(|_| ())
+        .map_err(|e| Failure { code: 1, message: e.to_string() })
 }
 
 #[derive(Serialize)]

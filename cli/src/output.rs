@@ -50,6 +50,80 @@ impl Progress for Bar {
     }
 }
 
+/// A progress bar over evaluation steps (one layer over one window) on stderr.
+pub struct StepBar {
+    bar: ProgressBar,
+}
+
+impl StepBar {
+    /// A bar, visible unless `hidden`.
+    pub fn new(hidden: bool, verb: &str) -> Self {
+        let bar = ProgressBar::with_draw_target(
+            None,
+            if hidden { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() },
+        );
+        let style =
+            ProgressStyle::with_template(&format!("{verb} {{bar:30}} {{pos}}/{{len}} layer×window ETA {{eta}}"))
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
+        bar.set_style(style);
+        StepBar { bar }
+    }
+
+    /// Removes the bar.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+impl fp8forge_runtime::eval::EvalProgress for StepBar {
+    fn begin(&self, steps: u64) {
+        self.bar.set_length(steps);
+    }
+
+    fn advance(&self, steps: u64) {
+        self.bar.inc(steps);
+    }
+}
+
+/// The human summary of an evaluation.
+pub fn render_eval(r: &fp8forge_runtime::metrics::EvalResult) -> String {
+    let mut out = format!(
+        "{} ({}, {}; act-quant {}): perplexity {:.4} ± {:.4} over {} tokens ({} windows of {}){}\n",
+        r.model,
+        r.model_type,
+        r.weights,
+        r.act_quant,
+        r.perplexity,
+        r.perplexity_stderr,
+        r.tokens_scored,
+        r.windows,
+        r.ctx,
+        if r.streamed { ", layers streamed" } else { "" }
+    );
+    if let Some(b) = &r.baseline {
+        let delta = 100.0 * (r.perplexity / b.baseline_perplexity - 1.0);
+        out += &format!(
+            "baseline {}: perplexity {:.4} ± {:.4} ({delta:+.3}%)\n\
+             KL divergence mean {:.3e}, p99 {:.3e}, max {:.3e}; top-1 agreement {:.4}; routing agreement {:.4}\n",
+            b.baseline_model,
+            b.baseline_perplexity,
+            b.baseline_perplexity_stderr,
+            b.kld_mean,
+            b.kld_p99,
+            b.kld_max,
+            b.top1_agreement,
+            b.routing_agreement
+        );
+        for l in &r.layers {
+            let ra = l.routing_agreement.map(|x| format!(", routing agreement {x:.4}")).unwrap_or_default();
+            let he = l.hidden_rel_err.map(|x| format!("hidden rel. error {x:.3e}")).unwrap_or_default();
+            out += &format!("  layer {:>3}: {he}{ra}\n", l.layer);
+        }
+    }
+    out += &format!("{:.1} s, {:.0} tokens/s\n", r.seconds, r.tokens_per_second);
+    out
+}
+
 /// Prints one JSON object on stdout.
 pub fn print_json<T: Serialize>(v: &T) {
     match serde_json::to_string_pretty(v) {

@@ -69,6 +69,17 @@ impl SafetensorsFile {
     }
 }
 
+impl SafetensorsFile {
+    /// Drops every resident page of the file from this process's memory (the kernel maps pages
+    /// around each fault, so releasing tensor by tensor can leave neighbours resident).
+    pub fn release_all(&self) {
+        if !self.map.is_empty() {
+            // SAFETY: as in `release`: a read-only file mapping, refaulted with the same content.
+            let _ = unsafe { self.map.unchecked_advise_range(UncheckedAdvice::DontNeed, 0, self.map.len()) };
+        }
+    }
+}
+
 fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

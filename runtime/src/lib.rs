@@ -1,1 +1,17 @@
-//! Minimal MoE runtime for validating converted checkpoints (issue 3; not yet implemented).
+//! Minimal MoE runtime for validating converted checkpoints: DeepSeek-V3 (MLA, group-limited
+//! sigmoid routing), Mixtral and Qwen3-MoE on the CPU, f32 arithmetic, weights read from BF16,
+//! F16, F32 or block-scaled FP8 checkpoints. Evaluation streams the model one decoder layer at a
+//! time over all tokens, so a model larger than RAM still evaluates, and compares a model with its
+//! baseline: perplexity, KL divergence, top-1 and expert-routing agreement.
+
+pub mod config;
+pub mod error;
+pub mod eval;
+pub mod metrics;
+pub mod model;
+pub mod ops;
+pub mod report;
+pub mod tokens;
+pub mod weights;
+
+pub use error::{Result, RuntimeError};

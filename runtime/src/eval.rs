@@ -1,0 +1,551 @@
+//! `fp8forge eval`: perplexity of a model on a token stream and, with a baseline, the KL
+//! divergence, top-1 and routing agreement and per-layer error against it.
+//!
+//! Two executors compute the same numbers: unstreamed (every layer resident, each window runs
+//! through the whole model) and streamed (one layer resident at a time, all windows go through it
+//! before the next is loaded). Both run the same per-window layer code and feed the accumulators
+//! in the same order, so their results are identical, bit for bit.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use fp8forge_quant::block::ScaleFormat;
+use fp8forge_quant::stats::compare;
+
+use crate::error::{Result, RuntimeError};
+use crate::metrics::{Comparison, EvalResult, Histogram, LayerStats, TensorError};
+use crate::model::{Layer, Model, Routing};
+use crate::ops::log_sum_exp;
+use crate::tokens::{read_token_file, tokenize_file, windows};
+use crate::weights::ActScheme;
+
+/// Window length used when none is given (capped by the model's `max_position_embeddings`).
+pub const DEFAULT_CTX: usize = 512;
+
+/// Activation quantization during evaluation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActQuant {
+    /// What the checkpoint's `quantization_config` asks for: dynamic 1×128 FP8 for FP8 checkpoints.
+    Auto,
+    /// Weight-only numerics: activations stay f32.
+    None,
+    /// Quantize the input of every FP8 linear layer per token in 1×128 groups.
+    Fp8,
+}
+
+/// Where the tokens come from.
+#[derive(Clone, Debug)]
+pub enum Input {
+    /// Whitespace-separated token ids in a file.
+    Tokens(PathBuf),
+    /// Text in a file, tokenized with the model's `tokenizer.json`.
+    Text(PathBuf),
+    /// Token ids already in memory.
+    Ids(Vec<u32>),
+}
+
+/// How to evaluate.
+#[derive(Clone, Debug)]
+pub struct EvalOptions {
+    /// Window length (`None`: [`DEFAULT_CTX`] capped by the model).
+    pub ctx: Option<usize>,
+    /// Activation quantization.
+    pub act_quant: ActQuant,
+    /// Memory for resident weights in bytes (`None`: half of the available memory); a model
+    /// whose f32 weights exceed it is streamed layer by layer.
+    pub max_memory: Option<u64>,
+    /// Force streaming on or off (`None`: decided by `max_memory`).
+    pub stream: Option<bool>,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions { ctx: None, act_quant: ActQuant::Auto, max_memory: None, stream: None }
+    }
+}
+
+/// Progress of an evaluation, in steps of one layer over one window.
+pub trait EvalProgress: Sync {
+    /// Work is starting: this many steps.
+    fn begin(&self, _steps: u64) {}
+    /// Steps are done.
+    fn advance(&self, _steps: u64) {}
+}
+
+/// An [`EvalProgress`] that ignores everything.
+pub struct NoProgress;
+impl EvalProgress for NoProgress {}
+
+/// One model under evaluation and its activation quantization.
+struct Side {
+    model: Model,
+    act: Option<ScaleFormat>,
+}
+
+/// Opens a model and resolves its activation quantization.
+fn open_side(path: &Path, ctx: usize, aq: ActQuant) -> Result<Side> {
+    let model = Model::open(path, ctx)?;
+    let act = match (aq, model.weights.act_scheme) {
+        (ActQuant::None, _) | (_, ActScheme::None) => None,
+        (_, ActScheme::Dynamic(fmt)) => Some(fmt),
+        (ActQuant::Auto, ActScheme::Static) | (ActQuant::Fp8, ActScheme::Static) => {
+            return Err(RuntimeError::Unsupported {
+                file: model.cfg.file.clone(),
+                what: "static activation scales (activation_scheme static); evaluate with --act-quant none".into(),
+            });
+        }
+    };
+    Ok(Side { model, act })
+}
+
+/// Evaluates `model` on `input`, against `baseline` when given.
+pub fn evaluate(
+    model: &Path,
+    baseline: Option<&Path>,
+    input: &Input,
+    opts: &EvalOptions,
+    progress: &dyn EvalProgress,
+) -> Result<EvalResult> {
+    let start = Instant::now();
+    // Read the config first for the default window length.
+    let probe = crate::config::ModelConfig::load(&model_dir(model).join("config.json"))?;
+    let ctx = opts.ctx.unwrap_or(DEFAULT_CTX.min(probe.max_position_embeddings)).max(2);
+    let m = open_side(model, ctx, opts.act_quant)?;
+    let b = baseline.map(|p| open_side(p, ctx, opts.act_quant)).transpose()?;
+    if let Some(b) = &b {
+        check_comparable(&m.model, &b.model)?;
+    }
+    let tokens = match input {
+        Input::Tokens(f) => read_token_file(f)?,
+        Input::Text(f) => tokenize_file(f, &model_dir(model).join("tokenizer.json"))?,
+        Input::Ids(v) => v.clone(),
+    };
+    let input_file = match input {
+        Input::Tokens(f) | Input::Text(f) => f.clone(),
+        Input::Ids(_) => PathBuf::from("<tokens>"),
+    };
+    if let Some(i) = tokens.iter().position(|&t| t as usize >= m.model.cfg.vocab) {
+        return Err(RuntimeError::Input {
+            file: input_file,
+            reason: format!("token {i} has id {} outside the vocabulary of {}", tokens[i], m.model.cfg.vocab),
+        });
+    }
+    let wins = windows(&tokens, ctx);
+    if wins.is_empty() {
+        return Err(RuntimeError::Input { file: input_file, reason: "fewer than 2 tokens: nothing to score".into() });
+    }
+
+    let n_layers = m.model.cfg.num_layers();
+    let resident: u64 =
+        (0..n_layers).map(|i| m.model.layer_f32_bytes(i) + b.as_ref().map_or(0, |b| b.model.layer_f32_bytes(i))).sum();
+    let budget = opts.max_memory.unwrap_or_else(|| available_memory() / 2);
+    let streamed = opts.stream.unwrap_or(resident > budget);
+    let sides = 1 + usize::from(b.is_some());
+    progress.begin((n_layers * sides * wins.len() + wins.len()) as u64);
+
+    let mut acc = Accumulators::new(&m.model, b.is_some());
+    if streamed {
+        run_streamed(&m, b.as_ref(), &wins, &mut acc, progress)?;
+    } else {
+        run_resident(&m, b.as_ref(), &wins, &mut acc, progress)?;
+    }
+
+    let seconds = start.elapsed().as_secs_f64();
+    let tokens_run: usize = wins.iter().map(|w| w.len()).sum();
+    Ok(acc.finish(FinishInfo {
+        model,
+        baseline,
+        m: &m,
+        b: b.as_ref(),
+        ctx,
+        windows: wins.len(),
+        tokens: tokens.len(),
+        streamed,
+        seconds,
+        tokens_per_second: (tokens_run * sides) as f64 / seconds.max(1e-9),
+    }))
+}
+
+/// The directory holding a model's config and tokenizer (the parent of a single-file model).
+fn model_dir(path: &Path) -> PathBuf {
+    if path.is_file() { path.parent().map(Path::to_owned).unwrap_or_default() } else { path.to_owned() }
+}
+
+/// A model and its baseline must have the same architecture and shapes.
+fn check_comparable(m: &Model, b: &Model) -> Result<()> {
+    let (x, y) = (&m.cfg, &b.cfg);
+    let same =
+        x.arch == y.arch && x.hidden == y.hidden && x.vocab == y.vocab && x.layers == y.layers && x.attn == y.attn;
+    if same {
+        Ok(())
+    } else {
+        Err(RuntimeError::Mismatch {
+            file: y.file.clone(),
+            reason: format!(
+                "the baseline's architecture or shapes differ from {} (model_type, hidden size, vocabulary, layers or attention)",
+                x.file.display()
+            ),
+        })
+    }
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes (8 GiB when unknown).
+fn available_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(8 << 30, |kb| kb * 1024)
+}
+
+/// Every layer resident; each window goes through the whole model.
+fn run_resident(
+    m: &Side,
+    b: Option<&Side>,
+    wins: &[&[u32]],
+    acc: &mut Accumulators,
+    p: &dyn EvalProgress,
+) -> Result<()> {
+    let n = m.model.cfg.num_layers();
+    let mut lm = Vec::with_capacity(n);
+    let mut lb = Vec::with_capacity(n);
+    for i in 0..n {
+        let l = m.model.layer(i)?;
+        if let Some(b) = b {
+            let bl = b.model.layer(i)?;
+            acc.tensor_errors.extend(weight_errors(&l, &bl));
+            lb.push(bl);
+        }
+        lm.push(l);
+    }
+    for (wi, w) in wins.iter().enumerate() {
+        let t = w.len();
+        let mut hm = m.model.embed(w);
+        let mut hb = b.map(|b| b.model.embed(w));
+        for i in 0..n {
+            let rm = lm[i].forward(&m.model.cfg, &m.model.rope, &mut hm, t, m.act)?;
+            let rb = match (b, hb.as_mut()) {
+                (Some(b), Some(h)) => Some(lb[i].forward(&b.model.cfg, &b.model.rope, h, t, b.act)?),
+                _ => None,
+            };
+            acc.layer(i, &rm, rb.as_ref(), &hm, hb.as_deref());
+            p.advance(1 + u64::from(b.is_some()));
+        }
+        acc.head(wi, m, b, &hm, hb.as_deref(), w)?;
+        p.advance(1);
+    }
+    Ok(())
+}
+
+/// One layer resident at a time; all windows go through it.
+fn run_streamed(
+    m: &Side,
+    b: Option<&Side>,
+    wins: &[&[u32]],
+    acc: &mut Accumulators,
+    p: &dyn EvalProgress,
+) -> Result<()> {
+    let mut hm: Vec<Vec<f32>> = wins.iter().map(|w| m.model.embed(w)).collect();
+    let mut hb: Option<Vec<Vec<f32>>> = b.map(|b| wins.iter().map(|w| b.model.embed(w)).collect());
+    for i in 0..m.model.cfg.num_layers() {
+        let l = m.model.layer(i)?;
+        let bl = b.map(|b| b.model.layer(i)).transpose()?;
+        if let Some(bl) = &bl {
+            acc.tensor_errors.extend(weight_errors(&l, bl));
+        }
+        for (wi, w) in wins.iter().enumerate() {
+            let t = w.len();
+            let rm = l.forward(&m.model.cfg, &m.model.rope, &mut hm[wi], t, m.act)?;
+            let rb = match (b, bl.as_ref(), hb.as_mut()) {
+                (Some(b), Some(bl), Some(hb)) => {
+                    Some(bl.forward(&b.model.cfg, &b.model.rope, &mut hb[wi], t, b.act)?)
+                }
+                _ => None,
+            };
+            acc.layer(i, &rm, rb.as_ref(), &hm[wi], hb.as_ref().map(|h| h[wi].as_slice()));
+            p.advance(1 + u64::from(b.is_some()));
+        }
+    }
+    for (wi, w) in wins.iter().enumerate() {
+        acc.head(wi, m, b, &hm[wi], hb.as_ref().map(|h| h[wi].as_slice()), w)?;
+        p.advance(1);
+    }
+    Ok(())
+}
+
+/// The error of each weight of `l` against the same weight of `base`, for those that differ.
+fn weight_errors(l: &Layer, base: &Layer) -> Vec<TensorError> {
+    l.linears()
+        .into_iter()
+        .zip(base.linears())
+        .filter(|(a, r)| a.w != r.w)
+        .map(|(a, r)| {
+            let s = compare(&r.w, &a.w);
+            TensorError {
+                name: a.name.clone(),
+                shape: vec![a.out_features, a.in_features],
+                rel_rms: s.rel_rms(),
+                max_abs: s.max_abs(),
+                snr_db: s.snr_db(),
+            }
+        })
+        .collect()
+}
+
+/// Per-layer running sums.
+#[derive(Default)]
+struct LayerAcc {
+    moe: bool,
+    load: Vec<u64>,
+    base_load: Vec<u64>,
+    agree: u64,
+    routed: u64,
+    err_sq: f64,
+    ref_sq: f64,
+}
+
+/// Everything accumulated over windows.
+struct Accumulators {
+    layers: Vec<LayerAcc>,
+    nll: Vec<f64>,
+    base_nll: Vec<f64>,
+    kld: Vec<f64>,
+    top1_agree: u64,
+    tensor_errors: Vec<TensorError>,
+    with_baseline: bool,
+}
+
+impl Accumulators {
+    fn new(m: &Model, with_baseline: bool) -> Self {
+        Accumulators {
+            layers: (0..m.cfg.num_layers()).map(|_| LayerAcc::default()).collect(),
+            nll: Vec::new(),
+            base_nll: Vec::new(),
+            kld: Vec::new(),
+            top1_agree: 0,
+            tensor_errors: Vec::new(),
+            with_baseline,
+        }
+    }
+
+    fn layer(&mut self, i: usize, rm: &Routing, rb: Option<&Routing>, hm: &[f32], hb: Option<&[f32]>) {
+        let a = &mut self.layers[i];
+        if rm.top_k > 0 {
+            a.moe = true;
+            count_load(&mut a.load, &rm.experts);
+            if let Some(rb) = rb {
+                count_load(&mut a.base_load, &rb.experts);
+                let k = rm.top_k;
+                a.agree += rm.experts.chunks(k).zip(rb.experts.chunks(k)).filter(|(x, y)| x == y).count() as u64;
+                a.routed += (rm.experts.len() / k) as u64;
+            }
+        }
+        if let Some(hb) = hb {
+            let (mut e, mut r) = (0f64, 0f64);
+            for (&x, &y) in hm.iter().zip(hb) {
+                let d = x as f64 - y as f64;
+                e += d * d;
+                r += y as f64 * y as f64;
+            }
+            a.err_sq += e;
+            a.ref_sq += r;
+        }
+    }
+
+    fn head(&mut self, wi: usize, m: &Side, b: Option<&Side>, hm: &[f32], hb: Option<&[f32]>, w: &[u32]) -> Result<()> {
+        let t = w.len();
+        let v = m.model.cfg.vocab;
+        let lm = m.model.logits(hm, t, m.act)?;
+        if lm.iter().any(|x| !x.is_finite()) {
+            return Err(RuntimeError::NonFinite { model: m.model.weights.root().to_owned(), window: wi });
+        }
+        let lb = match (b, hb) {
+            (Some(b), Some(hb)) => {
+                let l = b.model.logits(hb, t, b.act)?;
+                if l.iter().any(|x| !x.is_finite()) {
+                    return Err(RuntimeError::NonFinite { model: b.model.weights.root().to_owned(), window: wi });
+                }
+                Some(l)
+            }
+            _ => None,
+        };
+        for pos in 0..t - 1 {
+            let target = w[pos + 1] as usize;
+            let row = &lm[pos * v..(pos + 1) * v];
+            let lse = log_sum_exp(row);
+            self.nll.push(lse - row[target] as f64);
+            if let Some(lb) = &lb {
+                let brow = &lb[pos * v..(pos + 1) * v];
+                let blse = log_sum_exp(brow);
+                self.base_nll.push(blse - brow[target] as f64);
+                let mut kl = 0f64;
+                for (&x, &y) in brow.iter().zip(row) {
+                    let lp = x as f64 - blse;
+                    let lq = y as f64 - lse;
+                    kl += lp.exp() * (lp - lq);
+                }
+                self.kld.push(kl.max(0.0));
+                if argmax(row) == argmax(brow) {
+                    self.top1_agree += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self, f: FinishInfo) -> EvalResult {
+        let (nll_mean, nll_stderr) = mean_stderr(&self.nll);
+        let layers: Vec<LayerStats> = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, a)| LayerStats {
+                layer: i,
+                moe: a.moe,
+                expert_load: a.load.clone(),
+                baseline_expert_load: (self.with_baseline && a.moe).then(|| a.base_load.clone()),
+                routing_agreement: (self.with_baseline && a.moe && a.routed > 0)
+                    .then(|| a.agree as f64 / a.routed as f64),
+                hidden_rel_err: (self.with_baseline && a.ref_sq > 0.0).then(|| (a.err_sq / a.ref_sq).sqrt()),
+            })
+            .collect();
+        let baseline = f.baseline.map(|bp| {
+            let (bmean, bse) = mean_stderr(&self.base_nll);
+            let mut sorted = self.kld.clone();
+            sorted.sort_by(f64::total_cmp);
+            let routing: Vec<f64> = layers.iter().filter_map(|l| l.routing_agreement).collect();
+            Comparison {
+                baseline_model: bp.display().to_string(),
+                baseline_perplexity: bmean.exp(),
+                baseline_perplexity_stderr: bmean.exp() * bse,
+                baseline_nll_mean: bmean,
+                kld_mean: mean_stderr(&self.kld).0,
+                kld_p99: percentile(&sorted, 0.99),
+                kld_max: sorted.last().copied().unwrap_or(0.0),
+                kld_histogram: log_histogram(&sorted),
+                top1_agreement: self.top1_agree as f64 / self.kld.len().max(1) as f64,
+                routing_agreement: if routing.is_empty() {
+                    1.0
+                } else {
+                    routing.iter().sum::<f64>() / routing.len() as f64
+                },
+                tensor_errors: self.tensor_errors,
+            }
+        });
+        let _ = f.b;
+        EvalResult {
+            model: f.model.display().to_string(),
+            model_type: f.m.model.cfg.model_type.clone(),
+            weights: f.m.model.weights.description.clone(),
+            act_quant: match f.m.act {
+                None => "none".into(),
+                Some(ScaleFormat::F32) => "fp8".into(),
+                Some(ScaleFormat::Ue8m0) => "fp8 (ue8m0 scales)".into(),
+            },
+            ctx: f.ctx,
+            windows: f.windows,
+            tokens: f.tokens,
+            tokens_scored: self.nll.len(),
+            nll_mean,
+            nll_stderr,
+            perplexity: nll_mean.exp(),
+            perplexity_stderr: nll_mean.exp() * nll_stderr,
+            streamed: f.streamed,
+            seconds: f.seconds,
+            tokens_per_second: f.tokens_per_second,
+            layers,
+            baseline,
+        }
+    }
+}
+
+/// What `finish` needs besides the sums.
+struct FinishInfo<'a> {
+    model: &'a Path,
+    baseline: Option<&'a Path>,
+    m: &'a Side,
+    b: Option<&'a Side>,
+    ctx: usize,
+    windows: usize,
+    tokens: usize,
+    streamed: bool,
+    seconds: f64,
+    tokens_per_second: f64,
+}
+
+fn count_load(load: &mut Vec<u64>, experts: &[usize]) {
+    for &e in experts {
+        if load.len() <= e {
+            load.resize(e + 1, 0);
+        }
+        load[e] += 1;
+    }
+}
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Mean and standard error of the mean (sample standard deviation / √n).
+fn mean_stderr(v: &[f64]) -> (f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0);
+    }
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    if v.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0);
+    (mean, (var / n).sqrt())
+}
+
+/// The `q` quantile of sorted values (nearest rank).
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// A histogram of positive values over log-spaced bins: 4 per decade from 1e-8 to 10.
+fn log_histogram(sorted: &[f64]) -> Histogram {
+    let edges: Vec<f64> = (0..=36).map(|i| 10f64.powf(-8.0 + i as f64 / 4.0)).collect();
+    let mut counts = vec![0u64; edges.len() - 1];
+    for &x in sorted {
+        let i = edges.partition_point(|&e| e <= x).saturating_sub(1).min(counts.len() - 1);
+        counts[i] += 1;
+    }
+    Histogram { edges, counts }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_helpers_on_hand_worked_values() {
+        let (m, se) = mean_stderr(&[1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(m, 2.5);
+        assert!((se - (5.0f64 / 3.0 / 4.0).sqrt()).abs() < 1e-12);
+        let s: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&s, 0.99), 99.0);
+        assert_eq!(percentile(&s, 1.0), 100.0);
+        let h = log_histogram(&[0.0, 1e-9, 1e-3, 0.5, 100.0]);
+        assert_eq!(h.counts.iter().sum::<u64>(), 5);
+        assert_eq!(h.counts[0], 2);
+        assert_eq!(*h.counts.last().unwrap_or(&0), 1);
+        assert_eq!(h.counts[20], 1); // [1e-3, 10^-2.75)
+    }
+}

@@ -1,0 +1,241 @@
+//! Reading a checkpoint's weights as f32, whatever their storage: BF16, F16 and F32 are widened
+//! exactly; FP8 weights (DeepSeek `weight_scale_inv` or compressed-tensors `weight_scale`, f32 or
+//! ue8m0 scales) are dequantized as `q · s` per block, the way `fp8forge dequant` and serving
+//! engines read them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use fp8forge_formats::{Checkpoint, Dtype, TensorInfo};
+use fp8forge_quant::block::ScaleFormat;
+use fp8forge_quant::dequant::{
+    Fp8Scheme, Fp8Weight, SUFFIX_SCALE, SUFFIX_SCALE_INV, ScaleLayout, code_lut, is_fp8_weight_dtype, scales_to_f32,
+};
+use serde_json::Value;
+
+use crate::error::{Result, RuntimeError};
+
+/// A tensor read as f32.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    /// Row-major values.
+    pub data: Vec<f32>,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// True when the tensor was stored in FP8 (its layer's inputs are quantized under `--act-quant fp8`).
+    pub fp8: bool,
+}
+
+/// How activations are quantized at run time by the serving engine this checkpoint targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActScheme {
+    /// No quantized weights: nothing to quantize.
+    None,
+    /// Dynamic per-token 1×128 FP8 groups with scales of this format.
+    Dynamic(ScaleFormat),
+    /// Static activation scales (`input_scale` tensors), which the runtime does not simulate.
+    Static,
+}
+
+/// The weights of a checkpoint, indexed by name.
+pub struct Weights {
+    root: PathBuf,
+    ckpt: Checkpoint,
+    index: HashMap<String, (usize, usize)>,
+    scheme: Fp8Scheme,
+    suffixes: Vec<&'static str>,
+    /// Activation quantization that the checkpoint's `quantization_config` asks for.
+    pub act_scheme: ActScheme,
+    /// One-line description of the storage (`"bf16"`, `"fp8 e4m3, 128x128 blocks, f32 scales"`).
+    pub description: String,
+}
+
+impl Weights {
+    /// Opens a checkpoint (a directory or one `.safetensors` file) and reads its quantization config.
+    pub fn open(path: &Path) -> Result<Self> {
+        let ckpt = Checkpoint::open(path)?;
+        let mut index = HashMap::new();
+        for (si, s) in ckpt.shards.iter().enumerate() {
+            for (ti, t) in s.file.header().tensors.iter().enumerate() {
+                index.insert(t.name.clone(), (si, ti));
+            }
+        }
+        let config_file = ckpt.root.join("config.json");
+        let scheme = Fp8Scheme::from_config(ckpt.config.as_ref())
+            .map_err(|reason| RuntimeError::Config { file: config_file.clone(), reason })?;
+        let mut suffixes: Vec<&'static str> = scheme.scale_suffixes.to_vec();
+        for s in [SUFFIX_SCALE_INV, SUFFIX_SCALE] {
+            if !suffixes.contains(&s) {
+                suffixes.push(s);
+            }
+        }
+        let mut w = Weights {
+            root: ckpt.root.clone(),
+            ckpt,
+            index,
+            scheme,
+            suffixes,
+            act_scheme: ActScheme::None,
+            description: String::new(),
+        };
+        let fp8 = w.tensors().filter(|t| is_fp8_weight_dtype(t.dtype)).count();
+        w.act_scheme = if fp8 == 0 { ActScheme::None } else { act_scheme(w.ckpt.config.as_ref()) };
+        w.description = w.describe(fp8);
+        Ok(w)
+    }
+
+    /// The checkpoint's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The parsed config.json, if the checkpoint has one.
+    pub fn config(&self) -> Option<&Value> {
+        self.ckpt.config.as_ref()
+    }
+
+    fn tensors(&self) -> impl Iterator<Item = &TensorInfo> {
+        self.ckpt.shards.iter().flat_map(|s| s.file.header().tensors.iter())
+    }
+
+    fn describe(&self, fp8: usize) -> String {
+        if fp8 > 0 {
+            let fmt = match self.act_scheme {
+                ActScheme::Dynamic(ScaleFormat::Ue8m0) => "ue8m0 scales",
+                _ => "f32 scales",
+            };
+            let method = self.scheme.method.as_deref().unwrap_or("fp8");
+            return format!("fp8 e4m3 ({method}, {}, {fmt})", self.scheme.layout.describe());
+        }
+        let mut by: HashMap<String, usize> = HashMap::new();
+        for t in self.tensors() {
+            *by.entry(format!("{:?}", t.dtype).to_lowercase()).or_default() += t.nbytes();
+        }
+        by.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d).unwrap_or_default()
+    }
+
+    /// True when the checkpoint holds `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Bytes the tensor `name` takes once widened to f32 (0 when absent).
+    pub fn f32_bytes(&self, name: &str) -> u64 {
+        self.info(name).map(|(_, t)| t.shape.iter().product::<usize>() as u64 * 4).unwrap_or(0)
+    }
+
+    /// Drops every resident page of the checkpoint's files (after a layer is loaded).
+    pub fn release_all(&self) {
+        for s in &self.ckpt.shards {
+            s.file.release_all();
+        }
+    }
+
+    /// Bytes of all tensors whose name starts with `prefix`, once widened to f32.
+    pub fn f32_bytes_with_prefix(&self, prefix: &str) -> u64 {
+        self.index.keys().filter(|n| n.starts_with(prefix)).map(|n| self.f32_bytes(n)).sum()
+    }
+
+    fn info(&self, name: &str) -> Option<(usize, &TensorInfo)> {
+        let &(si, ti) = self.index.get(name)?;
+        Some((si, &self.ckpt.shards[si].file.header().tensors[ti]))
+    }
+
+    fn error(&self, shard: Option<usize>, tensor: &str, reason: String) -> RuntimeError {
+        let file = shard.map(|s| self.ckpt.shards[s].file.path().to_owned()).unwrap_or_else(|| self.root.clone());
+        RuntimeError::Tensor { file, tensor: tensor.to_owned(), reason }
+    }
+
+    /// Reads `name` as f32, checking that its shape is `shape`. The file pages are released
+    /// afterwards, so reading a model layer by layer keeps one layer resident, not the model.
+    pub fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let (si, t) = self.info(name).ok_or_else(|| self.error(None, name, "missing from the checkpoint".into()))?;
+        if t.shape != shape {
+            return Err(self.error(Some(si), name, format!("shape {:?}, expected {shape:?}", t.shape)));
+        }
+        let file = &self.ckpt.shards[si].file;
+        let bytes = file.data(t);
+        let n: usize = shape.iter().product();
+        let mut data = vec![0f32; n];
+        let fp8 = is_fp8_weight_dtype(t.dtype);
+        match t.dtype {
+            Dtype::F32 => {
+                for (d, b) in data.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            Dtype::BF16 => {
+                for (d, b) in data.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *d = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+            Dtype::F16 => {
+                for (d, b) in data.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+            d if fp8 => self.dequantize(si, t, bytes, &mut data, d)?,
+            d => return Err(self.error(Some(si), name, format!("dtype {d:?} is not a float weight type"))),
+        }
+        file.release(t);
+        if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+            return Err(self.error(Some(si), name, format!("non-finite value {} at element {i}", data[i])));
+        }
+        Ok(Tensor { data, shape: shape.to_vec(), fp8 })
+    }
+
+    fn dequantize(&self, si: usize, t: &TensorInfo, codes: &[u8], out: &mut [f32], dtype: Dtype) -> Result<()> {
+        let lut = code_lut(dtype)
+            .ok_or_else(|| self.error(Some(si), &t.name, format!("FP8 dtype {dtype:?} is not supported")))?;
+        let names: Vec<String> = self.suffixes.iter().map(|x| format!("{}{x}", t.name)).collect();
+        let (ssi, st) = names.iter().find_map(|n| self.info(n)).ok_or_else(|| {
+            self.error(
+                Some(si),
+                &t.name,
+                format!("FP8 tensor without a scale tensor (looked for {})", names.join(", ")),
+            )
+        })?;
+        let sfile = &self.ckpt.shards[ssi].file;
+        let scales = scales_to_f32(st.dtype, sfile.data(st))
+            .ok_or_else(|| self.error(Some(ssi), &st.name, format!("scale dtype {:?} is not supported", st.dtype)))?;
+        let geom = [self.scheme.layout, ScaleLayout::Tensor, ScaleLayout::Channel]
+            .iter()
+            .find_map(|l| l.fit(&t.shape, &st.shape))
+            .ok_or_else(|| {
+                self.error(
+                    Some(ssi),
+                    &st.name,
+                    format!("scale shape {:?} does not fit weight {} of shape {:?}", st.shape, t.name, t.shape),
+                )
+            })?;
+        let w = Fp8Weight { codes, lut, scales: &scales, geom };
+        w.decode_rows(0, out, 1, |v, d: &mut [f32]| d[0] = v);
+        Ok(())
+    }
+}
+
+/// The activation scheme named by a `quantization_config` (dynamic 1×128 FP8 unless it says static).
+fn act_scheme(config: Option<&Value>) -> ActScheme {
+    let Some(qc) = config.and_then(|c| c.get("quantization_config")) else {
+        return ActScheme::Dynamic(ScaleFormat::F32);
+    };
+    let fmt = match qc.get("scale_fmt").and_then(Value::as_str) {
+        Some("ue8m0") => ScaleFormat::Ue8m0,
+        _ => ScaleFormat::F32,
+    };
+    if qc.get("activation_scheme").and_then(Value::as_str) == Some("static") {
+        return ActScheme::Static;
+    }
+    let Some(groups) = qc.get("config_groups").and_then(Value::as_object) else {
+        return ActScheme::Dynamic(fmt);
+    };
+    // compressed-tensors: a group without input_activations is weight-only (W8A16).
+    let mut dynamic = false;
+    for a in groups.values().filter_map(|g| g.get("input_activations")).filter(|a| !a.is_null()) {
+        if a.get("dynamic").and_then(Value::as_bool) == Some(false) {
+            return ActScheme::Static;
+        }
+        dynamic = true;
+    }
+    if dynamic { ActScheme::Dynamic(fmt) } else { ActScheme::None }
+}

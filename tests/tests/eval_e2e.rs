@@ -1,0 +1,268 @@
+//! `fp8forge eval` against numbers Hugging Face transformers computed (tests/fixtures/hf, made by
+//! tools/make_fixtures.py), streaming against resident evaluation, a memory cap below the model
+//! size, and bad input.
+
+use std::path::{Path, PathBuf};
+
+use fp8forge_tests::{Arch, fp8forge_p, model_specs, stderr, write_checkpoint};
+use serde_json::Value;
+
+const ARCHS: [&str; 3] = ["deepseek_v3", "mixtral", "qwen3_moe"];
+
+fn fixture(arch: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hf").join(arch)
+}
+
+fn reference(arch: &str, name: &str) -> Value {
+    let p = fixture(arch).join(name);
+    serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .expect("reference json")
+}
+
+/// A path as a command-line argument (the test paths are UTF-8).
+fn s(p: &Path) -> String {
+    p.to_str().expect("UTF-8 path").to_owned()
+}
+
+/// Runs `fp8forge eval ... --json` and returns its JSON.
+fn eval_json(args: &[String]) -> Value {
+    let mut a: Vec<String> = vec!["eval".into()];
+    a.extend_from_slice(args);
+    a.push("--json".into());
+    let o = fp8forge_p(&a);
+    assert_eq!(o.status.code(), Some(0), "eval failed: {}", stderr(&o));
+    serde_json::from_slice(&o.stdout).expect("eval --json prints one JSON object")
+}
+
+fn eval_fixture(model: &Path, arch: &str, extra: &[&str]) -> Value {
+    let tokens = fixture(arch).join("tokens.txt");
+    let mut a: Vec<String> = vec![s(model), "--tokens".into(), s(&tokens), "--ctx".into(), "64".into()];
+    a.extend(extra.iter().map(|x| x.to_string()));
+    eval_json(&a)
+}
+
+fn assert_close(arch: &str, what: &str, got: f64, want: f64, rel: f64) {
+    let err = (got / want - 1.0).abs();
+    assert!(err <= rel, "{arch} {what}: ours {got}, transformers {want}, relative difference {err:.2e} > {rel:.0e}");
+}
+
+fn convert(input: &Path, out: &Path, extra: &[&str]) {
+    let mut a: Vec<String> = vec!["convert".into(), s(input), s(out), "--quiet".into()];
+    a.extend(extra.iter().map(|x| x.to_string()));
+    let o = fp8forge_p(&a);
+    assert_eq!(o.status.code(), Some(0), "convert failed: {}", stderr(&o));
+}
+
+#[test]
+fn bf16_perplexity_matches_transformers_within_1e4() {
+    for arch in ARCHS {
+        let r = reference(arch, "reference.json");
+        let ours = eval_fixture(&fixture(arch), arch, &[]);
+        assert_eq!(ours["tokens_scored"], r["tokens_scored"], "{arch}: tokens scored");
+        let (got, want) = (ours["perplexity"].as_f64().unwrap_or(f64::NAN), r["perplexity"].as_f64().unwrap_or(0.0));
+        // A random model scores near its vocabulary size; the fixtures are peaky on purpose,
+        // so that a wrong layer shows up as a large perplexity difference.
+        assert!(want < 10.0, "{arch}: the fixture's reference perplexity {want} is not peaky");
+        assert_close(arch, "BF16 perplexity", got, want, 1e-4);
+    }
+}
+
+#[test]
+fn bf16_logits_match_transformers() {
+    use fp8forge_runtime::model::Model;
+    for arch in ARCHS {
+        let r = reference(arch, "reference.json");
+        let want: Vec<Vec<f64>> = serde_json::from_value(r["logits_window0"].clone()).expect("logits_window0");
+        let tokens: Vec<u32> = std::fs::read_to_string(fixture(arch).join("tokens.txt"))
+            .expect("tokens")
+            .split_whitespace()
+            .map(|t| t.parse().expect("token id"))
+            .collect();
+        let m = Model::open(&fixture(arch), 64).expect("open fixture");
+        let w = &tokens[..64];
+        let mut h = m.embed(w);
+        for i in 0..m.cfg.num_layers() {
+            m.layer(i).expect("layer").forward(&m.cfg, &m.rope, &mut h, w.len(), None).expect("forward");
+        }
+        let logits = m.logits(&h, w.len(), None).expect("logits");
+        let v = m.cfg.vocab;
+        let mut worst = 0f64;
+        for (pos, row) in want.iter().enumerate() {
+            assert_eq!(row.len(), v, "{arch}: reference row length");
+            for (j, &x) in row.iter().enumerate() {
+                worst = worst.max((logits[pos * v + j] as f64 - x).abs() / (1.0 + x.abs()));
+            }
+        }
+        assert!(worst < 1e-4, "{arch}: logits of window 0 differ from transformers by up to {worst:.2e}");
+    }
+}
+
+#[test]
+fn fp8_perplexity_matches_transformers_on_dequantized_weights() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for arch in ARCHS {
+        for (scale, reference_file, format) in [
+            ("f32", "reference_fp8.json", "deepseek"),
+            ("f32", "reference_fp8.json", "compressed-tensors"),
+            ("ue8m0", "reference_fp8_ue8m0.json", "deepseek"),
+        ] {
+            let out = tmp.path().join(format!("{arch}-{scale}-{format}"));
+            convert(&fixture(arch), &out, &["--scale-format", scale, "--format", format]);
+            let r = reference(arch, reference_file);
+            let ours = eval_fixture(&out, arch, &["--act-quant", "none"]);
+            let what = format!("FP8 ({scale} scales, {format}) weight-only perplexity");
+            assert_close(
+                arch,
+                &what,
+                ours["perplexity"].as_f64().unwrap_or(f64::NAN),
+                r["perplexity"].as_f64().unwrap_or(0.0),
+                1e-4,
+            );
+            let bf16 = reference(arch, "reference.json")["perplexity"].as_f64().unwrap_or(0.0);
+            assert_ne!(ours["perplexity"].as_f64(), Some(bf16), "{arch}: FP8 weights changed nothing");
+        }
+    }
+}
+
+/// Removes the fields that legitimately differ between two runs.
+fn without_timing(mut v: Value) -> Value {
+    if let Some(o) = v.as_object_mut() {
+        for k in ["seconds", "tokens_per_second", "streamed"] {
+            o.remove(k);
+        }
+    }
+    v
+}
+
+#[test]
+fn streamed_and_resident_evaluation_give_identical_numbers() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for arch in ARCHS {
+        let fp8 = tmp.path().join(arch);
+        convert(&fixture(arch), &fp8, &[]);
+        let base = fixture(arch);
+        let b = s(&base);
+        let resident = eval_fixture(&fp8, arch, &["--baseline", &b]);
+        let streamed = eval_fixture(&fp8, arch, &["--baseline", &b, "--stream"]);
+        assert_eq!(resident["streamed"], Value::Bool(false), "{arch}: the small model should be resident");
+        assert_eq!(streamed["streamed"], Value::Bool(true));
+        assert_eq!(resident["act_quant"], "fp8", "{arch}: FP8 checkpoints default to W8A8");
+        for k in ["perplexity", "baseline_perplexity", "kld_mean", "top1_agreement", "routing_agreement"] {
+            assert!(resident[k].is_number(), "{arch}: {k} missing from --json");
+        }
+        assert_eq!(without_timing(resident), without_timing(streamed), "{arch}: streamed != resident");
+    }
+}
+
+/// Runs the binary and returns (exit code, stdout, peak RSS in bytes) via wait4.
+/// The child is reaped by wait4 (which std's `wait` cannot do while returning its rusage).
+#[allow(clippy::zombie_processes)]
+fn run_with_peak_rss(args: &[String]) -> (i32, Vec<u8>, u64) {
+    use std::io::Read;
+    let mut child = std::process::Command::new(fp8forge_tests::bin())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("spawn fp8forge");
+    let mut out = Vec::new();
+    child.stdout.take().expect("stdout").read_to_end(&mut out).expect("read stdout");
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value; wait4 fills it for our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: pid is our child, not yet reaped; the pointers are valid for the call.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    assert_eq!(r, pid, "wait4");
+    (libc::WEXITSTATUS(status), out, ru.ru_maxrss as u64 * 1024)
+}
+
+#[test]
+fn memory_cap_below_model_size_streams_and_matches_resident() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("model");
+    let (specs, config) = model_specs(Arch::Mixtral, 20, 8);
+    write_checkpoint(&dir, &specs, &config, 3, 7);
+    let on_disk: u64 = std::fs::read_dir(&dir)
+        .expect("read dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let tokens = tmp.path().join("tokens.txt");
+    let ids: Vec<String> = (0..600u32).map(|i| ((i * 7919) % 300).to_string()).collect();
+    std::fs::write(&tokens, ids.join(" ")).expect("tokens");
+    let base =
+        ["eval".to_string(), s(&dir), "--tokens".into(), s(&tokens), "--ctx".into(), "128".into(), "--json".into()];
+    let mut capped = base.to_vec();
+    capped.extend(["--max-memory".into(), format!("{}", on_disk / 4)]);
+    let (code, out, rss) = run_with_peak_rss(&capped);
+    assert_eq!(code, 0, "capped eval failed");
+    let streamed: Value = serde_json::from_slice(&out).expect("json");
+    assert_eq!(streamed["streamed"], Value::Bool(true), "a model over --max-memory must be streamed");
+    // The BF16 checkpoint is about 80 MB (160 MB once in f32); streaming holds one layer of 8 MB.
+    assert!(rss < on_disk / 2, "peak RSS {rss} B is not below half the model's {on_disk} B on disk");
+    let mut resident_args = base.to_vec();
+    resident_args.extend(["--max-memory".into(), "64GiB".into()]);
+    let (code, out, resident_rss) = run_with_peak_rss(&resident_args);
+    assert_eq!(code, 0, "resident eval failed");
+    // The measurement can tell the two apart: resident f32 weights are twice the BF16 bytes.
+    assert!(resident_rss > on_disk, "resident peak RSS {resident_rss} B is not above {on_disk} B");
+    let resident: Value = serde_json::from_slice(&out).expect("json");
+    assert_eq!(resident["streamed"], Value::Bool(false));
+    assert_eq!(without_timing(streamed), without_timing(resident));
+    eprintln!("model {on_disk} B on disk, peak RSS streamed {rss} B, resident {resident_rss} B");
+}
+
+fn expect_eval_refused(args: &[String], expect: &[&str]) {
+    let mut a: Vec<String> = vec!["eval".into()];
+    a.extend_from_slice(args);
+    let o = fp8forge_p(&a);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "exit code; stderr: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    for e in expect {
+        assert!(err.contains(e), "stderr lacks {e:?}: {err}");
+    }
+}
+
+fn copy_fixture(arch: &str, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(fixture(arch)).expect("read fixture").filter_map(Result::ok) {
+        std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+    }
+}
+
+#[test]
+fn unsupported_models_and_bad_tokens_exit_2_naming_the_problem() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let tokens = s(&fixture("mixtral").join("tokens.txt"));
+    let with_tokens = |d: &Path| vec![s(d), "--tokens".into(), tokens.clone()];
+    let edit = |name: &str, f: &dyn Fn(&mut Value)| {
+        let d = tmp.path().join(name);
+        copy_fixture("mixtral", &d);
+        let p = d.join("config.json");
+        let mut c: Value = serde_json::from_slice(&std::fs::read(&p).expect("config")).expect("json");
+        f(&mut c);
+        std::fs::write(&p, serde_json::to_vec(&c).expect("json")).expect("write config");
+        d
+    };
+    let d = edit("llama", &|c| c["model_type"] = "llama".into());
+    expect_eval_refused(&with_tokens(&d), &["config.json", "model_type \"llama\"", "not supported"]);
+    let d = edit("gelu", &|c| c["hidden_act"] = "gelu".into());
+    expect_eval_refused(&with_tokens(&d), &["hidden_act \"gelu\""]);
+    let d = edit("longrope", &|c| c["rope_scaling"] = serde_json::json!({"rope_type": "longrope", "factor": 4.0}));
+    expect_eval_refused(&with_tokens(&d), &["rope scaling type \"longrope\""]);
+    let d = edit("wide", &|c| c["hidden_size"] = 192.into());
+    expect_eval_refused(&with_tokens(&d), &["model.safetensors", "model.embed_tokens.weight", "shape"]);
+    let bad = tmp.path().join("bad-tokens.txt");
+    std::fs::write(&bad, "1 2 3 299 300 4").expect("write");
+    let m = fixture("mixtral");
+    expect_eval_refused(&[s(&m), "--tokens".into(), s(&bad)], &["bad-tokens.txt", "token 4", "300", "vocabulary"]);
+    std::fs::write(&bad, "1 2 x").expect("write");
+    expect_eval_refused(&[s(&m), "--tokens".into(), s(&bad)], &["bad-tokens.txt", "token 2"]);
+    let other = fixture("qwen3_moe");
+    let mut a = with_tokens(&m);
+    a.extend(["--baseline".into(), s(&other)]);
+    expect_eval_refused(&a, &["baseline", "differ"]);
+}
