@@ -77,6 +77,7 @@ impl StepBar {
 
 impl fp8forge_runtime::eval::EvalProgress for StepBar {
     fn begin(&self, steps: u64) {
+        self.bar.set_position(0);
         self.bar.set_length(steps);
     }
 

@@ -54,6 +54,9 @@ pub enum RuntimeError {
     /// Reading the checkpoint failed.
     #[error(transparent)]
     Format(#[from] FormatError),
+    /// The demo's conversion failed.
+    #[error(transparent)]
+    Convert(#[from] fp8forge_quant::convert::ConvertError),
     /// Activation quantization failed (a non-finite activation).
     #[error("activation quantization at layer {layer}: {source}")]
     ActQuant {
@@ -90,6 +93,7 @@ impl RuntimeError {
             | RuntimeError::Input { .. }
             | RuntimeError::Mismatch { .. } => true,
             RuntimeError::Format(e) => e.is_bad_input(),
+            RuntimeError::Convert(e) => e.is_bad_input(),
             RuntimeError::ActQuant { .. } | RuntimeError::NonFinite { .. } | RuntimeError::Io { .. } => false,
         }
     }
