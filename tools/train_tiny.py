@@ -172,6 +172,8 @@ def save_model(model, tok, out_dir):
             gate.e_score_correction_bias.data = gate.e_score_correction_bias.data.float()
     model.save_pretrained(out_dir)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
+    for f in os.listdir(out_dir):
+        os.chmod(os.path.join(out_dir, f), 0o644)
 
 
 def load_eval_model(out_dir):

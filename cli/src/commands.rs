@@ -64,6 +64,8 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// The whole pipeline on the bundled tiny MoE: convert to FP8, evaluate against BF16 on held-out text, write the report.
+    Demo(DemoArgs),
     /// Evaluate a model on text: perplexity, and against a baseline KL divergence, top-1 and routing agreement.
     Eval(EvalArgs),
 }
@@ -100,6 +102,28 @@ struct EvalArgs {
     #[arg(long)]
     json: bool,
     /// No progress bar and no summary.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct DemoArgs {
+    /// Output directory (an earlier demo's is reused).
+    #[arg(long, default_value = "fp8forge-demo")]
+    out: PathBuf,
+    /// tinyshakespeare.txt (default: found in shared/data/ above the working directory).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 256)]
+    ctx: usize,
+    /// Evaluate only the first N held-out tokens.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
     #[arg(long)]
     quiet: bool,
 }
@@ -232,7 +256,44 @@ pub fn run(cli: Cli) -> Result<ExitCode, Failure> {
             Ok(if r.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Eval(a) => run_eval(a),
+        Command::Demo(a) => run_demo(a),
     }
+}
+
+fn run_demo(a: DemoArgs) -> Result<ExitCode, Failure> {
+    use fp8forge_runtime::demo::{DemoOptions, run};
+    let opts = DemoOptions { out: a.out, data: a.data, ctx: a.ctx, max_tokens: a.max_tokens };
+    let bar = StepBar::new(a.quiet || a.json, "demo");
+    let r = run(&opts, &bar);
+    bar.finish();
+    let r = r?;
+    if a.json {
+        print_json(&r);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (q, w) = (&r.w8a8, &r.weight_only);
+    let Some(b) = &q.baseline else { return Ok(ExitCode::SUCCESS) };
+    let pct = |x: f64| 100.0 * (x / b.baseline_perplexity - 1.0);
+    println!(
+        "bundled tiny MoE ({}), {} held-out tokens of {}, windows of {}",
+        q.model_type,
+        q.tokens,
+        r.data.display(),
+        q.ctx
+    );
+    println!("  BF16                 perplexity {:.4} ± {:.4}", b.baseline_perplexity, b.baseline_perplexity_stderr);
+    println!("  FP8 weight-only      perplexity {:.4} ({:+.3}%)", w.perplexity, pct(w.perplexity));
+    println!("  FP8 W8A8 (as served) perplexity {:.4} ({:+.3}%)", q.perplexity, pct(q.perplexity));
+    println!(
+        "  W8A8 vs BF16: KL divergence mean {:.2e} (p99 {:.2e}), top-1 agreement {:.2}%, routing agreement {:.2}%",
+        b.kld_mean,
+        b.kld_p99,
+        100.0 * b.top1_agreement,
+        100.0 * b.routing_agreement
+    );
+    println!("checkpoints: {} -> {}", r.bf16.display(), r.fp8.display());
+    println!("report: {}", r.report.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_eval(a: EvalArgs) -> Result<ExitCode, Failure> {

@@ -5,6 +5,7 @@
 //! baseline: perplexity, KL divergence, top-1 and expert-routing agreement.
 
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod eval;
 pub mod metrics;

@@ -9,6 +9,10 @@ use crate::error::{Result, RuntimeError};
 use crate::ops::{RopeTable, View, causal_attention, matmul_t, rms_norm, rms_norm_inplace, swiglu};
 use crate::weights::{Tensor, Weights};
 
+/// Epsilon of MLA's `q_a_layernorm` and `kv_a_layernorm`: DeepSeek's reference code and
+/// transformers build them with the RMSNorm default, whatever `rms_norm_eps` says.
+const MLA_NORM_EPS: f32 = 1e-6;
+
 /// A linear layer without bias, `y = x · Wᵀ`, with its weight widened to f32.
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -475,7 +479,7 @@ impl Layer {
                 let mut qs = match q_a {
                     Some((qa, qa_norm)) => {
                         let mut c = qa.forward(x, t, act)?;
-                        rms_norm_inplace(&mut c, qa.out_features, qa_norm, cfg.rms_eps);
+                        rms_norm_inplace(&mut c, qa.out_features, qa_norm, MLA_NORM_EPS);
                         q.forward(&c, t, act)?
                     }
                     None => q.forward(x, t, act)?,
@@ -488,7 +492,7 @@ impl Layer {
                     latent[i * kvr..(i + 1) * kvr].copy_from_slice(&row[..kvr]);
                     k_rot[i * rd..(i + 1) * rd].copy_from_slice(&row[kvr..]);
                 }
-                rms_norm_inplace(&mut latent, kvr, kv_a_norm, cfg.rms_eps);
+                rms_norm_inplace(&mut latent, kvr, kv_a_norm, MLA_NORM_EPS);
                 let kv = kv_b.forward(&latent, t, act)?;
                 let mut scratch = Vec::new();
                 let mut keys = vec![0f32; t * heads * qk];
