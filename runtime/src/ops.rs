@@ -38,10 +38,22 @@ impl<'a> View<'a> {
 /// weight `b`), f32 accumulation. `out` is dense `a.rows × b.rows`.
 pub fn matmul_t(a: View, b: View, out: &mut [f32], parallel: bool) {
     assert_eq!(a.cols, b.cols, "inner dimensions differ");
-    assert_eq!(out.len(), a.rows * b.rows, "output size");
+    // bᵀ[k, n] = b[n, k]: column stride = b's row stride, row stride 1.
+    product(a, b, b.rows, b.row_stride, 1, out, parallel);
+}
+
+/// `out[m, n] = Σ_k a[m, k] · b[k, n]` with `b` row-major `k × n` (strided rows allowed).
+pub fn matmul(a: View, b: View, out: &mut [f32]) {
+    assert_eq!(a.cols, b.rows, "inner dimensions differ");
+    product(a, b, b.cols, 1, b.row_stride, out, false);
+}
+
+/// `out = a · B` where `B` is `a.cols × n` at `b.data` with the given column and row strides.
+fn product(a: View, b: View, n: usize, b_cs: usize, b_rs: usize, out: &mut [f32], parallel: bool) {
+    assert_eq!(out.len(), a.rows * n, "output size");
     a.check();
     b.check();
-    let (m, n, k) = (a.rows, b.rows, a.cols);
+    let (m, k) = (a.rows, a.cols);
     if m == 0 || n == 0 {
         return;
     }
@@ -50,8 +62,8 @@ pub fn matmul_t(a: View, b: View, out: &mut [f32], parallel: bool) {
         return;
     }
     let par = if parallel && m * n * k >= PARALLEL_MIN_WORK { Parallelism::Rayon(0) } else { Parallelism::None };
-    // SAFETY: the views were bounds-checked above for their shapes and strides; `out` is dense
-    // `m × n` and does not alias the inputs (it is a distinct `&mut`).
+    // SAFETY: both views were bounds-checked for their shapes and strides, and the callers pass
+    // the strides of those shapes; `out` is dense `m × n` and does not alias the inputs.
     unsafe {
         gemm(
             m,
@@ -65,54 +77,14 @@ pub fn matmul_t(a: View, b: View, out: &mut [f32], parallel: bool) {
             1,
             a.row_stride as isize,
             b.data.as_ptr(),
-            b.row_stride as isize,
-            1,
+            b_cs as isize,
+            b_rs as isize,
             0.0,
             1.0,
             false,
             false,
             false,
             par,
-        );
-    }
-}
-
-/// `out[m, n] = Σ_k a[m, k] · b[k, n]` with `b` row-major `k × n` (strided rows allowed).
-pub fn matmul(a: View, b: View, out: &mut [f32]) {
-    assert_eq!(a.cols, b.rows, "inner dimensions differ");
-    assert_eq!(out.len(), a.rows * b.cols, "output size");
-    a.check();
-    b.check();
-    let (m, n, k) = (a.rows, b.cols, a.cols);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        out.fill(0.0);
-        return;
-    }
-    // SAFETY: as in `matmul_t`.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.data.as_ptr(),
-            1,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            1,
-            b.row_stride as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
         );
     }
 }
