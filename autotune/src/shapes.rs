@@ -124,7 +124,9 @@ mod tests {
         let s = model_shapes(&c).expect("shapes");
         let nk: Vec<(usize, usize, usize)> = s.iter().map(|s| (s.n, s.k, s.groups)).collect();
         // The dense shapes of ../shared/BENCH_TARGETS.md, then the MLP and expert shapes.
-        for want in [(2112, 7168, 1), (24576, 1536, 1), (32768, 512, 1), (7168, 16384, 1), (4096, 7168, 256), (7168, 2048, 256)] {
+        for want in
+            [(2112, 7168, 1), (24576, 1536, 1), (32768, 512, 1), (7168, 16384, 1), (4096, 7168, 256), (7168, 2048, 256)]
+        {
             assert!(nk.contains(&want), "missing {want:?} in {nk:?}");
         }
         assert!(nk.contains(&(36864, 7168, 1)) && nk.contains(&(7168, 18432, 1)));

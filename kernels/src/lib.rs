@@ -1,1 +1,27 @@
-//! CUDA FP8 block-scaled GEMM kernels compiled at run time through NVRTC (issue 4; not yet implemented).
+//! fp8forge-kernels: FP8 block-scaled GEMM kernels for Hopper, compiled at run time with NVRTC
+//! (loaded dynamically through cudarc, so the crate builds and its CPU tests run where no CUDA is
+//! installed), launch wrappers that check every CUDA call, and CPU references of every kernel's
+//! exact contract.
+//!
+//! - [`config`]: the knobs of a kernel ([`GemmConfig`]), the one legality check ([`is_legal`]) and
+//!   the search space the autotuner enumerates ([`search_space`]).
+//! - [`reference`]: the contracts, on the CPU.
+//! - [`source`], [`nvrtc`], [`cache`]: program text, compilation to CUBIN, the disk cache.
+//! - [`cuda`], [`gemm`], [`cublaslt`]: the device, the launch wrappers, the cuBLASLt baselines.
+//! - [`problem`]: random quantized problems for tests and benchmarks; [`bench`]: the `bench gemm` method.
+
+pub mod bench;
+pub mod cache;
+pub mod config;
+pub mod cublaslt;
+pub mod cuda;
+mod error;
+pub mod gemm;
+pub mod nvrtc;
+pub mod problem;
+pub mod reference;
+pub mod source;
+
+pub use config::{Arch, GemmConfig, GemmShape, KernelKind, Multicast, Swizzle, Why, is_legal, search_space};
+pub use error::KernelError;
+pub use source::{KernelSpec, source_hash};

@@ -1,0 +1,169 @@
+//! The analytic cost model: predicted time of one kernel configuration on one shape and GPU,
+//! from waves and the tail wave, tile efficiency, bytes moved against FLOPs, and pipeline depth.
+//! It ranks the legal search space so that only the promising share is timed, and it alone fills
+//! the table under `--simulate`.
+
+use fp8forge_kernels::{GemmConfig, GemmShape, KernelKind, Multicast, is_legal};
+use serde::Serialize;
+
+use crate::gpu::GpuSpec;
+
+/// Bytes per clock each SM can pull from L2 (Hopper: a 128×128 FP8 tile needs 64 B/clk to keep the
+/// tensor cores busy, which is what large tiles with TMA reach).
+const L2_BYTES_PER_CLK_PER_SM: f64 = 64.0;
+/// Fixed cost of a launch and of filling the pipeline once, in microseconds.
+const LAUNCH_US: f64 = 3.0;
+/// mma.sync FP8 reaches about half the wgmma rate on Hopper.
+const MMA_SYNC_RATE: f64 = 0.5;
+
+/// What the model predicts for one configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Prediction {
+    /// Predicted time in microseconds.
+    pub us: f64,
+    /// Predicted TFLOP/s (2·M·N·K over the time).
+    pub tflops: f64,
+    /// CTA tiles.
+    pub tiles: usize,
+    /// Waves over the SMs (the last may be partial).
+    pub waves: usize,
+    /// Share of the SM slots busy over all waves (1.0: no tail).
+    pub wave_efficiency: f64,
+    /// True when HBM bandwidth, not the SMs, bounds the prediction.
+    pub memory_bound: bool,
+}
+
+/// Predicts the time of `cfg` on `shape` on `gpu` (the configuration should be legal for it).
+pub fn predict(gpu: &GpuSpec, cfg: &GemmConfig, shape: &GemmShape) -> Prediction {
+    let (bm, bn) = (cfg.block_m as f64, cfg.block_n as f64);
+    let clock = gpu.boost_mhz as f64 * 1e6;
+    let tiles = shape.m.div_ceil(cfg.block_m as usize) * shape.n.div_ceil(cfg.block_n as usize);
+    let cluster = cfg.cluster_size() as usize;
+    let slots = (gpu.sms as usize / cluster * cluster).max(1);
+    let waves = tiles.div_ceil(slots).max(1);
+    let kb = shape.k_blocks() as f64;
+
+    // Tensor-core time of one tile: the MMA at the per-SM peak, discounted for narrow tiles (fixed
+    // issue cost per wgmma) and for the promotion of each 128-K partial sum on the CUDA cores
+    // (overlapped with the other warpgroup's MMA when there are two, BLOCK_M >= 128).
+    let flop_per_clk = gpu.fp8_tflops * 1e12 / (gpu.sms as f64 * clock);
+    let (rate, promotion) = match cfg.kind {
+        KernelKind::Wgmma => (1.0, if cfg.block_m >= 128 { 0.06 } else { 0.15 }),
+        KernelKind::MmaSync { .. } => (MMA_SYNC_RATE, 0.10),
+    };
+    let issue = bn / (bn + 16.0);
+    let mma_s = kb * 2.0 * bm * bn * 128.0 / (flop_per_clk * rate * issue) * (1.0 + promotion) / clock;
+
+    // Operand bytes one tile pulls into its SM per 128-K block; a multicast operand is shared by
+    // the two CTAs of a cluster, each loading half.
+    let (a_share, b_share) = match cfg.multicast {
+        Multicast::None => (1.0, 1.0),
+        Multicast::A => (0.5, 1.0),
+        Multicast::B => (1.0, 0.5),
+    };
+    let load_bytes = kb * ((bm * a_share + bn * b_share) * 128.0 + 4.0 * (bm + 1.0));
+    let store_bytes = bm * bn * 2.0;
+    let sm_bw = L2_BYTES_PER_CLK_PER_SM * clock;
+    let load_s = (load_bytes + store_bytes) / sm_bw;
+    // A shallow pipeline cannot hide the load latency behind the MMA.
+    let overlap = match cfg.stages {
+        0..=2 => 0.75,
+        3 => 0.9,
+        _ => 1.0,
+    };
+    // Wave by wave: each wave takes its tiles' time, or the HBM time of the bytes its tiles read
+    // for the first time (A and B read once overall; L2 serves the re-reads), whichever is longer.
+    // A shallow pipeline keeps fewer bytes in flight, which slows both.
+    let tile_s = mma_s.max(load_s);
+    let hbm_per_tile_s = shape.min_bytes() / tiles as f64 / (gpu.hbm_gbps * 1e9);
+    let (mut total_s, mut hbm_bound_s) = (0.0, 0.0);
+    for w in 0..waves {
+        let in_wave = (tiles - w * slots).min(slots) as f64;
+        let hbm_s = hbm_per_tile_s * in_wave;
+        total_s += tile_s.max(hbm_s) / overlap;
+        if hbm_s > tile_s {
+            hbm_bound_s += hbm_s;
+        }
+    }
+    let s = total_s + LAUNCH_US * 1e-6;
+    let memory_bound = hbm_bound_s * 2.0 > total_s;
+    Prediction {
+        us: s * 1e6,
+        tflops: shape.flops() / s / 1e12,
+        tiles,
+        waves,
+        wave_efficiency: tiles as f64 / (waves * slots) as f64,
+        memory_bound,
+    }
+}
+
+/// The legal configurations of `space` for `shape`, best predicted first (ties broken by id, so
+/// the order is the same run to run).
+pub fn rank(gpu: &GpuSpec, shape: &GemmShape, space: &[GemmConfig]) -> Vec<(GemmConfig, Prediction)> {
+    let mut v: Vec<(GemmConfig, Prediction)> =
+        space.iter().filter(|c| is_legal(c, shape).is_ok()).map(|c| (*c, predict(gpu, c, shape))).collect();
+    v.sort_by(|a, b| a.1.us.total_cmp(&b.1.us).then_with(|| a.0.id().cmp(&b.0.id())));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::by_id;
+    use fp8forge_kernels::{Arch, search_space};
+
+    fn h100() -> &'static GpuSpec {
+        by_id("h100-sxm").expect("h100 in table")
+    }
+
+    #[test]
+    fn a_tail_wave_costs_a_whole_wave() {
+        // M = 128, N = 133·128: BLOCK_N 128 gives 133 tiles on 132 SMs (2 waves), BLOCK_N 136
+        // gives 126 tiles (1 wave); the wider tile must win although each tile is a bit larger.
+        let shape = GemmShape::dense(128, 133 * 128, 7168);
+        let a = predict(h100(), &GemmConfig::wgmma(128, 128, 4, Multicast::None), &shape);
+        let b = predict(h100(), &GemmConfig::wgmma(128, 136, 4, Multicast::None), &shape);
+        assert_eq!((a.tiles, a.waves), (133, 2));
+        assert_eq!((b.tiles, b.waves), (126, 1));
+        assert!(b.us < 0.7 * a.us, "{b:?} vs {a:?}");
+        assert!((a.wave_efficiency - 133.0 / 264.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn hand_worked_compute_bound_time() {
+        // 4096 x 7168 x 7168 with 128x128 tiles: 32·56 = 1792 tiles, 14 waves on 132 SMs. One tile:
+        // 56 K-blocks × 2·128·128·128 flop at 1979e12 / 132 / 1.98e9 = 7572 flop/clk, issue
+        // 128/144, promotion +6%: 56 · 4,194,304 / (7572 · 0.8889) · 1.06 / 1.98e9 = 18.7 µs.
+        let shape = GemmShape::dense(4096, 7168, 7168);
+        let p = predict(h100(), &GemmConfig::wgmma(128, 128, 4, Multicast::None), &shape);
+        let flop_per_clk = 1979e12 / (132.0 * 1.98e9);
+        let tile = 56.0 * 2.0 * 128.0 * 128.0 * 128.0 / (flop_per_clk * (128.0 / 144.0)) * 1.06 / 1.98e9;
+        let want = 14.0 * tile * 1e6 + LAUNCH_US;
+        assert!((p.us - want).abs() < 1e-6 * want, "{} vs {want}", p.us);
+        assert!(!p.memory_bound);
+    }
+
+    #[test]
+    fn small_m_is_memory_bound_and_shallow_pipelines_lose() {
+        let shape = GemmShape::dense(64, 7168, 16384);
+        let deep = predict(h100(), &GemmConfig::wgmma(64, 64, 4, Multicast::None), &shape);
+        let shallow = predict(h100(), &GemmConfig::wgmma(64, 64, 2, Multicast::None), &shape);
+        assert!(shallow.us > deep.us);
+        // 7168·16384 bytes of B must come from HBM at least once: 117 MB / 3.35 TB/s = 35 µs.
+        assert!(deep.us >= 35.0, "{deep:?}");
+    }
+
+    #[test]
+    fn ranking_is_legal_deterministic_and_prefers_big_tiles_at_large_m() {
+        let space = search_space(Arch::Sm90a);
+        let shape = GemmShape::dense(4096, 7168, 2048);
+        let r1 = rank(h100(), &shape, &space);
+        let r2 = rank(h100(), &shape, &space);
+        assert_eq!(r1, r2);
+        assert!(r1.iter().all(|(c, _)| is_legal(c, &shape).is_ok()));
+        assert!(r1.windows(2).all(|w| w[0].1.us <= w[1].1.us));
+        let best = r1[0].0;
+        assert!(best.block_m >= 128 && best.block_n >= 112, "best {best}");
+        assert!(matches!(best.kind, KernelKind::Wgmma));
+    }
+}

@@ -1,0 +1,595 @@
+//! `bench gemm`: our kernels next to cuBLASLt BF16 and FP8 block-scaled, timed the way
+//! BENCH_TARGETS.md measured its targets, so the numbers compare.
+//!
+//! Per shape: a random problem (activations N(0,1), weights N(0,0.02²), quantized with the
+//! contract's rules); each implementation first runs once on a NaN-poisoned output, which is
+//! checked in full for unwritten or non-finite values and on sampled rows against the f64
+//! reference of the dequantized operands (our kernel must pass, relative Frobenius error < 1e-2,
+//! before it is timed); then each implementation is captured as a CUDA graph of at least 20
+//! back-to-back calls cycling through enough copies of the operands to exceed 2 × L2, warmed up,
+//! and the graphs are replayed interleaved (ours, BF16, FP8, ours, ...) 7 times; the time of one
+//! call is the median replay over the calls per graph. TFLOP/s = 2·M·N·K / time; GB/s = the
+//! fewest bytes the GEMM must move (operands read once, D written once) / time.
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::config::{Arch, GemmConfig, GemmShape, KernelKind, Multicast, is_legal, search_space};
+use crate::cublaslt::{Baseline, CublasLt, LtArgs, LtPlan, activation_scales_for_cublas, weight_scales_for_cublas};
+use crate::cuda::{Device, DeviceBuffer, Graph};
+use crate::error::KernelError;
+use crate::gemm::{DEFAULT_RASTER_GROUP, GemmArgs, GemmKernel};
+use crate::problem::HostProblem;
+use crate::reference::{Comparison, compare, e4m3_table, f32_to_bf16, gemm_references};
+
+/// A NaN bf16 (all ones): what outputs are poisoned with before a checked run.
+pub const POISON: u16 = 0xFFFF;
+
+/// How to measure.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Calls captured back to back in one graph (at least 20).
+    pub calls_per_graph: u32,
+    /// Timed replays per implementation; the median is reported.
+    pub replays: u32,
+    /// Untimed replays first.
+    pub warmup_replays: u32,
+    /// The operand copies cycled through must exceed this many bytes (0: 2 × the device's L2).
+    pub rotate_bytes: u64,
+    /// Rows compared with the CPU reference (evenly spread, first and last included).
+    pub check_rows: usize,
+    /// Relative error our kernel must stay under.
+    pub tolerance: f64,
+    /// Seed of the random problem.
+    pub seed: u64,
+    /// Also time the cuBLASLt baselines.
+    pub baselines: bool,
+    /// Band height of our kernel's tile order.
+    pub raster_group: u32,
+}
+
+impl Default for BenchOptions {
+    fn default() -> BenchOptions {
+        BenchOptions {
+            calls_per_graph: 20,
+            replays: 7,
+            warmup_replays: 2,
+            rotate_bytes: 0,
+            check_rows: 64,
+            tolerance: 1e-2,
+            seed: 0x5EED,
+            baselines: true,
+            raster_group: DEFAULT_RASTER_GROUP,
+        }
+    }
+}
+
+/// One line of results (the `rows` of `bench gemm --json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    /// Rows of D (grouped: all experts' rows).
+    pub m: usize,
+    /// Columns of D.
+    pub n: usize,
+    /// K.
+    pub k: usize,
+    /// Number of B matrices: 1 dense, E grouped.
+    pub groups: usize,
+    /// `fp8forge`, `cublaslt_bf16` or `cublaslt_fp8_block`.
+    #[serde(rename = "impl")]
+    pub implementation: String,
+    /// Our configuration id, or `heuristic` for cuBLASLt.
+    pub config: String,
+    /// Median time of one call, microseconds (absent when the check failed or the implementation
+    /// could not run).
+    pub us: Option<f64>,
+    /// 2·M·N·K / time, TFLOP/s.
+    pub tflops: Option<f64>,
+    /// Minimum bytes / time, GB/s.
+    pub gbps: Option<f64>,
+    /// Relative Frobenius error on the checked rows against the f64 reference.
+    pub rel_err: Option<f64>,
+    /// Whether the output passed the check (every element written and finite, error under the
+    /// tolerance).
+    pub ok: bool,
+    /// Why the row has no time, if it has none.
+    pub error: Option<String>,
+}
+
+/// The shapes of BENCH_TARGETS.md: DeepSeek-V3's dense N×K at M = 64, 128, 4096, and the
+/// M-grouped MoE shapes (experts × tokens per expert).
+pub fn deepseek_v3_shapes() -> Vec<GemmShape> {
+    let nk = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)];
+    let mut out = Vec::new();
+    for m in [64, 128, 4096] {
+        for (n, k) in nk {
+            out.push(GemmShape::dense(m, n, k));
+        }
+    }
+    for (experts, tokens) in [(4, 8192), (8, 4096)] {
+        for (n, k) in [(4096, 7168), (7168, 2048)] {
+            out.push(GemmShape::grouped(experts * tokens, n, k, experts));
+        }
+    }
+    out
+}
+
+/// A configuration for `shape` when none is given: among the search space's legal wgmma (else
+/// mma.sync) configurations without multicast, the one with the fewest waves of tiles over `sms`,
+/// each tile's cost taken as its area plus its operand traffic (BM·BN + 64·(BM + BN)); ties go to
+/// the larger tile, then the deeper pipeline. A wave-count heuristic, not a tuner.
+pub fn heuristic_config(shape: &GemmShape, arch: Arch, sms: u32) -> Option<GemmConfig> {
+    let candidates: Vec<GemmConfig> = search_space(arch)
+        .into_iter()
+        .filter(|c| c.multicast == Multicast::None && is_legal(c, shape).is_ok())
+        .collect();
+    let wgmma: Vec<GemmConfig> = candidates.iter().copied().filter(|c| c.kind == KernelKind::Wgmma).collect();
+    let pool = if wgmma.is_empty() { candidates } else { wgmma };
+    let cost = |c: &GemmConfig| {
+        let (bm, bn) = (c.block_m as f64, c.block_n as f64);
+        let tiles = shape.m.div_ceil(c.block_m as usize) * shape.n.div_ceil(c.block_n as usize);
+        let waves = tiles.div_ceil(sms.max(1) as usize) as f64;
+        waves * (bm * bn + 64.0 * (bm + bn))
+    };
+    pool.into_iter().min_by(|a, b| {
+        cost(a)
+            .total_cmp(&cost(b))
+            .then((b.block_m * b.block_n).cmp(&(a.block_m * a.block_n)))
+            .then(b.stages.cmp(&a.stages))
+    })
+}
+
+/// Rows checked against the reference: up to `count` real (non-padding) rows, evenly spread,
+/// the first and last included.
+fn check_rows(p: &HostProblem, count: usize) -> Vec<usize> {
+    let real: Vec<usize> = match &p.m_indices {
+        Some(idx) => (0..p.shape.m).filter(|&r| idx[r] >= 0).collect(),
+        None => (0..p.shape.m).collect(),
+    };
+    if real.len() <= count.max(2) {
+        return real;
+    }
+    let count = count.max(2);
+    let mut rows: Vec<usize> = (0..count).map(|i| real[i * (real.len() - 1) / (count - 1)]).collect();
+    rows.dedup();
+    rows
+}
+
+/// The operands on the device, `copies` times over, each copy at a 256-byte aligned offset.
+struct Rotation<T> {
+    buf: DeviceBuffer<T>,
+    stride: usize,
+    len: usize,
+    copies: usize,
+}
+
+impl<T: Copy> Rotation<T> {
+    fn new(dev: &Device, host: &[T], copies: usize) -> Result<Rotation<T>, KernelError> {
+        let align = 256 / std::mem::size_of::<T>().max(1);
+        let stride = host.len().next_multiple_of(align.max(1)).max(1);
+        let buf = dev.alloc::<T>(stride * copies)?;
+        dev.copy_to_device(host, &buf.slice(0, host.len()))?;
+        for c in 1..copies {
+            dev.copy_on_device(&buf.slice(0, host.len()), &buf.slice(c * stride, host.len()))?;
+        }
+        Ok(Rotation { buf, stride, len: host.len(), copies })
+    }
+
+    fn get(&self, i: usize) -> crate::cuda::DeviceSlice<'_, T> {
+        self.buf.slice((i % self.copies) * self.stride, self.len)
+    }
+}
+
+/// Our operands (also what the cuBLASLt FP8 baseline reads, with its own scale layouts).
+struct Fp8Set {
+    a: Rotation<u8>,
+    sa: Rotation<f32>,
+    b: Rotation<u8>,
+    sb: Rotation<f32>,
+    d: Rotation<u16>,
+    m_indices: Option<DeviceBuffer<i32>>,
+}
+
+/// The three implementations, ready to enqueue call `i` (on operand copy `i`).
+enum Impl<'a> {
+    Ours { kernel: GemmKernel },
+    Lt { lt: &'a CublasLt, plans: Vec<(LtPlan, usize)>, baseline: Baseline },
+}
+
+struct LtOperands {
+    a: Rotation<u16>,
+    b: Rotation<u16>,
+    a_scales: Option<Rotation<f32>>,
+    b_scales: Option<Rotation<f32>>,
+    d: Rotation<u16>,
+}
+
+/// Benchmarks `shape`: our kernel in each of `configs` (a heuristic pick when empty) and, with
+/// `opts.baselines`, the cuBLASLt baselines.
+///
+/// # Errors
+///
+/// [`KernelError`] for a failure that stops the whole shape (no device memory, a failed CUDA
+/// call outside a kernel); an implementation that fails its check or cannot run gets a row with
+/// `ok: false` and the reason.
+pub fn bench_shape(
+    dev: &Device,
+    lt: Option<&CublasLt>,
+    shape: &GemmShape,
+    configs: &[GemmConfig],
+    opts: &BenchOptions,
+) -> Result<Vec<BenchRow>, KernelError> {
+    let arch =
+        dev.arch().ok_or_else(|| KernelError::NoDevice { detail: format!("{} is not sm_89/sm_90", dev.info.name) })?;
+    let configs: Vec<GemmConfig> = if configs.is_empty() {
+        heuristic_config(shape, arch, dev.info.sms).into_iter().collect()
+    } else {
+        configs.to_vec()
+    };
+    let problem = HostProblem::random(shape, opts.seed, &[])?;
+    let rows = check_rows(&problem, opts.check_rows);
+    let (_, reference) = gemm_references(shape, &problem.inputs(), Some(&rows))?;
+
+    let rotate = if opts.rotate_bytes == 0 { 2 * dev.info.l2_bytes } else { opts.rotate_bytes };
+    let set_bytes =
+        (problem.a.len() + problem.b.len() + 4 * (problem.sa.len() + problem.sb.len()) + 2 * shape.m * shape.n) as u64;
+    let copies = copies_for(rotate, set_bytes);
+    let fp8 = Fp8Set {
+        a: Rotation::new(dev, &problem.a, copies)?,
+        sa: Rotation::new(dev, &problem.sa, copies)?,
+        b: Rotation::new(dev, &problem.b, copies)?,
+        sb: Rotation::new(dev, &problem.sb, copies)?,
+        d: Rotation::new(dev, &vec![POISON; shape.m * shape.n], copies)?,
+        m_indices: problem.m_indices.as_ref().map(|i| dev.upload(i)).transpose()?,
+    };
+
+    let mut out = Vec::new();
+    let mut impls: Vec<(BenchRow, Impl)> = Vec::new();
+    for cfg in configs {
+        let mut row = empty_row(shape, "fp8forge", &cfg.id());
+        match GemmKernel::load(dev, cfg, shape.groups.is_some()) {
+            Ok(kernel) => impls.push((row, Impl::Ours { kernel })),
+            Err(e) => {
+                row.error = Some(e.to_string());
+                out.push(row);
+            }
+        }
+    }
+    let mut lt_ops: Vec<(Baseline, LtOperands)> = Vec::new();
+    if let (Some(lt), true) = (lt, opts.baselines) {
+        for baseline in [Baseline::Bf16, Baseline::Fp8Block] {
+            let mut row = empty_row(shape, baseline.name(), "heuristic");
+            match lt_setup(dev, lt, &problem, baseline, rotate) {
+                Ok((plans, ops)) => {
+                    impls.push((row, Impl::Lt { lt, plans, baseline }));
+                    lt_ops.push((baseline, ops));
+                }
+                Err(e) => {
+                    row.error = Some(e.to_string());
+                    out.push(row);
+                }
+            }
+        }
+    }
+
+    // Check each implementation once on a poisoned output.
+    let mut timed: Vec<(BenchRow, Graph)> = Vec::new();
+    for (mut row, imp) in impls {
+        let enqueue = |i: usize| -> Result<(), KernelError> {
+            match &imp {
+                Impl::Ours { kernel } => {
+                    let args = GemmArgs {
+                        a: fp8.a.get(i),
+                        sa: fp8.sa.get(i),
+                        b: fp8.b.get(i),
+                        sb: fp8.sb.get(i),
+                        d: fp8.d.get(i),
+                        m_indices: fp8.m_indices.as_ref().map(|b| b.all()),
+                    };
+                    kernel.launch(dev, shape, &args, opts.raster_group)
+                }
+                Impl::Lt { lt, plans, baseline } => {
+                    let Some((_, ops)) = lt_ops.iter().find(|(b, _)| b == baseline) else {
+                        return Err(KernelError::Input { what: "baseline", detail: "operands missing".into() });
+                    };
+                    lt_enqueue(dev, lt, plans, ops, &fp8, *baseline, shape, i)
+                }
+            }
+        };
+        let d0 = match &imp {
+            Impl::Ours { .. } => fp8.d.get(0),
+            Impl::Lt { baseline, .. } => match lt_ops.iter().find(|(b, _)| b == baseline) {
+                Some((_, ops)) => ops.d.get(0),
+                None => continue,
+            },
+        };
+        let check = (|| -> Result<Comparison, KernelError> {
+            dev.fill_u16(&d0, POISON)?;
+            enqueue(0)?;
+            dev.synchronize()?;
+            let mut host = vec![0u16; shape.m * shape.n];
+            dev.copy_to_host(&d0, &mut host)?;
+            let non_finite = host.par_iter().filter(|&&v| !crate::reference::bf16_to_f32(v).is_finite()).count();
+            let sampled: Vec<u16> =
+                rows.iter().flat_map(|&r| host[r * shape.n..(r + 1) * shape.n].iter().copied()).collect();
+            let mut c = compare(&sampled, &reference)?;
+            if c.non_finite == 0 && non_finite > 0 {
+                c.non_finite = non_finite;
+            }
+            Ok(c)
+        })();
+        match check {
+            Ok(c) => {
+                row.rel_err = Some(c.rel_err);
+                row.ok = c.passes(opts.tolerance);
+                if !row.ok {
+                    row.error = Some(format!(
+                        "check failed: relative error {:.3e}, {} non-finite outputs",
+                        c.rel_err, c.non_finite
+                    ));
+                    if matches!(imp, Impl::Ours { .. }) {
+                        out.push(row);
+                        continue;
+                    }
+                }
+            }
+            Err(e) => {
+                row.error = Some(e.to_string());
+                out.push(row);
+                continue;
+            }
+        }
+        let calls = opts.calls_per_graph.max(20) as usize;
+        match dev.capture(|| (0..calls).try_for_each(&enqueue)) {
+            Ok(g) => timed.push((row, g)),
+            Err(e) => {
+                row.error = Some(format!("graph capture: {e}"));
+                out.push(row);
+            }
+        }
+    }
+
+    // Warm up, then replay interleaved.
+    let (start, end) = (dev.event()?, dev.event()?);
+    for _ in 0..opts.warmup_replays {
+        for (_, g) in &timed {
+            dev.replay(g)?;
+        }
+    }
+    dev.synchronize()?;
+    let calls = opts.calls_per_graph.max(20) as f64;
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); timed.len()];
+    for _ in 0..opts.replays.max(1) {
+        for (i, (_, g)) in timed.iter().enumerate() {
+            dev.record(&start)?;
+            dev.replay(g)?;
+            dev.record(&end)?;
+            samples[i].push(f64::from(dev.elapsed_ms(&start, &end)?) * 1e3 / calls);
+        }
+    }
+    for ((mut row, _), mut s) in timed.into_iter().zip(samples) {
+        s.sort_by(f64::total_cmp);
+        let us = s[s.len() / 2];
+        row.us = Some(us);
+        row.tflops = Some(shape.flops() / (us * 1e-6) / 1e12);
+        row.gbps = Some(shape.min_bytes() / (us * 1e-6) / 1e9);
+        out.push(row);
+    }
+    Ok(out)
+}
+
+fn copies_for(rotate: u64, set_bytes: u64) -> usize {
+    (rotate.div_ceil(set_bytes.max(1)) as usize).clamp(1, 64)
+}
+
+fn empty_row(shape: &GemmShape, implementation: &str, config: &str) -> BenchRow {
+    BenchRow {
+        m: shape.m,
+        n: shape.n,
+        k: shape.k,
+        groups: shape.experts(),
+        implementation: implementation.to_string(),
+        config: config.to_string(),
+        us: None,
+        tflops: None,
+        gbps: None,
+        rel_err: None,
+        ok: false,
+        error: None,
+    }
+}
+
+/// The experts' row ranges `(start, rows)` of a grouped problem (padding included), or the whole
+/// M for a dense one.
+fn expert_ranges(p: &HostProblem) -> Vec<(usize, usize)> {
+    match &p.m_indices {
+        None => vec![(0, p.shape.m)],
+        Some(idx) => {
+            let mut out: Vec<(usize, usize)> = Vec::new();
+            let mut start = 0;
+            for e in 0..p.shape.experts() as i32 {
+                // An expert's run: its rows, then padding up to the next 128-row boundary.
+                let end = idx.iter().rposition(|&x| x == e).map_or(start, |last| (last + 1).next_multiple_of(128));
+                out.push((start, end - start));
+                start = end;
+            }
+            out
+        }
+    }
+}
+
+fn lt_setup(
+    dev: &Device,
+    lt: &CublasLt,
+    p: &HostProblem,
+    baseline: Baseline,
+    rotate: u64,
+) -> Result<(Vec<(LtPlan, usize)>, LtOperands), KernelError> {
+    let shape = &p.shape;
+    let (m, n, k, kb, nb) = (shape.m, shape.n, shape.k, shape.k_blocks(), shape.n_blocks());
+    let ranges = expert_ranges(p);
+    let mut plans = Vec::new();
+    for (e, &(_, rows)) in ranges.iter().enumerate() {
+        if rows > 0 {
+            plans.push((lt.plan(baseline, rows, n, k)?, e));
+        }
+    }
+    match baseline {
+        Baseline::Bf16 => {
+            // The dequantized operands, rounded to bf16.
+            let lut = e4m3_table();
+            let a: Vec<u16> = (0..m * k)
+                .into_par_iter()
+                .map(|i| f32_to_bf16(lut[p.a[i] as usize] * p.sa[(i / k) * kb + (i % k) / 128]))
+                .collect();
+            let b: Vec<u16> = (0..p.b.len())
+                .into_par_iter()
+                .map(|i| {
+                    let (e, r, c) = (i / (n * k), (i / k) % n, i % k);
+                    f32_to_bf16(lut[p.b[i] as usize] * p.sb[(e * nb + r / 128) * kb + c / 128])
+                })
+                .collect();
+            let set = (2 * (a.len() + b.len() + m * n)) as u64;
+            let copies = copies_for(rotate, set);
+            Ok((
+                plans,
+                LtOperands {
+                    a: Rotation::new(dev, &a, copies)?,
+                    b: Rotation::new(dev, &b, copies)?,
+                    a_scales: None,
+                    b_scales: None,
+                    d: Rotation::new(dev, &vec![POISON; m * n], copies)?,
+                },
+            ))
+        }
+        Baseline::Fp8Block => {
+            // Per expert: its rows' activation scales M-fastest, its weight scales padded.
+            let mut a_scales = Vec::new();
+            for &(start, rows) in &ranges {
+                let (t, _) = activation_scales_for_cublas(&p.sa[start * kb..(start + rows) * kb], rows, kb);
+                a_scales.extend(t);
+            }
+            let mut b_scales = Vec::new();
+            for e in 0..shape.experts() {
+                b_scales.extend(weight_scales_for_cublas(&p.sb[e * nb * kb..(e + 1) * nb * kb], nb, kb));
+            }
+            let set = (p.a.len() + p.b.len() + 2 * m * n) as u64;
+            let copies = copies_for(rotate, set);
+            Ok((
+                plans,
+                LtOperands {
+                    a: Rotation::new(dev, &[0u16], 1)?,
+                    b: Rotation::new(dev, &[0u16], 1)?,
+                    a_scales: Some(Rotation::new(dev, &a_scales, copies)?),
+                    b_scales: Some(Rotation::new(dev, &b_scales, copies)?),
+                    d: Rotation::new(dev, &vec![POISON; m * n], copies)?,
+                },
+            ))
+        }
+    }
+}
+
+/// Enqueues baseline call `i`: one cuBLASLt matmul per expert (one for a dense shape).
+#[allow(clippy::too_many_arguments)]
+fn lt_enqueue(
+    dev: &Device,
+    lt: &CublasLt,
+    plans: &[(LtPlan, usize)],
+    ops: &LtOperands,
+    fp8: &Fp8Set,
+    baseline: Baseline,
+    shape: &GemmShape,
+    i: usize,
+) -> Result<(), KernelError> {
+    let (n, k, kb, nb) = (shape.n, shape.k, shape.k_blocks(), shape.n_blocks());
+    let kb4 = kb.next_multiple_of(4);
+    let d = ops.d.get(i);
+    let mut row0 = 0usize;
+    let mut a_scale_off = 0usize;
+    for (plan, e) in plans {
+        let rows = plan.m;
+        let d_e = ops.d.buf.slice((i % ops.d.copies) * ops.d.stride + row0 * n, rows * n);
+        debug_assert!(d_e.len() <= d.len());
+        let args = match baseline {
+            Baseline::Bf16 => LtArgs {
+                a: ops.a.get(i).ptr() + (row0 * k * 2) as u64,
+                b: ops.b.get(i).ptr() + (e * n * k * 2) as u64,
+                d: d_e,
+                a_scales: 0,
+                b_scales: 0,
+            },
+            Baseline::Fp8Block => {
+                let (Some(sa), Some(sb)) = (&ops.a_scales, &ops.b_scales) else {
+                    return Err(KernelError::Input { what: "baseline", detail: "FP8 scales missing".into() });
+                };
+                LtArgs {
+                    a: fp8.a.get(i).ptr() + (row0 * k) as u64,
+                    b: fp8.b.get(i).ptr() + (e * n * k) as u64,
+                    d: d_e,
+                    a_scales: sa.get(i).ptr() + (a_scale_off * 4) as u64,
+                    b_scales: sb.get(i).ptr() + (e * nb * kb4 * 4) as u64,
+                }
+            }
+        };
+        lt.run(dev, plan, &args)?;
+        a_scale_off += rows.next_multiple_of(4) * kb;
+        row0 += rows;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deepseek_shapes_are_legal_for_some_wgmma_config() {
+        let shapes = deepseek_v3_shapes();
+        assert_eq!(shapes.len(), 22);
+        for s in &shapes {
+            let c = heuristic_config(s, Arch::Sm90a, 132).unwrap_or_else(|| panic!("no config for {s}"));
+            assert_eq!(c.kind, KernelKind::Wgmma, "{s}");
+            assert_eq!(is_legal(&c, s), Ok(()));
+        }
+    }
+
+    #[test]
+    fn heuristic_prefers_one_full_wave() {
+        // 4096 x 7168: BM = 128 gives 32 row tiles; 32 x 56 = 1792 tiles of 128 x 128.
+        let c = heuristic_config(&GemmShape::dense(4096, 7168, 2048), Arch::Sm90a, 132).unwrap();
+        assert!(c.block_m >= 128, "{c}");
+        // M = 64: one row of tiles, BM = 64.
+        let c = heuristic_config(&GemmShape::dense(64, 7168, 2048), Arch::Sm90a, 132).unwrap();
+        assert_eq!(c.block_m, 64, "{c}");
+        // Without wgmma (sm_89) the heuristic falls back to mma.sync.
+        let c = heuristic_config(&GemmShape::dense(64, 7168, 2048), Arch::Sm89, 128).unwrap();
+        assert!(matches!(c.kind, KernelKind::MmaSync { .. }));
+    }
+
+    #[test]
+    fn rotation_covers_twice_the_l2() {
+        assert_eq!(copies_for(120 << 20, 50 << 20), 3);
+        assert_eq!(copies_for(120 << 20, 500 << 20), 1);
+        assert_eq!(copies_for(120 << 20, 1), 64);
+    }
+
+    #[test]
+    fn check_rows_skip_padding_and_keep_the_ends() {
+        let shape = GemmShape::grouped(512, 8, 128, 2);
+        let p = HostProblem::random(&shape, 1, &[100]).unwrap();
+        let rows = check_rows(&p, 8);
+        let idx = p.m_indices.as_ref().unwrap();
+        assert!(rows.iter().all(|&r| idx[r] >= 0));
+        assert_eq!(rows[0], 0);
+        assert_eq!(*rows.last().unwrap(), 511);
+        let dense = HostProblem::random(&GemmShape::dense(3, 8, 128), 1, &[]).unwrap();
+        assert_eq!(check_rows(&dense, 64), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn expert_ranges_tile_the_rows() {
+        let shape = GemmShape::grouped(640, 8, 128, 3);
+        let p = HostProblem::random(&shape, 1, &[100, 200]).unwrap();
+        assert_eq!(expert_ranges(&p), vec![(0, 128), (128, 256), (384, 256)]);
+    }
+}

@@ -1,0 +1,128 @@
+//! The on-disk compile cache: `$FP8FORGE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/fp8forge/kernels/`,
+//! else `~/.cache/fp8forge/kernels/`. One `<key>.cubin` (and `<key>.log`) per variant, the key
+//! being sha256 of the program text, the NVRTC options, the target architecture and the NVRTC
+//! version; files are written to a temporary name and renamed, so a reader never sees half a
+//! file. The cache is best effort: a directory that cannot be written only costs a recompile.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::config::Arch;
+use crate::error::KernelError;
+use crate::nvrtc::{self, Compiled, ResourceUsage};
+use crate::source::{KernelSpec, compile_options, hex};
+
+/// The cache directory, if a home for it is known.
+pub fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("FP8FORGE_KERNEL_CACHE").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(d));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").filter(|d| !d.is_empty()).map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("fp8forge").join("kernels"))
+}
+
+/// The cache key of `spec` built for `arch` by NVRTC `nvrtc_version`.
+pub fn cache_key(spec: &KernelSpec, arch: Arch, nvrtc_version: (i32, i32)) -> String {
+    let mut h = Sha256::new();
+    let mut put = |s: &str| {
+        h.update((s.len() as u64).to_le_bytes());
+        h.update(s.as_bytes());
+    };
+    put(&spec.source());
+    for o in compile_options(arch) {
+        put(&o);
+    }
+    put(arch.nvrtc_name());
+    put(&format!("nvrtc {}.{}", nvrtc_version.0, nvrtc_version.1));
+    hex(&h.finalize())
+}
+
+/// Compiles `spec` for `arch`, or reads it from the cache.
+///
+/// # Errors
+///
+/// As [`nvrtc::compile`]; cache I/O errors are not errors (the kernel is compiled instead).
+pub fn compile_cached(spec: &KernelSpec, arch: Arch) -> Result<Compiled, KernelError> {
+    let version = nvrtc::version()?;
+    let Some(dir) = cache_dir() else { return nvrtc::compile(spec, arch) };
+    let key = cache_key(spec, arch, version);
+    let cubin_path = dir.join(format!("{key}.cubin"));
+    let log_path = dir.join(format!("{key}.log"));
+    if let (Ok(cubin), Ok(log)) = (fs::read(&cubin_path), fs::read_to_string(&log_path))
+        && !cubin.is_empty()
+    {
+        let resources = ResourceUsage::parse(&log);
+        return Ok(Compiled { cubin, log, resources });
+    }
+    let compiled = nvrtc::compile(spec, arch)?;
+    if fs::create_dir_all(&dir).is_ok() {
+        // The log first: a cubin is only trusted with its log beside it.
+        let _ =
+            write_atomic(&log_path, compiled.log.as_bytes()).and_then(|_| write_atomic(&cubin_path, &compiled.cubin));
+    }
+    Ok(compiled)
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
+///
+/// # Errors
+///
+/// [`KernelError::Cache`] naming the file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KernelError> {
+    let err = |source| KernelError::Cache { path: path.display().to_string(), source };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{GemmConfig, Multicast};
+
+    #[test]
+    fn keys_differ_by_config_arch_and_nvrtc_version() {
+        let a = KernelSpec::Gemm { config: GemmConfig::wgmma(128, 128, 4, Multicast::None), grouped: false };
+        let b = KernelSpec::Gemm { config: GemmConfig::wgmma(128, 136, 4, Multicast::None), grouped: false };
+        let g = KernelSpec::Gemm { config: GemmConfig::wgmma(128, 128, 4, Multicast::None), grouped: true };
+        let k = cache_key(&a, Arch::Sm90a, (13, 0));
+        assert_eq!(k, cache_key(&a, Arch::Sm90a, (13, 0)));
+        assert_ne!(k, cache_key(&b, Arch::Sm90a, (13, 0)));
+        assert_ne!(k, cache_key(&g, Arch::Sm90a, (13, 0)));
+        assert_ne!(k, cache_key(&a, Arch::Sm90, (13, 0)));
+        assert_ne!(k, cache_key(&a, Arch::Sm90a, (13, 2)));
+    }
+
+    #[test]
+    fn atomic_write_replaces_the_file_whole() {
+        let dir = std::env::temp_dir().join(format!("fp8forge-cache-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("x.cubin");
+        write_atomic(&p, b"first").unwrap();
+        write_atomic(&p, b"second").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"second");
+        let leftovers: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,329 @@
+//! cuBLASLt baselines for `bench gemm`: BF16 (`D = A·Bᵀ` on the dequantized operands) and FP8
+//! with DeepSeek block scaling (`CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F` on the activations,
+//! `..._BLK128x128_32F` on the weights, CUDA ≥ 12.9), through cudarc's cuBLASLt bindings (loaded
+//! dynamically, after checking that libcublasLt exists).
+//!
+//! cuBLAS is column-major, so the row-major `D[M, N] = A[M, K] · B[N, K]ᵀ` is computed as
+//! `Dᵀ[N, M] = op(B)·A` with cuBLAS's "A" = our B (`[N, K]` row-major = K×N column-major,
+//! transposed: the "TN" form FP8 requires) and cuBLAS's "B" = our A (K×M column-major).
+//!
+//! Scale layouts for the FP8 mode (as PyTorch's `_scaled_mm` hands them to cuBLASLt): the
+//! activations' 1×128 scales M-fastest, `[K/128][M4]` with M padded to a multiple of 4 (see
+//! [`activation_scales_for_cublas`]); the weights' 128×128 scales `[ceil(N/128)][KB4]`, K-blocks
+//! fastest with their count padded to a multiple of 4 (see [`weight_scales_for_cublas`]).
+
+use std::ffi::c_void;
+use std::ptr;
+
+use cudarc::cublaslt::sys as lt;
+
+use crate::cuda::{Device, DeviceBuffer, DeviceSlice};
+use crate::error::KernelError;
+
+fn check(call: &'static str, s: lt::cublasStatus_t) -> Result<(), KernelError> {
+    if s == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(KernelError::CublasLt { call, status: format!("{s:?}") })
+    }
+}
+
+/// Workspace handed to cuBLASLt, bytes.
+const WORKSPACE: usize = 32 << 20;
+
+/// A cuBLASLt handle and its workspace.
+pub struct CublasLt {
+    handle: lt::cublasLtHandle_t,
+    workspace: DeviceBuffer<u8>,
+}
+
+/// The baselines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Baseline {
+    /// BF16 × BF16 → BF16, f32 accumulation.
+    Bf16,
+    /// E4M3 × E4M3 → BF16 with 1×128 / 128×128 f32 block scales.
+    Fp8Block,
+}
+
+impl Baseline {
+    /// The `impl` name in `bench gemm --json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Baseline::Bf16 => "cublaslt_bf16",
+            Baseline::Fp8Block => "cublaslt_fp8_block",
+        }
+    }
+}
+
+/// One planned matmul: descriptors and the algorithm the heuristic chose.
+pub struct LtPlan {
+    desc: lt::cublasLtMatmulDesc_t,
+    a_layout: lt::cublasLtMatrixLayout_t,
+    b_layout: lt::cublasLtMatrixLayout_t,
+    d_layout: lt::cublasLtMatrixLayout_t,
+    algo: lt::cublasLtMatmulAlgo_t,
+    /// Which baseline.
+    pub baseline: Baseline,
+    /// Rows of D (our M).
+    pub m: usize,
+    /// Columns of D (our N).
+    pub n: usize,
+    /// K.
+    pub k: usize,
+}
+
+impl Drop for LtPlan {
+    fn drop(&mut self) {
+        // SAFETY: created by the matching create calls, destroyed once.
+        unsafe {
+            lt::cublasLtMatrixLayoutDestroy(self.a_layout);
+            lt::cublasLtMatrixLayoutDestroy(self.b_layout);
+            lt::cublasLtMatrixLayoutDestroy(self.d_layout);
+            lt::cublasLtMatmulDescDestroy(self.desc);
+        }
+    }
+}
+
+/// The device operands of one baseline call.
+#[derive(Clone, Copy, Debug)]
+pub struct LtArgs<'a> {
+    /// Our A: bf16 `[M, K]` (Bf16) or e4m3 `[M, K]` (Fp8Block), as raw bytes' device address.
+    pub a: u64,
+    /// Our B: bf16 or e4m3 `[N, K]`.
+    pub b: u64,
+    /// D: bf16 `[M, N]`.
+    pub d: DeviceSlice<'a, u16>,
+    /// Fp8Block: activation scales in cuBLAS's layout.
+    pub a_scales: u64,
+    /// Fp8Block: weight scales in cuBLAS's layout.
+    pub b_scales: u64,
+}
+
+impl CublasLt {
+    /// Opens cuBLASLt on the device's context.
+    ///
+    /// # Errors
+    ///
+    /// [`KernelError::NoCublasLt`] when the library is missing, [`KernelError::CublasLt`],
+    /// [`KernelError::Cuda`].
+    pub fn new(dev: &Device) -> Result<CublasLt, KernelError> {
+        crate::nvrtc::library_loads("cublasLt").map_err(|tried| KernelError::NoCublasLt { tried })?;
+        let workspace = dev.alloc::<u8>(WORKSPACE)?;
+        let mut handle = ptr::null_mut();
+        // SAFETY: the library is loadable; valid out-pointer.
+        check("cublasLtCreate", unsafe { lt::cublasLtCreate(&mut handle) })?;
+        Ok(CublasLt { handle, workspace })
+    }
+
+    /// cuBLASLt's version number.
+    pub fn version(&self) -> usize {
+        // SAFETY: the library is loaded.
+        unsafe { lt::cublasLtGetVersion() }
+    }
+
+    /// Plans `D[M, N] = A[M, K]·B[N, K]ᵀ` for `baseline`.
+    ///
+    /// # Errors
+    ///
+    /// [`KernelError::CublasLt`], including `CUBLAS_STATUS_NOT_SUPPORTED` when no algorithm
+    /// serves the problem (e.g. block scaling on a cuBLASLt older than 12.9).
+    pub fn plan(&self, baseline: Baseline, m: usize, n: usize, k: usize) -> Result<LtPlan, KernelError> {
+        use lt::cublasLtMatmulDescAttributes_t as D;
+        let in_type = match baseline {
+            Baseline::Bf16 => lt::cudaDataType::CUDA_R_16BF,
+            Baseline::Fp8Block => lt::cudaDataType::CUDA_R_8F_E4M3,
+        };
+        // SAFETY: every handle is created here and owned by the returned plan (or destroyed on
+        // the error paths by LtPlan's Drop once constructed); attribute buffers outlive the calls.
+        unsafe {
+            let mut desc = ptr::null_mut();
+            check(
+                "cublasLtMatmulDescCreate",
+                lt::cublasLtMatmulDescCreate(
+                    &mut desc,
+                    lt::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    lt::cudaDataType::CUDA_R_32F,
+                ),
+            )?;
+            let mut plan = LtPlan {
+                desc,
+                a_layout: ptr::null_mut(),
+                b_layout: ptr::null_mut(),
+                d_layout: ptr::null_mut(),
+                algo: std::mem::zeroed(),
+                baseline,
+                m,
+                n,
+                k,
+            };
+            let set = |attr: D, v: &u32| -> Result<(), KernelError> {
+                check(
+                    "cublasLtMatmulDescSetAttribute",
+                    lt::cublasLtMatmulDescSetAttribute(plan.desc, attr, (v as *const u32).cast(), 4),
+                )
+            };
+            let (op_t, op_n) = (1u32, 0u32);
+            set(D::CUBLASLT_MATMUL_DESC_TRANSA, &op_t)?;
+            set(D::CUBLASLT_MATMUL_DESC_TRANSB, &op_n)?;
+            if baseline == Baseline::Fp8Block {
+                let blk = lt::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F as u32;
+                let vec = lt::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F as u32;
+                set(D::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &blk)?;
+                set(D::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &vec)?;
+            }
+            // cuBLAS A: K×N column-major (our B), ld K; B: K×M (our A), ld K; D: N×M, ld N.
+            check(
+                "cublasLtMatrixLayoutCreate(A)",
+                lt::cublasLtMatrixLayoutCreate(&mut plan.a_layout, in_type, k as u64, n as u64, k as i64),
+            )?;
+            check(
+                "cublasLtMatrixLayoutCreate(B)",
+                lt::cublasLtMatrixLayoutCreate(&mut plan.b_layout, in_type, k as u64, m as u64, k as i64),
+            )?;
+            check(
+                "cublasLtMatrixLayoutCreate(D)",
+                lt::cublasLtMatrixLayoutCreate(
+                    &mut plan.d_layout,
+                    lt::cudaDataType::CUDA_R_16BF,
+                    n as u64,
+                    m as u64,
+                    n as i64,
+                ),
+            )?;
+            let mut pref = ptr::null_mut();
+            check("cublasLtMatmulPreferenceCreate", lt::cublasLtMatmulPreferenceCreate(&mut pref))?;
+            let ws = WORKSPACE as u64;
+            let r = lt::cublasLtMatmulPreferenceSetAttribute(
+                pref,
+                lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&ws as *const u64).cast(),
+                8,
+            );
+            let mut result: lt::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
+            let mut found = 0;
+            let h = lt::cublasLtMatmulAlgoGetHeuristic(
+                self.handle,
+                plan.desc,
+                plan.a_layout,
+                plan.b_layout,
+                plan.d_layout,
+                plan.d_layout,
+                pref,
+                1,
+                &mut result,
+                &mut found,
+            );
+            lt::cublasLtMatmulPreferenceDestroy(pref);
+            check("cublasLtMatmulPreferenceSetAttribute", r)?;
+            check("cublasLtMatmulAlgoGetHeuristic", h)?;
+            if found == 0 {
+                return Err(KernelError::CublasLt {
+                    call: "cublasLtMatmulAlgoGetHeuristic",
+                    status: "no algorithm for this problem".to_string(),
+                });
+            }
+            plan.algo = result.algo;
+            Ok(plan)
+        }
+    }
+
+    /// Enqueues one planned matmul on the device's stream.
+    ///
+    /// # Errors
+    ///
+    /// [`KernelError::BufferLength`] for a D of the wrong size, [`KernelError::CublasLt`].
+    pub fn run(&self, dev: &Device, plan: &LtPlan, args: &LtArgs) -> Result<(), KernelError> {
+        use lt::cublasLtMatmulDescAttributes_t as D;
+        if args.d.len() != plan.m * plan.n {
+            return Err(KernelError::BufferLength { what: "D", expected: plan.m * plan.n, got: args.d.len() });
+        }
+        let (alpha, beta) = (1f32, 0f32);
+        // SAFETY: the plan's descriptors are live; the addresses are device buffers of the sizes
+        // the plan describes (the caller's contract, D checked above); the scale pointers are set
+        // on the descriptor before the call that reads them.
+        unsafe {
+            if plan.baseline == Baseline::Fp8Block {
+                for (attr, p) in [
+                    (D::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, args.b_scales),
+                    (D::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, args.a_scales),
+                ] {
+                    check(
+                        "cublasLtMatmulDescSetAttribute(scale pointer)",
+                        lt::cublasLtMatmulDescSetAttribute(plan.desc, attr, (&p as *const u64).cast(), 8),
+                    )?;
+                }
+            }
+            check(
+                "cublasLtMatmul",
+                lt::cublasLtMatmul(
+                    self.handle,
+                    plan.desc,
+                    (&alpha as *const f32).cast(),
+                    args.b as *const c_void,
+                    plan.a_layout,
+                    args.a as *const c_void,
+                    plan.b_layout,
+                    (&beta as *const f32).cast(),
+                    args.d.ptr() as *const c_void,
+                    plan.d_layout,
+                    args.d.ptr() as *mut c_void,
+                    plan.d_layout,
+                    &plan.algo,
+                    self.workspace.all().ptr() as *mut c_void,
+                    WORKSPACE,
+                    dev.stream().cast(),
+                ),
+            )
+        }
+    }
+}
+
+impl Drop for CublasLt {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasLtCreate, destroyed once.
+        unsafe {
+            lt::cublasLtDestroy(self.handle);
+        }
+    }
+}
+
+/// Our activation scales `[M, KB]` (row-major) in cuBLASLt's VEC128_32F layout: `[KB][M4]`, M
+/// fastest, M padded to a multiple of 4 with zeros. Returns the buffer and M4.
+pub fn activation_scales_for_cublas(sa: &[f32], m: usize, kb: usize) -> (Vec<f32>, usize) {
+    let m4 = m.next_multiple_of(4);
+    let mut out = vec![0f32; kb * m4];
+    for r in 0..m {
+        for b in 0..kb {
+            out[b * m4 + r] = sa[r * kb + b];
+        }
+    }
+    (out, m4)
+}
+
+/// Our weight scales `[NB, KB]` (row-major) in cuBLASLt's BLK128x128_32F layout: `[NB][KB4]`,
+/// K-blocks fastest, their count padded to a multiple of 4 with zeros. Returns the buffer.
+pub fn weight_scales_for_cublas(sb: &[f32], nb: usize, kb: usize) -> Vec<f32> {
+    let kb4 = kb.next_multiple_of(4);
+    let mut out = vec![0f32; nb * kb4];
+    for i in 0..nb {
+        out[i * kb4..i * kb4 + kb].copy_from_slice(&sb[i * kb..(i + 1) * kb]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_layouts_for_cublas() {
+        // M = 3, KB = 2: sa[r][b] = 10 r + b.
+        let sa = [0.0, 1.0, 10.0, 11.0, 20.0, 21.0];
+        let (t, m4) = activation_scales_for_cublas(&sa, 3, 2);
+        assert_eq!(m4, 4);
+        assert_eq!(t, vec![0.0, 10.0, 20.0, 0.0, 1.0, 11.0, 21.0, 0.0]);
+        let sb = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        assert_eq!(weight_scales_for_cublas(&sb, 2, 3), vec![1.0, 2.0, 3.0, 0.0, 4.0, 5.0, 6.0, 0.0]);
+    }
+}

@@ -1,0 +1,149 @@
+//! The crate's one error type.
+
+use crate::config::Why;
+
+/// What went wrong in the kernels crate: a refused shape or configuration, a missing CUDA
+/// library, a compile failure, or a failed CUDA call.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// The configuration cannot run this shape (or cannot be built at all); the reason says why.
+    #[error("configuration {config} cannot run shape {shape}: {why}")]
+    Illegal {
+        /// The configuration id.
+        config: String,
+        /// The shape, as `MxNxK` (with `/E` experts for a grouped shape).
+        shape: String,
+        /// Why.
+        why: Why,
+    },
+    /// The shape itself is invalid for every kernel (zero sizes, K not a multiple of 128, ...).
+    #[error("invalid shape {shape}: {why}")]
+    Shape {
+        /// The shape, as `MxNxK`.
+        shape: String,
+        /// Why.
+        why: Why,
+    },
+    /// A host buffer given to a reference or a launch has the wrong length.
+    #[error("buffer {what} has {got} elements, expected {expected}")]
+    BufferLength {
+        /// Which buffer.
+        what: &'static str,
+        /// Elements expected.
+        expected: usize,
+        /// Elements given.
+        got: usize,
+    },
+    /// An input value is not usable (a non-finite activation, an expert index out of range, ...).
+    #[error("invalid input {what}: {detail}")]
+    Input {
+        /// Which input.
+        what: &'static str,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// No CUDA driver library (libcuda) could be loaded: there is no usable GPU here.
+    #[error("no CUDA device: the CUDA driver library could not be loaded (tried {detail})")]
+    NoCudaDriver {
+        /// The names tried.
+        detail: String,
+    },
+    /// The driver loaded but reports no device.
+    #[error("no CUDA device: {detail}")]
+    NoDevice {
+        /// What the driver said.
+        detail: String,
+    },
+    /// NVRTC (libnvrtc) could not be loaded, so no kernel can be compiled.
+    #[error(
+        "NVRTC not found: none of {tried} could be loaded; install it (kernels/ci/install_nvrtc.sh) and add its lib directory to LD_LIBRARY_PATH"
+    )]
+    NoNvrtc {
+        /// The library names tried.
+        tried: String,
+    },
+    /// cuBLASLt (libcublasLt) could not be loaded.
+    #[error("cuBLASLt not found (tried {tried})")]
+    NoCublasLt {
+        /// The library names tried.
+        tried: String,
+    },
+    /// NVRTC rejected a kernel; the log has the compiler's messages.
+    #[error("NVRTC failed to compile {kernel} for {arch}: {log}")]
+    Compile {
+        /// The kernel variant (name and configuration).
+        kernel: String,
+        /// The target architecture.
+        arch: String,
+        /// The compiler log.
+        log: String,
+    },
+    /// ptxas reported register spills or a stack frame for a kernel variant.
+    #[error(
+        "{kernel} spills registers for {arch}: {spill_stores} bytes spill stores, {spill_loads} bytes spill loads, {stack} bytes stack frame"
+    )]
+    Spill {
+        /// The kernel variant.
+        kernel: String,
+        /// The target architecture.
+        arch: String,
+        /// Bytes of spill stores.
+        spill_stores: u64,
+        /// Bytes of spill loads.
+        spill_loads: u64,
+        /// Bytes of stack frame.
+        stack: u64,
+    },
+    /// An NVRTC API call failed.
+    #[error("NVRTC call {call} failed: {status}")]
+    Nvrtc {
+        /// The call.
+        call: &'static str,
+        /// The status it returned.
+        status: String,
+    },
+    /// A CUDA driver API call (or a kernel launch) failed.
+    #[error("CUDA call {call} failed: {status}")]
+    Cuda {
+        /// The call (or the kernel launched).
+        call: String,
+        /// The error name and description from the driver.
+        status: String,
+    },
+    /// A cuBLASLt call failed.
+    #[error("cuBLASLt call {call} failed: status {status}")]
+    CublasLt {
+        /// The call.
+        call: &'static str,
+        /// The status it returned.
+        status: String,
+    },
+    /// Reading or writing the compile cache failed.
+    #[error("compile cache {path}: {source}")]
+    Cache {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+impl KernelError {
+    /// True when the error is the caller's input (a shape, a configuration, a buffer), as opposed
+    /// to the machine (no GPU, a failed CUDA call): the CLI exits 2 for these, 1 otherwise.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            KernelError::Illegal { .. }
+                | KernelError::Shape { .. }
+                | KernelError::BufferLength { .. }
+                | KernelError::Input { .. }
+        )
+    }
+
+    /// True when there is no GPU (or driver) to run on, so a GPU test or benchmark can say why it
+    /// was skipped.
+    pub fn is_no_device(&self) -> bool {
+        matches!(self, KernelError::NoCudaDriver { .. } | KernelError::NoDevice { .. })
+    }
+}
