@@ -266,3 +266,72 @@ fn unsupported_models_and_bad_tokens_exit_2_naming_the_problem() {
     a.extend(["--baseline".into(), s(&other)]);
     expect_eval_refused(&a, &["baseline", "differ"]);
 }
+
+/// Rewrites every BF16/F16 tensor of the single-file checkpoint in `src` as F32 (exact widening)
+/// into `dst`, config included.
+fn widen_to_f32(src: &Path, dst: &Path) {
+    use fp8forge_formats::{Dtype, PlannedTensor, SafetensorsFile, ShardWriter};
+    std::fs::create_dir_all(dst).expect("mkdir");
+    std::fs::copy(src.join("config.json"), dst.join("config.json")).expect("config");
+    let f = SafetensorsFile::open(&src.join("model.safetensors")).expect("open");
+    let widen = |t: &fp8forge_formats::TensorInfo| -> Vec<u8> {
+        let b = f.data(t);
+        match t.dtype {
+            Dtype::BF16 => {
+                b.chunks_exact(2).flat_map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32().to_le_bytes()).collect()
+            }
+            Dtype::F16 => {
+                b.chunks_exact(2).flat_map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32().to_le_bytes()).collect()
+            }
+            _ => b.to_vec(),
+        }
+    };
+    let planned: Vec<PlannedTensor> = f
+        .header()
+        .tensors
+        .iter()
+        .map(|t| PlannedTensor {
+            name: t.name.clone(),
+            dtype: if matches!(t.dtype, Dtype::BF16 | Dtype::F16) { Dtype::F32 } else { t.dtype },
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let mut w = ShardWriter::create(&dst.join("model.safetensors"), planned).expect("create");
+    for t in &f.header().tensors {
+        w.write_tensor(&t.name, &[&widen(t)]).expect("write");
+    }
+    w.finish().expect("finish");
+}
+
+#[test]
+fn f16_and_f32_checkpoints_evaluate_like_their_exact_bf16_source() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let tokens = s(&fixture("qwen3_moe").join("tokens.txt"));
+    let args = |d: &Path| vec![s(d), "--tokens".into(), tokens.clone(), "--ctx".into(), "64".into()];
+    // BF16 fixture -> F32: identical values, identical numbers.
+    let f32_dir = tmp.path().join("f32");
+    widen_to_f32(&fixture("qwen3_moe"), &f32_dir);
+    let a = eval_json(&args(&fixture("qwen3_moe")));
+    let b = eval_json(&args(&f32_dir));
+    assert_eq!(b["weights"], "f32");
+    assert_eq!(a["perplexity"], b["perplexity"], "BF16 and its exact F32 widening differ");
+    // An F16 checkpoint and its F32 widening.
+    let (mut specs, config) = model_specs(Arch::Qwen3Moe, 2, 4);
+    for sp in &mut specs {
+        if sp.1 == fp8forge_formats::Dtype::BF16 {
+            sp.1 = fp8forge_formats::Dtype::F16;
+        }
+    }
+    let f16_dir = tmp.path().join("f16");
+    write_checkpoint(&f16_dir, &specs, &config, 1, 3);
+    let f16_f32 = tmp.path().join("f16-f32");
+    widen_to_f32(&f16_dir, &f16_f32);
+    let toks = tmp.path().join("t.txt");
+    std::fs::write(&toks, (0..200u32).map(|i| ((i * 31) % 300).to_string()).collect::<Vec<_>>().join(" ")).expect("w");
+    let args = |d: &Path| vec![s(d), "--tokens".into(), s(&toks), "--ctx".into(), "64".into()];
+    let c = eval_json(&args(&f16_dir));
+    let d = eval_json(&args(&f16_f32));
+    assert_eq!(c["weights"], "f16");
+    assert!(c["perplexity"].as_f64().is_some_and(f64::is_finite));
+    assert_eq!(c["perplexity"], d["perplexity"], "F16 and its exact F32 widening differ");
+}
