@@ -68,6 +68,11 @@ enum Command {
     Demo(DemoArgs),
     /// Choose kernel tile shapes per GEMM shape and M for a GPU, into a YAML table (--simulate: by the cost model).
     Autotune(AutotuneArgs),
+    /// Benchmarks on the GPU at hand: ours vs cuBLASLt.
+    Bench {
+        #[command(subcommand)]
+        what: crate::bench::BenchWhat,
+    },
     /// Evaluate a model on text: perplexity, and against a baseline KL divergence, top-1 and routing agreement.
     Eval(EvalArgs),
 }
@@ -296,6 +301,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Eval(a) => run_eval(a),
         Command::Demo(a) => run_demo(a),
         Command::Autotune(a) => run_autotune(a),
+        Command::Bench { what } => Ok(crate::bench::run(what)),
     }
 }
 

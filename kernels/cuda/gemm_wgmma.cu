@@ -52,7 +52,7 @@ __device__ __forceinline__ void mbar_arrive(u32 bar) {
 __device__ __forceinline__ void mbar_arrive_cluster(u32 bar, u32 cta) {
     u32 remote;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(bar), "r"(cta));
-    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
 }
 __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
     u32 done;
@@ -64,18 +64,6 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
             : "memory");
     } while (!done);
 }
-__device__ __forceinline__ void mbar_wait_cluster(u32 bar, u32 parity) {
-    u32 done;
-    do {
-        asm volatile(
-            "{ .reg .pred p; mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2; "
-            "selp.u32 %0, 1, 0, p; }"
-            : "=r"(done)
-            : "r"(bar), "r"(parity)
-            : "memory");
-    } while (!done);
-}
-
 __device__ __forceinline__ void tma_load_2d(u32 dst, const TmaDesc* map, u32 bar, int x, int y) {
     asm volatile(
         "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
@@ -211,11 +199,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
                 for (int kb = 0; kb < KB; ++kb, ++it) {
                     const int s = it % STAGES;
                     const u32 ph = (u32)(it / STAGES) & 1u;
-#if CLUSTER == 2
-                    mbar_wait_cluster(empty_bar + 8 * s, ph ^ 1u);
-#else
                     mbar_wait(empty_bar + 8 * s, ph ^ 1u);
-#endif
                     const u32 fb = full_bar + 8 * s;
                     mbar_expect_tx(fb, STAGE_BYTES);
                     const u32 sa = base + s * STAGE_BYTES;
@@ -320,12 +304,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 
                 const int s = it % STAGES;
                 mbar_wait(full_bar + 8 * s, (u32)(it / STAGES) & 1u);
+                // The wait loop may leave a warp's threads apart; wgmma.*.aligned needs them together.
+                __syncwarp();
                 const u32 sa = base + s * STAGE_BYTES;
                 const u32 sb = sa + A_BYTES;
 #pragma unroll
                 for (int sl = 0; sl < SLABS; ++sl) {
 #pragma unroll
                     for (int i = 0; i < NACC; ++i) fence_reg(part[i]);
+                    __syncwarp();
                     wgmma_fence();
 #pragma unroll
                     for (int j = 0; j < 4; ++j) {
@@ -357,6 +344,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
                     mbar_arrive_cluster(empty_bar + 8 * s, peer);
 #endif
                 }
+                __syncwarp();
             }
 
             // Epilogue: bf16 straight from registers, bounds-checked.

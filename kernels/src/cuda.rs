@@ -422,7 +422,7 @@ impl Module {
     /// # Errors
     ///
     /// [`KernelError::Cuda`].
-    pub fn function(&self, name: &str, smem_bytes: u32) -> Result<Function<'_>, KernelError> {
+    pub fn function(&self, name: &str, smem_bytes: u32) -> Result<Function, KernelError> {
         let cname = CString::new(name)
             .map_err(|_| KernelError::Cuda { call: "cuModuleGetFunction".into(), status: "NUL in name".into() })?;
         let mut f = ptr::null_mut();
@@ -441,7 +441,7 @@ impl Module {
                 ),
             )?;
         }
-        Ok(Function { func: f, name: name.to_string(), _m: PhantomData })
+        Ok(Function { func: f, name: name.to_string(), _not_send: PhantomData })
     }
 }
 
@@ -454,11 +454,12 @@ impl Drop for Module {
     }
 }
 
-/// A kernel in a [`Module`].
-pub struct Function<'m> {
+/// A kernel in a [`Module`]; valid while that module is loaded (keep both together, as
+/// [`crate::gemm::GemmKernel`] does).
+pub struct Function {
     func: sys::CUfunction,
     name: String,
-    _m: PhantomData<&'m Module>,
+    _not_send: PhantomData<*const ()>,
 }
 
 /// A launch's geometry.
@@ -472,7 +473,7 @@ pub struct LaunchDims {
     pub smem: u32,
 }
 
-impl Function<'_> {
+impl Function {
     /// Launches the kernel on the device's stream; `params` points at each argument's value.
     /// The launch's own error is checked here; an error during execution surfaces at the next
     /// synchronization.

@@ -56,7 +56,7 @@ pub enum KernelError {
     },
     /// NVRTC (libnvrtc) could not be loaded, so no kernel can be compiled.
     #[error(
-        "NVRTC not found: none of {tried} could be loaded; install it (kernels/ci/install_nvrtc.sh) and add its lib directory to LD_LIBRARY_PATH"
+        "NVRTC not found (tried {tried}); kernels/ci/install_nvrtc.sh installs it and prints the LD_LIBRARY_PATH to export"
     )]
     NoNvrtc {
         /// The library names tried.

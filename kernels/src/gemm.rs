@@ -73,8 +73,12 @@ pub struct GemmKernel {
     pub grouped: bool,
     /// ptxas's report for the variant.
     pub resources: ResourceUsage,
-    module: Module,
+    func: Function,
+    /// Clusters of two that can be resident at once (multicast variants), if the driver said.
+    max_clusters: Option<u32>,
     arch: Arch,
+    // Last: the function handle above is only valid while the module is loaded.
+    _module: Module,
 }
 
 impl GemmKernel {
@@ -103,7 +107,15 @@ impl GemmKernel {
         let spec = KernelSpec::Gemm { config, grouped };
         let compiled = compile_cached(&spec, arch)?;
         let module = dev.load_module(&compiled.cubin)?;
-        Ok(GemmKernel { config, grouped, resources: compiled.resources, module, arch })
+        let func = module.function(spec.entry(), config.smem_bytes())?;
+        // Queried once here: no driver query may run inside a stream capture.
+        let max_clusters = (config.cluster_size() == 2)
+            .then(|| {
+                let dims = LaunchDims { grid: dev.info.sms & !1, block: config.threads(), smem: config.smem_bytes() };
+                func.max_active_clusters(dev, dims, 2)
+            })
+            .flatten();
+        Ok(GemmKernel { config, grouped, resources: compiled.resources, func, max_clusters, arch, _module: module })
     }
 
     /// The architecture the variant was built for.
@@ -111,18 +123,9 @@ impl GemmKernel {
         self.arch
     }
 
-    fn function(&self) -> Result<Function<'_>, KernelError> {
-        let name = KernelSpec::Gemm { config: self.config, grouped: self.grouped }.entry();
-        self.module.function(name, self.config.smem_bytes())
-    }
-
     /// The launch geometry for `shape` on `dev`: the persistent grid (wgmma: at most one CTA, or
     /// one cluster, per SM that can be resident) or one CTA per tile (mma.sync).
-    ///
-    /// # Errors
-    ///
-    /// [`KernelError::Cuda`].
-    pub fn dims(&self, dev: &Device, shape: &GemmShape) -> Result<LaunchDims, KernelError> {
+    pub fn dims(&self, dev: &Device, shape: &GemmShape) -> LaunchDims {
         let c = &self.config;
         let tiles = shape.m.div_ceil(c.block_m as usize) * shape.n.div_ceil(c.block_n as usize);
         let (block, smem) = (c.threads(), c.smem_bytes());
@@ -131,13 +134,11 @@ impl GemmKernel {
             KernelKind::Wgmma if c.cluster_size() == 1 => (tiles as u32).min(dev.info.sms),
             KernelKind::Wgmma => {
                 let pairs = (tiles / 2) as u32;
-                let f = self.function()?;
-                let dims = LaunchDims { grid: dev.info.sms & !1, block, smem };
-                let resident = f.max_active_clusters(dev, dims, 2).unwrap_or(dev.info.sms / 2);
+                let resident = self.max_clusters.unwrap_or(dev.info.sms / 2);
                 2 * pairs.min(resident).max(1)
             }
         };
-        Ok(LaunchDims { grid: grid.max(1), block, smem })
+        LaunchDims { grid: grid.max(1), block, smem }
     }
 
     /// Launches `D = A × Bᵀ` for `shape` on the device's stream (asynchronously; an error during
@@ -167,8 +168,8 @@ impl GemmKernel {
             });
         }
         args.validate(shape)?;
-        let dims = self.dims(dev, shape)?;
-        let f = self.function()?;
+        let dims = self.dims(dev, shape);
+        let f = &self.func;
         let (mut sa, mut sb, mut d) = (args.sa.ptr(), args.sb.ptr(), args.d.ptr());
         let mut idx = args.m_indices.map_or(0, |s| s.ptr());
         let (mut m, mut n, mut k) = (shape.m as i32, shape.n as i32, shape.k as i32);
@@ -280,7 +281,9 @@ fn tensor_map_b(cfg: &GemmConfig, shape: &GemmShape, ptr: u64) -> Result<sys::CU
 pub struct ActQuantKernel {
     /// The scale format it writes.
     pub format: ScaleFormat,
-    module: Module,
+    func: Function,
+    // Last: the function handle above is only valid while the module is loaded.
+    _module: Module,
 }
 
 impl ActQuantKernel {
@@ -294,7 +297,9 @@ impl ActQuantKernel {
             .arch()
             .ok_or_else(|| KernelError::NoDevice { detail: format!("{} is not sm_89/sm_90", dev.info.name) })?;
         let compiled = compile_cached(&KernelSpec::ActQuant { format }, arch)?;
-        Ok(ActQuantKernel { format, module: dev.load_module(&compiled.cubin)? })
+        let module = dev.load_module(&compiled.cubin)?;
+        let func = module.function("fp8_act_quant", 0)?;
+        Ok(ActQuantKernel { format, func, _module: module })
     }
 
     /// Quantizes bf16 `x[m, k]` into `q[m, k]` and `scales[m, k/128]` (K a multiple of 128).
@@ -329,7 +334,6 @@ impl ActQuantKernel {
         }
         let groups = m * (k / 128);
         let dims = LaunchDims { grid: groups.div_ceil(8) as u32, block: 256, smem: 0 };
-        let f = self.module.function("fp8_act_quant", 0)?;
         let (mut xp, mut qp, mut sp) = (x.ptr(), q.ptr(), scales.ptr());
         let (mut mi, mut ki) = (m as i32, k as i32);
         let mut params: [*mut c_void; 5] = [
@@ -340,6 +344,6 @@ impl ActQuantKernel {
             (&mut ki as *mut i32).cast(),
         ];
         // SAFETY: matches fp8_act_quant(const u16*, u8*, float*, int, int); sizes checked above.
-        unsafe { f.launch(dev, dims, &mut params) }
+        unsafe { self.func.launch(dev, dims, &mut params) }
     }
 }

@@ -5,10 +5,10 @@
 //!
 //! - [`config`]: the knobs of a kernel ([`GemmConfig`]), the one legality check ([`is_legal`]) and
 //!   the search space the autotuner enumerates ([`search_space`]).
-//! - [`reference`]: the contracts, on the CPU.
+//! - [`reference`](mod@reference): the contracts, on the CPU.
 //! - [`source`], [`nvrtc`], [`cache`]: program text, compilation to CUBIN, the disk cache.
 //! - [`cuda`], [`gemm`], [`cublaslt`]: the device, the launch wrappers, the cuBLASLt baselines.
-//! - [`problem`]: random quantized problems for tests and benchmarks; [`bench`]: the `bench gemm` method.
+//! - [`problem`]: random quantized problems for tests and benchmarks; [`bench`](mod@bench): the `bench gemm` method.
 
 pub mod bench;
 pub mod cache;
