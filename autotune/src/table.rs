@@ -10,7 +10,7 @@ use crate::gpu::GpuSpec;
 use crate::model::rank;
 use crate::shapes::GemmShape as ModelShape;
 
-/// Experts per grouped launch when simulating MoE shapes (one GPU's share under expert parallelism).
+/// Experts per grouped launch when tuning MoE shapes (one GPU's share under expert parallelism).
 pub const SIM_EXPERTS: usize = 8;
 
 /// The default M buckets: powers of two from 1 to 4096.
@@ -63,6 +63,72 @@ pub struct Entry {
     /// What the shape is in the model (`experts.gate_up`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub what: String,
+    /// Measured entries: the candidates the tuner timed ...
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub timed: usize,
+    /// ... of this many legal ones.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub candidates: usize,
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
+}
+
+/// One tuning problem: a weight shape at one M bucket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    /// Output features.
+    pub n: usize,
+    /// Input features.
+    pub k: usize,
+    /// Experts in one grouped launch (1: dense).
+    pub experts: usize,
+    /// Rows (per expert for a grouped launch).
+    pub m: usize,
+    /// What the shape is in the model.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub what: String,
+}
+
+impl Problem {
+    /// The GEMM the kernels run for it ([`problem`]).
+    pub fn shape(&self) -> GemmShape {
+        problem(self.n, self.k, self.experts, self.m)
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "M={} {}x{}", self.m, self.n, self.k)?;
+        if self.experts > 1 {
+            write!(f, " x{} experts", self.experts)?;
+        }
+        if !self.what.is_empty() {
+            write!(f, " ({})", self.what)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every shape at every M, as tuning problems (grouped shapes with at most [`SIM_EXPERTS`]
+/// experts per launch). Shapes the kernels cannot run (K not a multiple of 128) are returned as
+/// skipped, with the reason.
+pub fn problems(shapes: &[ModelShape], ms: &[usize]) -> (Vec<Problem>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut skipped = Vec::new();
+    for s in shapes {
+        let experts = if s.groups > 1 { s.groups.min(SIM_EXPERTS) } else { 1 };
+        for &m in ms {
+            let p = Problem { n: s.n, k: s.k, experts, m, what: s.what.clone() };
+            if let Err(e) = p.shape().validate() {
+                skipped.push(format!("{} {}x{}: {e}", s.what, s.n, s.k));
+                break;
+            }
+            out.push(p);
+        }
+    }
+    (out, skipped)
 }
 
 /// A tuning table.
@@ -192,36 +258,28 @@ pub fn choose(
     rank(gpu, &problem(n, k, experts, m), &search_space(Arch::Sm90a)).first().map(|(c, _)| *c)
 }
 
-/// Fills a table from the cost model alone (`--simulate`): every shape at every M. Shapes the
-/// kernels cannot run (K not a multiple of 128) are returned as skipped.
-pub fn simulate(gpu: &GpuSpec, shapes: &[ModelShape], ms: &[usize]) -> (Table, Vec<String>) {
+/// Fills a table from the cost model alone (`--simulate`): every problem, the model's best.
+pub fn simulate(gpu: &GpuSpec, problems: &[Problem]) -> Table {
     let space = search_space(Arch::Sm90a);
     let mut t = Table::new(gpu);
-    let mut skipped = Vec::new();
-    for s in shapes {
-        let experts = if s.groups > 1 { s.groups.min(SIM_EXPERTS) } else { 1 };
-        for &m in ms {
-            let p = problem(s.n, s.k, experts, m);
-            if let Err(e) = p.validate() {
-                skipped.push(format!("{} {}x{}: {e}", s.what, s.n, s.k));
-                break;
-            }
-            if let Some((c, pred)) = rank(gpu, &p, &space).into_iter().next() {
-                t.insert(Entry {
-                    n: s.n,
-                    k: s.k,
-                    experts,
-                    m,
-                    config: c.id(),
-                    us: pred.us,
-                    tflops: pred.tflops,
-                    source: Source::Predicted,
-                    what: s.what.clone(),
-                });
-            }
+    for p in problems {
+        if let Some((c, pred)) = rank(gpu, &p.shape(), &space).into_iter().next() {
+            t.insert(Entry {
+                n: p.n,
+                k: p.k,
+                experts: p.experts,
+                m: p.m,
+                config: c.id(),
+                us: pred.us,
+                tflops: pred.tflops,
+                source: Source::Predicted,
+                what: p.what.clone(),
+                timed: 0,
+                candidates: 0,
+            });
         }
     }
-    (t, skipped)
+    t
 }
 
 #[cfg(test)]
@@ -245,8 +303,9 @@ mod tests {
     fn simulated_deepseek_tables_are_legal_deterministic_and_round_trip() {
         for gpu in ["h800", "h100-sxm"] {
             let g = by_id(gpu).expect("gpu");
-            let (t, skipped) = simulate(g, &deepseek(), &default_m());
+            let (list, skipped) = problems(&deepseek(), &default_m());
             assert!(skipped.is_empty(), "{skipped:?}");
+            let t = simulate(g, &list);
             assert_eq!(t.entries.len(), 10 * 13);
             for e in &t.entries {
                 let c: GemmConfig = e.config.parse().expect("config id parses");
@@ -254,7 +313,7 @@ mod tests {
                 assert_eq!(e.source, Source::Predicted);
                 assert!(e.us > 0.0 && e.tflops > 0.0 && e.tflops < g.fp8_tflops);
             }
-            let (again, _) = simulate(g, &deepseek(), &default_m());
+            let again = simulate(g, &list);
             assert_eq!(t.to_yaml(), again.to_yaml(), "{gpu}: not deterministic");
             let back: Table = serde_yaml::from_str(&t.to_yaml()).expect("yaml parses");
             assert_eq!(back, t);
@@ -275,6 +334,8 @@ mod tests {
             tflops: 1.0,
             source,
             what: String::new(),
+            timed: 0,
+            candidates: 0,
         };
         t.insert(e(64, Source::Measured, 10.0));
         t.insert(e(4096, Source::Predicted, 100.0));

@@ -93,21 +93,22 @@ fn fail(e: KernelError) -> (u8, String) {
 }
 
 fn run_gemm(a: &GemmArgs) -> Result<ExitCode, (u8, String)> {
-    let mut shapes: Vec<GemmShape> = a
+    // Each shape with its real tokens per expert (grouped --shape: M each).
+    let mut shapes: Vec<(GemmShape, Option<usize>)> = a
         .shapes
         .iter()
         .map(|&(m, n, k)| match a.groups {
-            Some(e) => GemmShape::grouped(e * m.next_multiple_of(128), n, k, e),
-            None => GemmShape::dense(m, n, k),
+            Some(e) => (GemmShape::grouped(e * m.next_multiple_of(128), n, k, e), Some(m)),
+            None => (GemmShape::dense(m, n, k), None),
         })
         .collect();
     if a.deepseek_v3 {
-        shapes.extend(deepseek_v3_shapes());
+        shapes.extend(deepseek_v3_shapes().into_iter().map(|s| (s, None)));
     }
     if shapes.is_empty() {
         return Err((2, "give --shape MxNxK (repeatable) or --deepseek-v3".to_string()));
     }
-    for s in &shapes {
+    for (s, _) in &shapes {
         s.validate().map_err(|why| (2, format!("shape {s}: {why}")))?;
     }
     let configs: Vec<GemmConfig> = a
@@ -146,7 +147,8 @@ fn run_gemm(a: &GemmArgs) -> Result<ExitCode, (u8, String)> {
         ..BenchOptions::default()
     };
     let mut rows = Vec::new();
-    for shape in &shapes {
+    for (shape, tokens) in &shapes {
+        let opts = BenchOptions { tokens_per_expert: *tokens, ..opts.clone() };
         let for_shape: Vec<GemmConfig> = if a.sweep {
             search_space(arch).into_iter().filter(|c| is_legal(c, shape).is_ok()).collect()
         } else {

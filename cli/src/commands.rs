@@ -66,8 +66,8 @@ enum Command {
     },
     /// The whole pipeline on the bundled tiny MoE: convert to FP8, evaluate against BF16 on held-out text, write the report.
     Demo(DemoArgs),
-    /// Choose kernel tile shapes per GEMM shape and M for a GPU, into a YAML table (--simulate: by the cost model).
-    Autotune(AutotuneArgs),
+    /// Choose kernel tile shapes per GEMM shape and M for a GPU, into a YAML table: measured on the GPU here, or predicted by the cost model (--simulate).
+    Autotune(crate::autotune::AutotuneArgs),
     /// Benchmarks on the GPU at hand: ours vs cuBLASLt.
     Bench {
         #[command(subcommand)]
@@ -111,42 +111,6 @@ struct EvalArgs {
     /// No progress bar and no summary.
     #[arg(long)]
     quiet: bool,
-}
-
-#[derive(clap::Args, Debug)]
-#[command(group(clap::ArgGroup::new("what").required(true).args(["model", "shape"])))]
-struct AutotuneArgs {
-    /// Model directory: every GEMM shape of its config.json.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// A weight shape NxK (repeatable); NxKxE for E experts in one grouped launch.
-    #[arg(long, value_parser = parse_nk)]
-    shape: Vec<(usize, usize, usize)>,
-    /// M values to tune (comma-separated).
-    #[arg(long, value_delimiter = ',', default_values_t = fp8forge_autotune::table::default_m())]
-    m: Vec<usize>,
-    /// GPU: auto (the one present) or h100-sxm, h100-pcie, h800-sxm (h800), h800-pcie, h200, h20.
-    #[arg(long, default_value = "auto")]
-    gpu: String,
-    /// Rank by the cost model alone, for a GPU that is not present; entries are marked predicted.
-    #[arg(long)]
-    simulate: bool,
-    /// Output table (YAML); an existing table of the same GPU and kernels is merged into.
-    #[arg(long)]
-    out: PathBuf,
-    /// Print one JSON object on stdout.
-    #[arg(long)]
-    json: bool,
-}
-
-fn parse_nk(s: &str) -> Result<(usize, usize, usize), String> {
-    let bad = || format!("invalid --shape {s:?}: expected NxK or NxKxE, e.g. 4096x7168 or 4096x7168x8");
-    let v: Vec<usize> = s.split(['x', 'X']).map(|p| p.trim().parse().map_err(|_| bad())).collect::<Result<_, _>>()?;
-    match v[..] {
-        [n, k] if n > 0 && k > 0 => Ok((n, k, 1)),
-        [n, k, e] if n > 0 && k > 0 && e > 0 => Ok((n, k, e)),
-        _ => Err(bad()),
-    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -300,63 +264,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, Failure> {
         }
         Command::Eval(a) => run_eval(a),
         Command::Demo(a) => run_demo(a),
-        Command::Autotune(a) => run_autotune(a),
+        Command::Autotune(a) => crate::autotune::run(a),
         Command::Bench { what } => Ok(crate::bench::run(what)),
     }
-}
-
-fn run_autotune(a: AutotuneArgs) -> Result<ExitCode, Failure> {
-    use fp8forge_autotune::{gpu, shapes, table};
-    let usage = |message: String| Failure { message, code: 2 };
-    if !a.simulate {
-        return Err(Failure {
-            message: "measuring needs the GPU benchmark harness, which is not built yet; \
-                      use --simulate --gpu ID to fill the table from the cost model"
-                .into(),
-            code: 1,
-        });
-    }
-    if a.gpu == "auto" {
-        return Err(usage("--simulate needs --gpu ID (h100-sxm, h100-pcie, h800-sxm, h800-pcie, h200, h20)".into()));
-    }
-    let g = gpu::by_id(&a.gpu).ok_or_else(|| usage(format!("unknown --gpu {:?}", a.gpu)))?;
-    let mut list: Vec<shapes::GemmShape> =
-        a.shape.iter().map(|&(n, k, groups)| shapes::GemmShape { n, k, groups, what: String::new() }).collect();
-    if let Some(dir) = &a.model {
-        let file = dir.join("config.json");
-        let v = fp8forge_formats::checkpoint::read_json(&file).map_err(|e| usage(e.to_string()))?;
-        list.extend(shapes::model_shapes(&v).map_err(|e| usage(format!("{}: {e}", dir.display())))?);
-    }
-    if a.m.contains(&0) {
-        return Err(usage("--m values must be positive".into()));
-    }
-    let (mut t, skipped) = table::simulate(g, &list, &a.m);
-    if a.out.exists() {
-        let mut old = table::Table::load(&a.out).map_err(|e| usage(e.to_string()))?;
-        if old.is_stale() {
-            eprintln!("fp8forge: note: {} was tuned for other kernels (stale hash); replacing it", a.out.display());
-        } else if old.device.id == t.device.id {
-            old.merge(t).map_err(|e| usage(e.to_string()))?;
-            t = old;
-        }
-    }
-    fp8forge_formats::atomic::write_atomic(&a.out, t.to_yaml().as_bytes())
-        .map_err(|e| Failure { code: 1, message: e.to_string() })?;
-    for s in &skipped {
-        eprintln!("fp8forge: skipped {s}");
-    }
-    if a.json {
-        print_json(&t);
-    } else {
-        println!("{} entries for {} ({}, predicted) -> {}", t.entries.len(), g.name, g.id, a.out.display());
-        for e in &t.entries {
-            println!(
-                "  {:>6}x{:<6} E={:<3} M={:<5} {:<34} {:>9.1} us {:>7.0} TFLOP/s  {}",
-                e.n, e.k, e.experts, e.m, e.config, e.us, e.tflops, e.what
-            );
-        }
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn run_demo(a: DemoArgs) -> Result<ExitCode, Failure> {

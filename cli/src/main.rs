@@ -1,6 +1,7 @@
 //! `fp8forge`: the command line. It parses arguments, calls one library function per command,
 //! and renders the result (progress bars, tables, JSON). No logic of its own.
 
+mod autotune;
 mod bench;
 mod commands;
 mod output;

@@ -46,6 +46,9 @@ pub struct BenchOptions {
     pub baselines: bool,
     /// Band height of our kernel's tile order.
     pub raster_group: u32,
+    /// Grouped shapes: the real tokens of each expert (its run is padded to 128 rows); `None`
+    /// splits M evenly over the experts.
+    pub tokens_per_expert: Option<usize>,
 }
 
 impl Default for BenchOptions {
@@ -60,6 +63,7 @@ impl Default for BenchOptions {
             seed: 0x5EED,
             baselines: true,
             raster_group: DEFAULT_RASTER_GROUP,
+            tokens_per_expert: None,
         }
     }
 }
@@ -226,156 +230,201 @@ pub fn bench_shape(
     } else {
         configs.to_vec()
     };
-    let problem = HostProblem::random(shape, opts.seed, &[])?;
-    let rows = check_rows(&problem, opts.check_rows);
-    let (_, reference) = gemm_references(shape, &problem.inputs(), Some(&rows))?;
+    ShapeBench::new(dev, shape, opts)?.run(if opts.baselines { lt } else { None }, &configs)
+}
 
-    let rotate = if opts.rotate_bytes == 0 { 2 * dev.info.l2_bytes } else { opts.rotate_bytes };
-    let set_bytes =
-        (problem.a.len() + problem.b.len() + 4 * (problem.sa.len() + problem.sb.len()) + 2 * shape.m * shape.n) as u64;
-    let copies = copies_for(rotate, set_bytes);
-    let fp8 = Fp8Set {
-        a: Rotation::new(dev, &problem.a, copies)?,
-        sa: Rotation::new(dev, &problem.sa, copies)?,
-        b: Rotation::new(dev, &problem.b, copies)?,
-        sb: Rotation::new(dev, &problem.sb, copies)?,
-        d: Rotation::new(dev, &vec![POISON; shape.m * shape.n], copies)?,
-        m_indices: problem.m_indices.as_ref().map(|i| dev.upload(i)).transpose()?,
-    };
+/// One shape made ready to measure many times: the random problem, its f64 reference on the
+/// checked rows, and the rotated operand copies on the device. What the autotuner uses, so that
+/// each batch of candidates is not a new problem.
+pub struct ShapeBench<'d> {
+    dev: &'d Device,
+    shape: GemmShape,
+    opts: BenchOptions,
+    problem: HostProblem,
+    rows: Vec<usize>,
+    reference: Vec<f64>,
+    rotate: u64,
+    fp8: Fp8Set,
+}
 
-    let mut out = Vec::new();
-    let mut impls: Vec<(BenchRow, Impl)> = Vec::new();
-    for cfg in configs {
-        let mut row = empty_row(shape, "fp8forge", &cfg.id());
-        match GemmKernel::load(dev, cfg, shape.groups.is_some()) {
-            Ok(kernel) => impls.push((row, Impl::Ours { kernel })),
-            Err(e) => {
-                row.error = Some(e.to_string());
-                out.push(row);
-            }
-        }
+impl<'d> ShapeBench<'d> {
+    /// Draws the problem of `shape` (seed `opts.seed`), computes its reference and uploads it.
+    ///
+    /// # Errors
+    ///
+    /// [`KernelError`]: a shape the kernels cannot run, no device memory, a failed copy.
+    pub fn new(dev: &'d Device, shape: &GemmShape, opts: &BenchOptions) -> Result<ShapeBench<'d>, KernelError> {
+        let tokens = match shape.groups {
+            Some(e) => vec![opts.tokens_per_expert.unwrap_or(shape.m / e.max(1)); e],
+            None => Vec::new(),
+        };
+        let problem = HostProblem::random(shape, opts.seed, &tokens)?;
+        let rows = check_rows(&problem, opts.check_rows);
+        let (_, reference) = gemm_references(shape, &problem.inputs(), Some(&rows))?;
+        let rotate = if opts.rotate_bytes == 0 { 2 * dev.info.l2_bytes } else { opts.rotate_bytes };
+        let set_bytes =
+            (problem.a.len() + problem.b.len() + 4 * (problem.sa.len() + problem.sb.len()) + 2 * shape.m * shape.n)
+                as u64;
+        let copies = copies_for(rotate, set_bytes);
+        let fp8 = Fp8Set {
+            a: Rotation::new(dev, &problem.a, copies)?,
+            sa: Rotation::new(dev, &problem.sa, copies)?,
+            b: Rotation::new(dev, &problem.b, copies)?,
+            sb: Rotation::new(dev, &problem.sb, copies)?,
+            d: Rotation::new(dev, &vec![POISON; shape.m * shape.n], copies)?,
+            m_indices: problem.m_indices.as_ref().map(|i| dev.upload(i)).transpose()?,
+        };
+        Ok(ShapeBench { dev, shape: *shape, opts: opts.clone(), problem, rows, reference, rotate, fp8 })
     }
-    let mut lt_ops: Vec<(Baseline, LtOperands)> = Vec::new();
-    if let (Some(lt), true) = (lt, opts.baselines) {
-        for baseline in [Baseline::Bf16, Baseline::Fp8Block] {
-            let mut row = empty_row(shape, baseline.name(), "heuristic");
-            match lt_setup(dev, lt, &problem, baseline, rotate) {
-                Ok((plans, ops)) => {
-                    impls.push((row, Impl::Lt { lt, plans, baseline }));
-                    lt_ops.push((baseline, ops));
-                }
+
+    /// The shape.
+    pub fn shape(&self) -> &GemmShape {
+        &self.shape
+    }
+
+    /// Checks, then times, our kernel in each of `configs` and, given `lt`, the two cuBLASLt
+    /// baselines; all that pass their check are timed interleaved in the same replays.
+    ///
+    /// # Errors
+    ///
+    /// As [`bench_shape`].
+    pub fn run(&self, lt: Option<&CublasLt>, configs: &[GemmConfig]) -> Result<Vec<BenchRow>, KernelError> {
+        let (dev, shape, opts, fp8) = (self.dev, &self.shape, &self.opts, &self.fp8);
+        let (problem, rows, reference, rotate) = (&self.problem, &self.rows, &self.reference, self.rotate);
+        let mut out = Vec::new();
+        let mut impls: Vec<(BenchRow, Impl)> = Vec::new();
+        for &cfg in configs {
+            let mut row = empty_row(shape, "fp8forge", &cfg.id());
+            match GemmKernel::load(dev, cfg, shape.groups.is_some()) {
+                Ok(kernel) => impls.push((row, Impl::Ours { kernel })),
                 Err(e) => {
                     row.error = Some(e.to_string());
                     out.push(row);
                 }
             }
         }
-    }
-
-    // Check each implementation once on a poisoned output.
-    let mut timed: Vec<(BenchRow, Graph)> = Vec::new();
-    for (mut row, imp) in impls {
-        let enqueue = |i: usize| -> Result<(), KernelError> {
-            match &imp {
-                Impl::Ours { kernel } => {
-                    let args = GemmArgs {
-                        a: fp8.a.get(i),
-                        sa: fp8.sa.get(i),
-                        b: fp8.b.get(i),
-                        sb: fp8.sb.get(i),
-                        d: fp8.d.get(i),
-                        m_indices: fp8.m_indices.as_ref().map(|b| b.all()),
-                    };
-                    kernel.launch(dev, shape, &args, opts.raster_group)
-                }
-                Impl::Lt { lt, plans, baseline } => {
-                    let Some((_, ops)) = lt_ops.iter().find(|(b, _)| b == baseline) else {
-                        return Err(KernelError::Input { what: "baseline", detail: "operands missing".into() });
-                    };
-                    lt_enqueue(dev, lt, plans, ops, &fp8, *baseline, shape, i)
-                }
-            }
-        };
-        let d0 = match &imp {
-            Impl::Ours { .. } => fp8.d.get(0),
-            Impl::Lt { baseline, .. } => match lt_ops.iter().find(|(b, _)| b == baseline) {
-                Some((_, ops)) => ops.d.get(0),
-                None => continue,
-            },
-        };
-        let check = (|| -> Result<Comparison, KernelError> {
-            dev.fill_u16(&d0, POISON)?;
-            enqueue(0)?;
-            dev.synchronize()?;
-            let mut host = vec![0u16; shape.m * shape.n];
-            dev.copy_to_host(&d0, &mut host)?;
-            let non_finite = host.par_iter().filter(|&&v| !crate::reference::bf16_to_f32(v).is_finite()).count();
-            let sampled: Vec<u16> =
-                rows.iter().flat_map(|&r| host[r * shape.n..(r + 1) * shape.n].iter().copied()).collect();
-            let mut c = compare(&sampled, &reference)?;
-            if c.non_finite == 0 && non_finite > 0 {
-                c.non_finite = non_finite;
-            }
-            Ok(c)
-        })();
-        match check {
-            Ok(c) => {
-                row.rel_err = Some(c.rel_err);
-                row.ok = c.passes(opts.tolerance);
-                if !row.ok {
-                    row.error = Some(format!(
-                        "check failed: relative error {:.3e}, {} non-finite outputs",
-                        c.rel_err, c.non_finite
-                    ));
-                    if matches!(imp, Impl::Ours { .. }) {
+        let mut lt_ops: Vec<(Baseline, LtOperands)> = Vec::new();
+        if let Some(lt) = lt {
+            for baseline in [Baseline::Bf16, Baseline::Fp8Block] {
+                let mut row = empty_row(shape, baseline.name(), "heuristic");
+                match lt_setup(dev, lt, problem, baseline, rotate) {
+                    Ok((plans, ops)) => {
+                        impls.push((row, Impl::Lt { lt, plans, baseline }));
+                        lt_ops.push((baseline, ops));
+                    }
+                    Err(e) => {
+                        row.error = Some(e.to_string());
                         out.push(row);
-                        continue;
                     }
                 }
             }
-            Err(e) => {
-                row.error = Some(e.to_string());
-                out.push(row);
-                continue;
-            }
         }
-        let calls = opts.calls_per_graph.max(20) as usize;
-        match dev.capture(|| (0..calls).try_for_each(&enqueue)) {
-            Ok(g) => timed.push((row, g)),
-            Err(e) => {
-                row.error = Some(format!("graph capture: {e}"));
-                out.push(row);
-            }
-        }
-    }
 
-    // Warm up, then replay interleaved.
-    let (start, end) = (dev.event()?, dev.event()?);
-    for _ in 0..opts.warmup_replays {
-        for (_, g) in &timed {
-            dev.replay(g)?;
+        // Check each implementation once on a poisoned output.
+        let mut timed: Vec<(BenchRow, Graph)> = Vec::new();
+        for (mut row, imp) in impls {
+            let enqueue = |i: usize| -> Result<(), KernelError> {
+                match &imp {
+                    Impl::Ours { kernel } => {
+                        let args = GemmArgs {
+                            a: fp8.a.get(i),
+                            sa: fp8.sa.get(i),
+                            b: fp8.b.get(i),
+                            sb: fp8.sb.get(i),
+                            d: fp8.d.get(i),
+                            m_indices: fp8.m_indices.as_ref().map(|b| b.all()),
+                        };
+                        kernel.launch(dev, shape, &args, opts.raster_group)
+                    }
+                    Impl::Lt { lt, plans, baseline } => {
+                        let Some((_, ops)) = lt_ops.iter().find(|(b, _)| b == baseline) else {
+                            return Err(KernelError::Input { what: "baseline", detail: "operands missing".into() });
+                        };
+                        lt_enqueue(dev, lt, plans, ops, fp8, *baseline, shape, i)
+                    }
+                }
+            };
+            let d0 = match &imp {
+                Impl::Ours { .. } => fp8.d.get(0),
+                Impl::Lt { baseline, .. } => match lt_ops.iter().find(|(b, _)| b == baseline) {
+                    Some((_, ops)) => ops.d.get(0),
+                    None => continue,
+                },
+            };
+            let check = (|| -> Result<Comparison, KernelError> {
+                dev.fill_u16(&d0, POISON)?;
+                enqueue(0)?;
+                dev.synchronize()?;
+                let mut host = vec![0u16; shape.m * shape.n];
+                dev.copy_to_host(&d0, &mut host)?;
+                let non_finite = host.par_iter().filter(|&&v| !crate::reference::bf16_to_f32(v).is_finite()).count();
+                let sampled: Vec<u16> =
+                    rows.iter().flat_map(|&r| host[r * shape.n..(r + 1) * shape.n].iter().copied()).collect();
+                let mut c = compare(&sampled, reference)?;
+                if c.non_finite == 0 && non_finite > 0 {
+                    c.non_finite = non_finite;
+                }
+                Ok(c)
+            })();
+            match check {
+                Ok(c) => {
+                    row.rel_err = Some(c.rel_err);
+                    row.ok = c.passes(opts.tolerance);
+                    if !row.ok {
+                        row.error = Some(format!(
+                            "check failed: relative error {:.3e}, {} non-finite outputs",
+                            c.rel_err, c.non_finite
+                        ));
+                        if matches!(imp, Impl::Ours { .. }) {
+                            out.push(row);
+                            continue;
+                        }
+                    }
+                }
+                Err(e) => {
+                    row.error = Some(e.to_string());
+                    out.push(row);
+                    continue;
+                }
+            }
+            let calls = opts.calls_per_graph.max(20) as usize;
+            match dev.capture(|| (0..calls).try_for_each(&enqueue)) {
+                Ok(g) => timed.push((row, g)),
+                Err(e) => {
+                    row.error = Some(format!("graph capture: {e}"));
+                    out.push(row);
+                }
+            }
         }
-    }
-    dev.synchronize()?;
-    let calls = opts.calls_per_graph.max(20) as f64;
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); timed.len()];
-    for _ in 0..opts.replays.max(1) {
-        for (i, (_, g)) in timed.iter().enumerate() {
-            dev.record(&start)?;
-            dev.replay(g)?;
-            dev.record(&end)?;
-            samples[i].push(f64::from(dev.elapsed_ms(&start, &end)?) * 1e3 / calls);
+
+        // Warm up, then replay interleaved.
+        let (start, end) = (dev.event()?, dev.event()?);
+        for _ in 0..opts.warmup_replays {
+            for (_, g) in &timed {
+                dev.replay(g)?;
+            }
         }
+        dev.synchronize()?;
+        let calls = opts.calls_per_graph.max(20) as f64;
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); timed.len()];
+        for _ in 0..opts.replays.max(1) {
+            for (i, (_, g)) in timed.iter().enumerate() {
+                dev.record(&start)?;
+                dev.replay(g)?;
+                dev.record(&end)?;
+                samples[i].push(f64::from(dev.elapsed_ms(&start, &end)?) * 1e3 / calls);
+            }
+        }
+        for ((mut row, _), mut s) in timed.into_iter().zip(samples) {
+            s.sort_by(f64::total_cmp);
+            let us = s[s.len() / 2];
+            row.us = Some(us);
+            row.tflops = Some(shape.flops() / (us * 1e-6) / 1e12);
+            row.gbps = Some(shape.min_bytes() / (us * 1e-6) / 1e9);
+            out.push(row);
+        }
+        Ok(out)
     }
-    for ((mut row, _), mut s) in timed.into_iter().zip(samples) {
-        s.sort_by(f64::total_cmp);
-        let us = s[s.len() / 2];
-        row.us = Some(us);
-        row.tflops = Some(shape.flops() / (us * 1e-6) / 1e12);
-        row.gbps = Some(shape.min_bytes() / (us * 1e-6) / 1e9);
-        out.push(row);
-    }
-    Ok(out)
 }
 
 fn copies_for(rotate: u64, set_bytes: u64) -> usize {

@@ -118,6 +118,16 @@ impl GemmKernel {
         Ok(GemmKernel { config, grouped, resources: compiled.resources, func, max_clusters, arch, _module: module })
     }
 
+    /// Compiles every one of `configs` for `arch` in parallel, or finds it in the cache, so that
+    /// later [`GemmKernel::load`]s only read the cache. One result per configuration, in order.
+    pub fn precompile(configs: &[GemmConfig], grouped: bool, arch: Arch) -> Vec<Result<(), KernelError>> {
+        use rayon::prelude::*;
+        configs
+            .par_iter()
+            .map(|&config| compile_cached(&KernelSpec::Gemm { config, grouped }, arch).map(|_| ()))
+            .collect()
+    }
+
     /// The architecture the variant was built for.
     pub fn arch(&self) -> Arch {
         self.arch

@@ -1,0 +1,121 @@
+//! The [`Measure`] of a real GPU: the kernels' benchmark harness (`bench gemm`'s method: random
+//! quantized operands, every candidate checked on a poisoned output against the f64 reference,
+//! CUDA-graph replays timed with events, operands rotated past L2, candidates interleaved).
+
+use std::collections::HashSet;
+
+use fp8forge_kernels::bench::{BenchOptions, ShapeBench};
+use fp8forge_kernels::cuda::Device;
+use fp8forge_kernels::gemm::GemmKernel;
+use fp8forge_kernels::{Arch, GemmConfig, KernelError};
+
+use crate::gpu::{GpuSpec, identify};
+use crate::table::{Device as TableDevice, Problem};
+use crate::tune::{Measure, Timing, TuneError};
+
+/// Times candidates on `dev`. The problem of the last call stays on the device, so the batches
+/// of one problem share their operands and reference.
+pub struct GpuMeasure<'d> {
+    dev: &'d Device,
+    arch: Arch,
+    opts: BenchOptions,
+    current: Option<(Problem, ShapeBench<'d>)>,
+    compiled: HashSet<(GemmConfig, bool)>,
+}
+
+impl<'d> GpuMeasure<'d> {
+    /// A measurer on `dev` timing with `opts` (its baselines are ignored).
+    ///
+    /// # Errors
+    ///
+    /// [`TuneError::Device`] when the GPU is not one the kernels run on.
+    pub fn new(dev: &'d Device, opts: BenchOptions) -> Result<Self, TuneError> {
+        let arch = dev.arch().ok_or_else(|| {
+            TuneError::Device(format!(
+                "{} (compute capability {}.{}) is not an sm_89/sm_90 GPU",
+                dev.info.name, dev.info.compute_capability.0, dev.info.compute_capability.1
+            ))
+        })?;
+        Ok(GpuMeasure {
+            dev,
+            arch,
+            opts: BenchOptions { baselines: false, ..opts },
+            current: None,
+            compiled: HashSet::new(),
+        })
+    }
+}
+
+fn device_error(e: KernelError) -> TuneError {
+    TuneError::Device(e.to_string())
+}
+
+impl Measure for GpuMeasure<'_> {
+    fn measure(&mut self, problem: &Problem, configs: &[GemmConfig]) -> Result<Vec<Timing>, TuneError> {
+        let shape = problem.shape();
+        let grouped = shape.groups.is_some();
+        // Compile what is new in parallel (the disk cache makes later runs free).
+        let fresh: Vec<GemmConfig> =
+            configs.iter().copied().filter(|c| !self.compiled.contains(&(*c, grouped))).collect();
+        let mut compile_errors = Vec::new();
+        for (c, r) in fresh.iter().zip(GemmKernel::precompile(&fresh, grouped, self.arch)) {
+            match r {
+                Ok(()) => {
+                    self.compiled.insert((*c, grouped));
+                }
+                Err(e) => compile_errors.push((*c, e.to_string())),
+            }
+        }
+        if self.current.as_ref().is_none_or(|(p, _)| p != problem) {
+            self.current = None; // free the last problem's device memory first
+            let opts =
+                BenchOptions { tokens_per_expert: (problem.experts > 1).then_some(problem.m), ..self.opts.clone() };
+            let bench = ShapeBench::new(self.dev, &shape, &opts).map_err(device_error)?;
+            self.current = Some((problem.clone(), bench));
+        }
+        let Some((_, bench)) = &self.current else { return Err(TuneError::Device("no problem on the device".into())) };
+        let runnable: Vec<GemmConfig> =
+            configs.iter().copied().filter(|c| !compile_errors.iter().any(|(x, _)| x == c)).collect();
+        let rows = bench.run(None, &runnable).map_err(device_error)?;
+        Ok(configs
+            .iter()
+            .map(|c| {
+                if let Some((_, why)) = compile_errors.iter().find(|(x, _)| x == c) {
+                    return Err(format!("compile: {why}"));
+                }
+                let id = c.id();
+                match rows.iter().find(|r| r.config == id) {
+                    Some(r) if r.ok => r.us.ok_or_else(|| "no time".to_string()),
+                    Some(r) => Err(r.error.clone().unwrap_or_else(|| "failed its check".into())),
+                    None => Err("not measured".into()),
+                }
+            })
+            .collect())
+    }
+}
+
+/// The spec and table identity of the GPU behind `dev`: recognized by name, SM count and compute
+/// capability; a GPU the spec table does not know is refused (the cost model that prunes the
+/// search needs its figures).
+///
+/// # Errors
+///
+/// [`TuneError::Device`] naming what was found.
+pub fn identify_device(dev: &Device) -> Result<(&'static GpuSpec, TableDevice), TuneError> {
+    let (major, minor) = dev.info.compute_capability;
+    let cc = (major.max(0) as u32, minor.max(0) as u32);
+    let spec = identify(&dev.info.name, dev.info.sms, cc).ok_or_else(|| {
+        TuneError::Device(format!(
+            "{} ({} SMs, compute capability {major}.{minor}) is not in the GPU table \
+             (h100-sxm, h100-pcie, h800-sxm, h800-pcie, h200, h20); use --simulate --gpu ID",
+            dev.info.name, dev.info.sms
+        ))
+    })?;
+    let device = TableDevice {
+        id: spec.id.into(),
+        name: dev.info.name.clone(),
+        sms: dev.info.sms,
+        cc: format!("{major}.{minor}"),
+    };
+    Ok((spec, device))
+}
