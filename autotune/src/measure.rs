@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use fp8forge_kernels::bench::{BenchOptions, ShapeBench};
+use fp8forge_kernels::bench::{BenchOptions, BenchRow, ShapeBench};
 use fp8forge_kernels::cuda::Device;
 use fp8forge_kernels::gemm::GemmKernel;
 use fp8forge_kernels::{Arch, GemmConfig, KernelError};
@@ -77,21 +77,27 @@ impl Measure for GpuMeasure<'_> {
         let runnable: Vec<GemmConfig> =
             configs.iter().copied().filter(|c| !compile_errors.iter().any(|(x, _)| x == c)).collect();
         let rows = bench.run(None, &runnable).map_err(device_error)?;
-        Ok(configs
-            .iter()
-            .map(|c| {
-                if let Some((_, why)) = compile_errors.iter().find(|(x, _)| x == c) {
-                    return Err(format!("compile: {why}"));
-                }
-                let id = c.id();
-                match rows.iter().find(|r| r.config == id) {
-                    Some(r) if r.ok => r.us.ok_or_else(|| "no time".to_string()),
-                    Some(r) => Err(r.error.clone().unwrap_or_else(|| "failed its check".into())),
-                    None => Err("not measured".into()),
-                }
-            })
-            .collect())
+        Ok(timings(configs, &compile_errors, &rows))
     }
+}
+
+/// One [`Timing`] per configuration, in order, from the harness's rows (which come in its own
+/// order: failures first) and the compile errors.
+fn timings(configs: &[GemmConfig], compile_errors: &[(GemmConfig, String)], rows: &[BenchRow]) -> Vec<Timing> {
+    configs
+        .iter()
+        .map(|c| {
+            if let Some((_, why)) = compile_errors.iter().find(|(x, _)| x == c) {
+                return Err(format!("compile: {why}"));
+            }
+            let id = c.id();
+            match rows.iter().find(|r| r.config == id && r.implementation == "fp8forge") {
+                Some(r) if r.ok => r.us.ok_or_else(|| "no time".to_string()),
+                Some(r) => Err(r.error.clone().unwrap_or_else(|| "failed its check".into())),
+                None => Err("not measured".into()),
+            }
+        })
+        .collect()
 }
 
 /// The spec and table identity of the GPU behind `dev`: recognized by name, SM count and compute
@@ -118,4 +124,41 @@ pub fn identify_device(dev: &Device) -> Result<(&'static GpuSpec, TableDevice), 
         cc: format!("{major}.{minor}"),
     };
     Ok((spec, device))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fp8forge_kernels::Multicast;
+
+    fn row(config: &GemmConfig, us: Option<f64>, ok: bool, error: Option<&str>) -> BenchRow {
+        BenchRow {
+            m: 64,
+            n: 4096,
+            k: 7168,
+            groups: 1,
+            implementation: "fp8forge".into(),
+            config: config.id(),
+            us,
+            tflops: None,
+            gbps: None,
+            rel_err: Some(1e-3),
+            ok,
+            error: error.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn rows_map_back_to_their_configurations() {
+        let c: Vec<GemmConfig> =
+            [64, 128, 136, 144].into_iter().map(|bn| GemmConfig::wgmma(128, bn, 4, Multicast::None)).collect();
+        // The harness lists failures first, then the timed rows.
+        let rows =
+            vec![row(&c[2], None, false, Some("check failed: relative error 1e0")), row(&c[0], Some(5.0), true, None)];
+        let t = timings(&c, &[(c[1], "spill".into())], &rows);
+        assert_eq!(t[0], Ok(5.0));
+        assert_eq!(t[1], Err("compile: spill".into()));
+        assert_eq!(t[2], Err("check failed: relative error 1e0".into()));
+        assert_eq!(t[3], Err("not measured".into()));
+    }
 }
