@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use fp8forge_kernels::{Arch, GemmConfig, GemmShape, search_space, source_hash};
+use fp8forge_kernels::{Arch, GemmConfig, GemmShape, is_legal, search_space, source_hash};
 use serde::{Deserialize, Serialize};
 
 use crate::gpu::GpuSpec;
@@ -240,7 +240,8 @@ fn short(h: &str) -> &str {
     &h[..h.len().min(12)]
 }
 
-/// The configuration to run for a shape: the table's when it has the shape and is not stale,
+/// The configuration to run for a shape: the table's (nearest M bucket) when it has the shape, is
+/// not stale, and its entry is legal at this M (multicast pairs tiles, whose count depends on M);
 /// else the cost model's best.
 pub fn choose(
     table: Option<&Table>,
@@ -250,12 +251,14 @@ pub fn choose(
     experts: usize,
     m: usize,
 ) -> Option<GemmConfig> {
+    let shape = problem(n, k, experts, m);
     if let Some(e) = table.filter(|t| !t.is_stale()).and_then(|t| t.lookup(n, k, experts, m))
-        && let Ok(c) = e.config.parse()
+        && let Ok(c) = e.config.parse::<GemmConfig>()
+        && is_legal(&c, &shape).is_ok()
     {
         return Some(c);
     }
-    rank(gpu, &problem(n, k, experts, m), &search_space(Arch::Sm90a)).first().map(|(c, _)| *c)
+    rank(gpu, &shape, &search_space(Arch::Sm90a)).first().map(|(c, _)| *c)
 }
 
 /// Fills a table from the cost model alone (`--simulate`): every problem, the model's best.
@@ -287,7 +290,6 @@ mod tests {
     use super::*;
     use crate::gpu::by_id;
     use crate::shapes::model_shapes;
-    use fp8forge_kernels::is_legal;
 
     fn deepseek() -> Vec<ModelShape> {
         let c = serde_json::json!({
@@ -354,5 +356,14 @@ mod tests {
         assert!(t.merge(foreign).is_err());
         // A shape missing from the table still gets a configuration, from the model.
         assert!(choose(Some(&t), g, 2112, 7168, 1, 64).is_some());
+        // The table's entry is used where it is legal, and not where it is not: multicast B pairs
+        // M tiles, so at M = 192 (three 64-row tiles) the bucket's choice cannot run.
+        let mut mc = Table::new(g);
+        mc.insert(Entry { config: "wgmma_bm64_bn128_s4_mcB2_sw128".into(), ..e(128, Source::Measured, 10.0) });
+        let c = choose(Some(&mc), g, 4096, 7168, 1, 128).expect("config");
+        assert_eq!(c.id(), "wgmma_bm64_bn128_s4_mcB2_sw128");
+        let c = choose(Some(&mc), g, 4096, 7168, 1, 192).expect("config");
+        assert_ne!(c.id(), "wgmma_bm64_bn128_s4_mcB2_sw128");
+        assert_eq!(is_legal(&c, &problem(4096, 7168, 1, 192)), Ok(()));
     }
 }

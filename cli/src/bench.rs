@@ -4,6 +4,8 @@
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
+use fp8forge_autotune::measure::identify_device;
+use fp8forge_autotune::table::{Table, choose};
 use fp8forge_kernels::bench::{BenchOptions, BenchRow, bench_shape, deepseek_v3_shapes};
 use fp8forge_kernels::config::{GemmConfig, GemmShape, is_legal, search_space};
 use fp8forge_kernels::cublaslt::CublasLt;
@@ -36,6 +38,10 @@ pub struct GemmArgs {
     /// Every legal configuration of the search space (slow; re-time the best few with --config).
     #[arg(long, conflicts_with = "configs")]
     pub sweep: bool,
+    /// Our kernel's configuration from a tuning table (`fp8forge autotune`): its entry for the
+    /// shape and nearest M, else the cost model's choice.
+    #[arg(long, value_name = "FILE.yaml", conflicts_with_all = ["configs", "sweep"])]
+    pub table: Option<std::path::PathBuf>,
     /// Do not time the cuBLASLt baselines.
     #[arg(long)]
     pub no_baselines: bool,
@@ -111,6 +117,10 @@ fn run_gemm(a: &GemmArgs) -> Result<ExitCode, (u8, String)> {
     for (s, _) in &shapes {
         s.validate().map_err(|why| (2, format!("shape {s}: {why}")))?;
     }
+    let table = match &a.table {
+        Some(path) => Some(Table::load(path).map_err(|e| (2, e.to_string()))?),
+        None => None,
+    };
     let configs: Vec<GemmConfig> = a
         .configs
         .iter()
@@ -138,6 +148,20 @@ fn run_gemm(a: &GemmArgs) -> Result<ExitCode, (u8, String)> {
             }
         }
     };
+    let spec = match &table {
+        Some(t) => {
+            let (spec, _) = identify_device(&dev).map_err(|e| (1, e.to_string()))?;
+            if t.is_stale() {
+                eprintln!(
+                    "fp8forge: warning: the table was tuned for other kernels (stale hash): using the cost model"
+                );
+            } else if t.device.id != spec.id {
+                eprintln!("fp8forge: warning: the table is for {}, this GPU is {}", t.device.id, spec.id);
+            }
+            Some(spec)
+        }
+        None => None,
+    };
     let opts = BenchOptions {
         calls_per_graph: a.calls.max(20),
         replays: a.replays.max(1),
@@ -151,6 +175,10 @@ fn run_gemm(a: &GemmArgs) -> Result<ExitCode, (u8, String)> {
         let opts = BenchOptions { tokens_per_expert: *tokens, ..opts.clone() };
         let for_shape: Vec<GemmConfig> = if a.sweep {
             search_space(arch).into_iter().filter(|c| is_legal(c, shape).is_ok()).collect()
+        } else if let Some(spec) = spec {
+            let e = shape.experts();
+            let m = if e > 1 { tokens.unwrap_or(shape.m / e) } else { shape.m };
+            choose(table.as_ref(), spec, shape.n, shape.k, e, m).into_iter().collect()
         } else {
             configs.clone()
         };

@@ -137,3 +137,22 @@ fn measuring_without_a_gpu_fails_cleanly_and_writes_nothing() {
     assert!(err.contains("no CUDA device") && err.contains("--simulate"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn bench_gemm_refuses_a_table_it_cannot_read() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let bad = d.path().join("bad.yaml");
+    std::fs::write(&bad, "not: [a table").expect("write");
+    for table in [bad.clone(), d.path().join("missing.yaml")] {
+        let o = fp8forge_p(&[
+            "bench".as_ref(),
+            "gemm".as_ref(),
+            "--shape".as_ref(),
+            "64x4096x7168".as_ref(),
+            "--table".as_ref(),
+            table.as_os_str(),
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains(table.file_name().and_then(|n| n.to_str()).expect("name")), "{}", stderr(&o));
+    }
+}
