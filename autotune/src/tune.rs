@@ -129,9 +129,11 @@ struct Log {
 
 impl Log {
     fn record(&mut self, configs: &[GemmConfig], timings: Vec<Timing>) {
-        for (c, t) in configs.iter().zip(timings) {
+        let mut timings = timings.into_iter();
+        for c in configs {
+            // Every candidate counts as tried, even one a faulty measurer gave no result for.
             self.tried.insert(*c);
-            match t {
+            match timings.next().unwrap_or_else(|| Err("no result".into())) {
                 Ok(us) if us.is_finite() && us > 0.0 => {
                     self.times.insert(*c, us);
                 }
@@ -279,14 +281,19 @@ pub fn tune_problem(
         }
     }
     let again = time(&finalists)?;
-    let mut round: Vec<(GemmConfig, f64)> = finalists
-        .iter()
-        .zip(&again)
-        .filter_map(|(c, t)| t.as_ref().ok().filter(|us| us.is_finite() && **us > 0.0).map(|us| (*c, *us)))
-        .collect();
+    let mut log = log;
+    let mut round: Vec<(GemmConfig, f64)> = Vec::new();
+    for (c, t) in finalists.iter().zip(again.into_iter().chain(std::iter::repeat_with(|| Err("no result".into())))) {
+        match t {
+            Ok(us) if us.is_finite() && us > 0.0 => round.push((*c, us)),
+            // A finalist that fails its second check (a race shows up this way) is never chosen.
+            Ok(us) => log.failures.push((*c, format!("re-timing: invalid time {us}"))),
+            Err(why) => log.failures.push((*c, format!("re-timing: {why}"))),
+        }
+    }
     if round.is_empty() {
-        // The re-timing failed for all: keep the search's times.
-        round = fastest.iter().take(finalists.len()).copied().collect();
+        let first = log.failures.last().map(|(c, why)| format!("{c}: {why}")).unwrap_or_default();
+        return Err(TuneError::NothingPassed { problem: problem.to_string(), failures: log.failures.len(), first });
     }
     round.sort_by(|a, b| a.1.total_cmp(&b.1).then_with(|| a.0.id().cmp(&b.0.id())));
     let (best, us) = round[0];
@@ -483,6 +490,51 @@ mod tests {
         assert!(o.failures.iter().all(|(id, _)| id.contains("mcA") || id.contains("mcB")));
         let err = tune_problem(gpu, &p, &mut Synthetic::new(|_| true), &TuneOptions::default()).unwrap_err();
         assert!(matches!(err, TuneError::NothingPassed { .. }), "{err}");
+    }
+
+    /// In the finalists' round (every configuration seen before), fails the first (the fastest)
+    /// as a racy kernel would; with `short`, answers for only half of each batch.
+    struct Flaky {
+        inner: Synthetic,
+        seen: HashSet<GemmConfig>,
+        short: bool,
+        failed: Option<GemmConfig>,
+    }
+
+    impl Measure for Flaky {
+        fn measure(&mut self, p: &Problem, configs: &[GemmConfig]) -> Result<Vec<Timing>, TuneError> {
+            let mut t = self.inner.measure(p, configs)?;
+            let round = configs.iter().all(|c| self.seen.contains(c));
+            self.seen.extend(configs.iter().copied());
+            if round && !self.short {
+                t[0] = Err("check failed: relative error 3e-1".into());
+                self.failed = Some(configs[0]);
+            }
+            if self.short {
+                t.truncate(t.len() / 2);
+            }
+            Ok(t)
+        }
+    }
+
+    #[test]
+    fn a_finalist_that_fails_its_second_check_is_not_chosen() {
+        let gpu = by_id("h100-sxm").expect("gpu");
+        let p = Problem { n: 4096, k: 7168, experts: 1, m: 4096, what: String::new() };
+        let mut m = Flaky { inner: Synthetic::new(|_| false), seen: HashSet::new(), short: false, failed: None };
+        let o = tune_problem(gpu, &p, &mut m, &TuneOptions::default()).expect("tune");
+        let failed = m.failed.expect("a finalists' round");
+        assert_ne!(o.config, failed.id());
+        assert_eq!(o.timings[0].config, failed.id(), "the fastest in the search was the one that failed");
+        assert!(o.failures.iter().any(|(id, why)| *id == failed.id() && why.starts_with("re-timing")));
+        // A measurer that answers for only half of each batch still ends (every candidate counts
+        // as tried) and never chooses one it gave no time for.
+        let mut m = Flaky { inner: Synthetic::new(|_| false), seen: HashSet::new(), short: true, failed: None };
+        let o = tune_problem(gpu, &p, &mut m, &TuneOptions::default()).expect("tune");
+        assert!(o.timed * 100 <= 15 * o.candidates);
+        assert!(o.failures.iter().any(|(_, why)| why == "no result"));
+        assert!(o.timings.iter().any(|t| t.config == o.config));
+        assert!(!o.failures.iter().any(|(id, why)| *id == o.config && why.contains("no result")));
     }
 
     #[test]
