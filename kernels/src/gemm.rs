@@ -184,45 +184,40 @@ impl GemmKernel {
         let mut idx = args.m_indices.map_or(0, |s| s.ptr());
         let (mut m, mut n, mut k) = (shape.m as i32, shape.n as i32, shape.k as i32);
         let mut raster = raster_group.max(1) as i32;
-        match self.config.kind {
+        // The two kernels differ only in their first three parameters: wgmma takes A and B as
+        // tensor maps (by value), mma.sync as pointers, with SA between them.
+        let (mut a, mut b) = (args.a.ptr(), args.b.ptr());
+        let (mut ta, mut tb): (sys::CUtensorMap, sys::CUtensorMap);
+        let head: [*mut c_void; 3] = match self.config.kind {
             KernelKind::Wgmma => {
-                let mut ta = tensor_map_a(&self.config, shape, args.a.ptr())?;
-                let mut tb = tensor_map_b(&self.config, shape, args.b.ptr())?;
-                let mut params: [*mut c_void; 10] = [
+                ta = tensor_map_a(&self.config, shape, a)?;
+                tb = tensor_map_b(&self.config, shape, b)?;
+                [
                     (&mut ta as *mut sys::CUtensorMap).cast(),
                     (&mut tb as *mut sys::CUtensorMap).cast(),
                     (&mut sa as *mut u64).cast(),
-                    (&mut sb as *mut u64).cast(),
-                    (&mut d as *mut u64).cast(),
-                    (&mut idx as *mut u64).cast(),
-                    (&mut m as *mut i32).cast(),
-                    (&mut n as *mut i32).cast(),
-                    (&mut k as *mut i32).cast(),
-                    (&mut raster as *mut i32).cast(),
-                ];
-                // SAFETY: the parameters match fp8_gemm_wgmma's list (two CUtensorMap by value,
-                // four device pointers, four ints); validate() checked every buffer's size.
-                unsafe { f.launch(dev, dims, &mut params) }
+                ]
             }
             KernelKind::MmaSync { .. } => {
-                let (mut a, mut b) = (args.a.ptr(), args.b.ptr());
-                let mut params: [*mut c_void; 10] = [
-                    (&mut a as *mut u64).cast(),
-                    (&mut sa as *mut u64).cast(),
-                    (&mut b as *mut u64).cast(),
-                    (&mut sb as *mut u64).cast(),
-                    (&mut d as *mut u64).cast(),
-                    (&mut idx as *mut u64).cast(),
-                    (&mut m as *mut i32).cast(),
-                    (&mut n as *mut i32).cast(),
-                    (&mut k as *mut i32).cast(),
-                    (&mut raster as *mut i32).cast(),
-                ];
-                // SAFETY: the parameters match fp8_gemm_mma's list (six device pointers, four
-                // ints); validate() checked every buffer's size.
-                unsafe { f.launch(dev, dims, &mut params) }
+                [(&mut a as *mut u64).cast(), (&mut sa as *mut u64).cast(), (&mut b as *mut u64).cast()]
             }
-        }
+        };
+        let mut params: [*mut c_void; 10] = [
+            head[0],
+            head[1],
+            head[2],
+            (&mut sb as *mut u64).cast(),
+            (&mut d as *mut u64).cast(),
+            (&mut idx as *mut u64).cast(),
+            (&mut m as *mut i32).cast(),
+            (&mut n as *mut i32).cast(),
+            (&mut k as *mut i32).cast(),
+            (&mut raster as *mut i32).cast(),
+        ];
+        // SAFETY: the parameters match the kernel's list (fp8_gemm_wgmma: two CUtensorMap by
+        // value, four device pointers, four ints; fp8_gemm_mma: six device pointers, four ints),
+        // every pointee outlives the call; validate() checked every buffer's size.
+        unsafe { f.launch(dev, dims, &mut params) }
     }
 }
 
