@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use crate::commands::Failure;
-use crate::output::print_json;
+use crate::output::{emit, esc_path, note, print_json};
 
 /// `autotune` options.
 #[derive(clap::Args, Debug)]
@@ -87,8 +87,16 @@ pub fn run(a: AutotuneArgs) -> Result<ExitCode, Failure> {
         return Err(usage(format!("--budget {} must be in (0, 1]", a.budget)));
     }
     let (problems, skipped) = table::problems(&list, &a.m);
+    if problems.is_empty() {
+        let why = skipped.first().map(|s| format!(" ({}{})", s.trim(), if skipped.len() > 1 { ", ..." } else { "" }));
+        return Err(usage(format!(
+            "nothing to tune: none of the {} shape(s) is legal for any kernel{}; no table written",
+            list.len(),
+            why.unwrap_or_default()
+        )));
+    }
     for s in &skipped {
-        eprintln!("fp8forge: skipped {s}");
+        note(&format!("fp8forge: skipped {}", s.trim()));
     }
     let asked = match a.gpu.as_str() {
         "auto" => None,
@@ -98,13 +106,26 @@ pub fn run(a: AutotuneArgs) -> Result<ExitCode, Failure> {
         let g = asked.ok_or_else(|| {
             usage("--simulate needs --gpu ID (h100-sxm, h100-pcie, h800-sxm, h800-pcie, h200, h20)".into())
         })?;
-        let t = merge_into_existing(&a.out, table::simulate(g, &problems))?;
+        let new = table::simulate(g, &problems);
+        if new.entries.is_empty() {
+            return Err(usage(format!(
+                "nothing to tune: no kernel configuration is legal for these shapes on {}; no table written",
+                g.id
+            )));
+        }
+        let t = merge_into_existing(&a.out, new)?;
         save(&a.out, &t)?;
         if a.json {
-            print_json(&t);
+            print_json(&t)?;
         } else {
-            println!("{} entries for {} ({}, predicted) -> {}", t.entries.len(), g.name, g.id, a.out.display());
-            print!("{}", render_entries(&t));
+            emit(&format!(
+                "{} entries for {} ({}, predicted) -> {}\n{}",
+                t.entries.len(),
+                g.name,
+                g.id,
+                esc_path(&a.out),
+                render_entries(&t)
+            ))?;
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -118,7 +139,7 @@ fn merge_into_existing(out: &Path, t: Table) -> Result<Table, Failure> {
     }
     let mut old = Table::load(out).map_err(|e| usage(e.to_string()))?;
     if old.is_stale() {
-        eprintln!("fp8forge: note: {} was tuned for other kernels (stale hash); replacing it", out.display());
+        note(&format!("fp8forge: note: {} was tuned for other kernels (stale hash); replacing it", out.display()));
         return Ok(t);
     }
     if old.device.id != t.device.id {
@@ -175,26 +196,26 @@ fn measured(a: &AutotuneArgs, asked: Option<&'static GpuSpec>, problems: &[Probl
     let outcomes = r.map_err(|e| runtime(e.to_string()))?;
     let seconds = start.elapsed().as_secs_f64();
     if a.json {
-        print_json(&MeasuredReport { seconds, table: &t, outcomes: &outcomes });
+        print_json(&MeasuredReport { seconds, table: &t, outcomes: &outcomes })?;
     } else {
-        println!(
-            "{} problems tuned on {} ({}) in {seconds:.0} s{} -> {}",
-            outcomes.len(),
-            t.device.name,
-            spec.id,
-            if a.exhaustive { ", exhaustive" } else { "" },
-            out.display()
-        );
-        print!("{}", render_entries(&t));
         for o in outcomes.iter().filter(|o| !o.failures.is_empty()) {
-            eprintln!(
+            note(&format!(
                 "fp8forge: warning: {}: {} candidate(s) failed; first: {} {}",
                 o.problem,
                 o.failures.len(),
                 o.failures[0].0,
                 o.failures[0].1
-            );
+            ));
         }
+        emit(&format!(
+            "{} problems tuned on {} ({}) in {seconds:.0} s{} -> {}\n{}",
+            outcomes.len(),
+            t.device.name,
+            spec.id,
+            if a.exhaustive { ", exhaustive" } else { "" },
+            esc_path(out),
+            render_entries(&t)
+        ))?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -13,6 +13,9 @@ use fp8forge_kernels::cuda::Device;
 use fp8forge_kernels::{KernelError, source_hash};
 use serde::Serialize;
 
+use crate::commands::Failure;
+use crate::output::{emit, note, print_json};
+
 /// What to benchmark.
 #[derive(Subcommand, Debug)]
 pub enum BenchWhat {
@@ -82,15 +85,9 @@ struct Report<'a> {
 
 /// Runs a `bench` subcommand: 0 when every row of ours passed its check, 1 for a runtime failure
 /// (no GPU, a failed check), 2 for bad input (a shape, a configuration id).
-pub fn run(what: BenchWhat) -> ExitCode {
+pub fn run(what: BenchWhat) -> Result<ExitCode, Failure> {
     match what {
-        BenchWhat::Gemm(a) => match run_gemm(&a) {
-            Ok(code) => code,
-            Err((code, message)) => {
-                eprintln!("fp8forge: error: {message}");
-                ExitCode::from(code)
-            }
-        },
+        BenchWhat::Gemm(a) => run_gemm(&a).map_err(|(code, message)| Failure { message, code }),
     }
 }
 
@@ -143,7 +140,7 @@ fn run_gemm(a: &GemmArgs) -> Result<ExitCode, (u8, String)> {
         match CublasLt::new(&dev) {
             Ok(lt) => Some(lt),
             Err(e) => {
-                eprintln!("fp8forge: warning: no cuBLASLt baselines: {e}");
+                note(&format!("fp8forge: warning: no cuBLASLt baselines: {e}"));
                 None
             }
         }
@@ -152,11 +149,9 @@ fn run_gemm(a: &GemmArgs) -> Result<ExitCode, (u8, String)> {
         Some(t) => {
             let (spec, _) = identify_device(&dev).map_err(|e| (1, e.to_string()))?;
             if t.is_stale() {
-                eprintln!(
-                    "fp8forge: warning: the table was tuned for other kernels (stale hash): using the cost model"
-                );
+                note("fp8forge: warning: the table was tuned for other kernels (stale hash): using the cost model");
             } else if t.device.id != spec.id {
-                eprintln!("fp8forge: warning: the table is for {}, this GPU is {}", t.device.id, spec.id);
+                note(&format!("fp8forge: warning: the table is for {}, this GPU is {}", t.device.id, spec.id));
             }
             Some(spec)
         }
@@ -183,7 +178,7 @@ fn run_gemm(a: &GemmArgs) -> Result<ExitCode, (u8, String)> {
             configs.clone()
         };
         if !a.json {
-            eprintln!("bench {shape} ({} configuration(s))", for_shape.len().max(1));
+            note(&format!("bench {shape} ({} configuration(s))", for_shape.len().max(1)));
         }
         rows.extend(bench_shape(&dev, lt.as_ref(), shape, &for_shape, &opts).map_err(fail)?);
     }
@@ -196,12 +191,9 @@ fn run_gemm(a: &GemmArgs) -> Result<ExitCode, (u8, String)> {
             kernel_hash: source_hash(),
             rows: &rows,
         };
-        match serde_json::to_string_pretty(&report) {
-            Ok(s) => println!("{s}"),
-            Err(e) => return Err((1, format!("cannot render JSON: {e}"))),
-        }
+        print_json(&report).map_err(|f| (f.code, f.message))?;
     } else {
-        print!("{}", render(&dev, arch, &rows));
+        emit(&render(&dev, arch, &rows)).map_err(|f| (f.code, f.message))?;
     }
     let failed = rows.iter().any(|r| r.implementation == "fp8forge" && !r.ok);
     Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })

@@ -12,7 +12,7 @@ use fp8forge_runtime::RuntimeError;
 use fp8forge_runtime::eval::{ActQuant, EvalOptions, Input, evaluate};
 use serde::Serialize;
 
-use crate::output::{Bar, StepBar, human_bytes, parse_size, print_json};
+use crate::output::{Bar, StepBar, emit, esc, esc_path, human_bytes, parse_size, print_json};
 
 /// Block-scaled FP8 for Mixture-of-Experts checkpoints on Hopper GPUs.
 #[derive(Parser, Debug)]
@@ -118,8 +118,8 @@ struct DemoArgs {
     /// Output directory (an earlier demo's is reused).
     #[arg(long, default_value = "fp8forge-demo")]
     out: PathBuf,
-    /// tinyshakespeare.txt (default: found in shared/data/ above the working directory).
-    #[arg(long)]
+    /// Evaluate on this text file, whole (default: the bundled held-out tinyshakespeare).
+    #[arg(long, value_name = "FILE")]
     data: Option<PathBuf>,
     /// Window length in tokens.
     #[arg(long, default_value_t = 256)]
@@ -207,10 +207,18 @@ fn parse_shard(s: &str) -> Result<(usize, usize), String> {
 
 /// An error for the user: one line, and the exit code.
 pub struct Failure {
-    /// The message.
+    /// The message (nothing is printed when it is empty).
     pub message: String,
-    /// 1 runtime failure, 2 bad input or usage.
+    /// 1 runtime failure, 2 bad input or usage; 0 for a quiet end (stdout closed by its reader);
+    /// 128 + the signal for an interrupted run.
     pub code: u8,
+}
+
+impl Failure {
+    /// Ends the program with `code` and no message.
+    pub fn quiet(code: u8) -> Self {
+        Failure { message: String::new(), code }
+    }
 }
 
 impl From<RuntimeError> for Failure {
@@ -221,8 +229,36 @@ impl From<RuntimeError> for Failure {
 
 impl From<ConvertError> for Failure {
     fn from(e: ConvertError) -> Self {
+        if let ConvertError::Interrupted = e {
+            let sig = crate::output::INTERRUPT.load(std::sync::atomic::Ordering::Relaxed);
+            let name = if sig == signal_hook::consts::SIGTERM as usize { "SIGTERM" } else { "SIGINT" };
+            return Failure { code: 128 + (sig as u8 & 0x7f), message: format!("{name}: {e}") };
+        }
         Failure { code: if e.is_bad_input() { 2 } else { 1 }, message: e.to_string() }
     }
+}
+
+/// Lets SIGINT and SIGTERM ask the run to stop at the next tensor (see [`Bar`]), so that it
+/// removes its temporary files and keeps what it finished, instead of dying mid-write.
+fn stop_on_signals() -> Result<(), Failure> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let failed = |e: std::io::Error| Failure { message: format!("cannot handle SIGINT/SIGTERM: {e}"), code: 1 };
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        // A second signal ends the program at once (the first one is still being honoured).
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, std::sync::Arc::clone(&asked))
+            .map_err(failed)?;
+        signal_hook::flag::register(sig, std::sync::Arc::clone(&asked)).map_err(failed)?;
+        // SAFETY: the handler only stores the signal number in an atomic, which is
+        // async-signal-safe.
+        unsafe {
+            signal_hook::low_level::register(sig, move || {
+                crate::output::INTERRUPT.store(sig as usize, std::sync::atomic::Ordering::Relaxed)
+            })
+        }
+        .map_err(failed)?;
+    }
+    Ok(())
 }
 
 /// Runs a parsed command line.
@@ -230,23 +266,24 @@ pub fn run(cli: Cli) -> Result<ExitCode, Failure> {
     match cli.command {
         Command::Convert(a) => run_convert(a),
         Command::Dequant { input, output, force, json, quiet } => {
+            stop_on_signals()?;
             let bar = Bar::new(quiet || json, "dequant");
             let r = fp8forge_quant::dequant::dequant(&input, &output, force, &bar);
             bar.finish();
             let r = r?;
             if json {
-                print_json(&r);
+                print_json(&r)?;
             } else if !quiet {
-                println!("wrote {} ({} files, {})", output.display(), r.files, human_bytes(r.bytes_out));
+                emit(&format!("wrote {} ({} files, {})\n", esc_path(&output), r.files, human_bytes(r.bytes_out)))?;
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect { path, json } => {
             let r = fp8forge_quant::inspect::inspect(&path)?;
             if json {
-                print_json(&r);
+                print_json(&r)?;
             } else {
-                print!("{}", crate::output::render_inspection(&r));
+                emit(&crate::output::render_inspection(&r))?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -256,16 +293,16 @@ pub fn run(cli: Cli) -> Result<ExitCode, Failure> {
             bar.finish();
             let r = r?;
             if json {
-                print_json(&r);
+                print_json(&r)?;
             } else {
-                print!("{}", crate::output::render_verify(&r));
+                emit(&crate::output::render_verify(&r))?;
             }
             Ok(if r.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Eval(a) => run_eval(a),
         Command::Demo(a) => run_demo(a),
         Command::Autotune(a) => crate::autotune::run(a),
-        Command::Bench { what } => Ok(crate::bench::run(what)),
+        Command::Bench { what } => crate::bench::run(what),
     }
 }
 
@@ -277,31 +314,30 @@ fn run_demo(a: DemoArgs) -> Result<ExitCode, Failure> {
     bar.finish();
     let r = r?;
     if a.json {
-        print_json(&r);
+        print_json(&r)?;
         return Ok(ExitCode::SUCCESS);
     }
     let (q, w) = (&r.w8a8, &r.weight_only);
     let Some(b) = &q.baseline else { return Ok(ExitCode::SUCCESS) };
     let pct = |x: f64| 100.0 * (x / b.baseline_perplexity - 1.0);
-    println!(
-        "bundled tiny MoE ({}), {} held-out tokens of {}, windows of {}",
-        q.model_type,
-        q.tokens,
-        r.data.display(),
-        q.ctx
+    let mut out =
+        format!("bundled tiny MoE ({}), {} tokens of {}, windows of {}\n", q.model_type, q.tokens, esc(&r.data), q.ctx);
+    out += &format!(
+        "  BF16                 perplexity {:.4} ± {:.4}\n",
+        b.baseline_perplexity, b.baseline_perplexity_stderr
     );
-    println!("  BF16                 perplexity {:.4} ± {:.4}", b.baseline_perplexity, b.baseline_perplexity_stderr);
-    println!("  FP8 weight-only      perplexity {:.4} ({:+.3}%)", w.perplexity, pct(w.perplexity));
-    println!("  FP8 W8A8 (as served) perplexity {:.4} ({:+.3}%)", q.perplexity, pct(q.perplexity));
-    println!(
-        "  W8A8 vs BF16: KL divergence mean {:.2e} (p99 {:.2e}), top-1 agreement {:.2}%, routing agreement {:.2}%",
+    out += &format!("  FP8 weight-only      perplexity {:.4} ({:+.3}%)\n", w.perplexity, pct(w.perplexity));
+    out += &format!("  FP8 W8A8 (as served) perplexity {:.4} ({:+.3}%)\n", q.perplexity, pct(q.perplexity));
+    out += &format!(
+        "  W8A8 vs BF16: KL divergence mean {:.2e} (p99 {:.2e}), top-1 agreement {:.2}%, routing agreement {:.2}%\n",
         b.kld_mean,
         b.kld_p99,
         100.0 * b.top1_agreement,
         100.0 * b.routing_agreement
     );
-    println!("checkpoints: {} -> {}", r.bf16.display(), r.fp8.display());
-    println!("report: {}", r.report.display());
+    out += &format!("checkpoints: {} -> {}\n", esc_path(&r.bf16), esc_path(&r.fp8));
+    out += &format!("report: {}\n", esc_path(&r.report));
+    emit(&out)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -321,6 +357,9 @@ fn run_eval(a: EvalArgs) -> Result<ExitCode, Failure> {
         max_memory: a.max_memory,
         stream: a.stream.then_some(true),
     };
+    if let Some(path) = &a.report {
+        check_report_path(path)?;
+    }
     let bar = StepBar::new(a.quiet || a.json, "eval");
     let r = evaluate(&a.model, a.baseline.as_deref(), &input, &opts, &bar);
     bar.finish();
@@ -329,14 +368,29 @@ fn run_eval(a: EvalArgs) -> Result<ExitCode, Failure> {
         write_report(path, &r)?;
     }
     if a.json {
-        print_json(&r);
+        print_json(&r)?;
     } else if !a.quiet {
-        print!("{}", crate::output::render_eval(&r));
+        let mut out = crate::output::render_eval(&r);
         if let Some(path) = &a.report {
-            println!("report: {}", path.display());
+            out += &format!("report: {}\n", esc_path(path));
         }
+        emit(&out)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses, before an evaluation that may take hours, a report path that cannot be written:
+/// its directory must exist, and the path must not be a directory.
+fn check_report_path(path: &std::path::Path) -> Result<(), Failure> {
+    let bad = |reason: &str| Failure { message: format!("{}: {reason}", esc_path(path)), code: 2 };
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    if !dir.is_dir() {
+        return Err(bad(&format!("cannot write the report: directory {} does not exist", esc_path(dir))));
+    }
+    if path.is_dir() {
+        return Err(bad("cannot write the report: is a directory"));
+    }
+    Ok(())
 }
 
 /// Writes the HTML report atomically.
@@ -383,12 +437,13 @@ fn run_convert(a: ConvertArgs) -> Result<ExitCode, Failure> {
                 summary: fp8forge_quant::plan::PlanSummary,
                 plan: &'a fp8forge_quant::plan::Plan,
             }
-            print_json(&DryRun { plan_digest: plan.digest(), summary: plan.summary(), plan: &plan });
+            print_json(&DryRun { plan_digest: plan.digest(), summary: plan.summary(), plan: &plan })?;
         } else {
-            print!("{}", crate::output::render_plan(&plan));
+            emit(&crate::output::render_plan(&plan))?;
         }
         return Ok(ExitCode::SUCCESS);
     }
+    stop_on_signals()?;
     let run = RunOptions { resume: a.resume, force: a.force, shard: a.shard };
     let bar = Bar::new(a.quiet || a.json, "convert");
     let start = Instant::now();
@@ -397,14 +452,21 @@ fn run_convert(a: ConvertArgs) -> Result<ExitCode, Failure> {
     let r = r?;
     let seconds = start.elapsed().as_secs_f64();
     if a.json {
-        print_json(&Timed { report: &r, seconds });
+        print_json(&Timed { report: &r, seconds })?;
     } else if !a.quiet {
-        print!("{}", render_convert(&r, seconds));
+        emit(&render_convert(&r, seconds))?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn render_convert(r: &ConvertReport, seconds: f64) -> String {
+    if r.already_complete {
+        return format!(
+            "{} already holds this conversion, finished (plan {}): nothing to do\n",
+            esc_path(&r.output),
+            &r.plan_digest[..r.plan_digest.len().min(12)]
+        );
+    }
     let s = &r.summary;
     let mut out = format!(
         "{} tensors: {} quantized to FP8, {} kept; {} -> {} in {} files\n",
@@ -417,10 +479,10 @@ fn render_convert(r: &ConvertReport, seconds: f64) -> String {
     );
     out += &format!("this run wrote {} files ({} already done) in {seconds:.1} s\n", r.files_written, r.files_resumed);
     if let Some(w) = r.tensors.iter().max_by(|a, b| a.rel_rms.total_cmp(&b.rel_rms)) {
-        out += &format!("largest relative RMS error: {:.4} ({})\n", w.rel_rms, w.name);
+        out += &format!("largest relative RMS error: {:.4} ({})\n", w.rel_rms, esc(&w.name));
     }
     if r.complete {
-        out += &format!("done: {} (check with `fp8forge verify`)\n", r.output.display());
+        out += &format!("done: {} (check with `fp8forge verify`)\n", esc_path(&r.output));
     } else {
         out += "this job's share is done; when every job has finished, run the same command without --shard and with --resume to write the index and manifest\n";
     }

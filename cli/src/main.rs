@@ -15,7 +15,9 @@ fn main() -> ExitCode {
     match commands::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("fp8forge: error: {}", e.message);
+            if !e.message.is_empty() {
+                output::note(&format!("fp8forge: error: {}", e.message));
+            }
             ExitCode::from(e.code)
         }
     }

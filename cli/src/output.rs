@@ -1,12 +1,67 @@
-//! Rendering: progress bars, JSON on stdout, byte sizes.
+//! Rendering: progress bars, JSON on stdout, byte sizes; and the two rules of everything printed:
+//! names that come from files are escaped (a tensor name cannot forge lines or move the cursor),
+//! and a closed or full stdout is an error to report, never a panic.
 
+use std::borrow::Cow;
+use std::io::Write;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fp8forge_quant::convert::Progress;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
+/// `text` with every control character (C0, DEL, C1) and bidirectional-override character
+/// escaped (`\n`, `\t`, `\u{1b}`, ...), so that data from files (tensor and file names) prints as
+/// one inert field: it cannot end a line or drive the terminal.
+pub fn esc(text: &str) -> Cow<'_, str> {
+    let special = |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !text.chars().any(special) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if special(c) => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A path for messages, escaped like [`esc`].
+pub fn esc_path(path: &std::path::Path) -> String {
+    esc(&path.display().to_string()).into_owned()
+}
+
+/// Writes `text` to stdout. A reader that went away (a broken pipe, as with `| head`) ends the
+/// program quietly with exit code 0: the work is done by the time anything is printed. Any other
+/// failure (`> /dev/full`) is an error with exit code 1.
+pub fn emit(text: &str) -> Result<(), crate::commands::Failure> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(crate::commands::Failure::quiet(0)),
+        Err(e) => Err(crate::commands::Failure {
+            message: format!("cannot write to standard output: {e} (the work itself completed)"),
+            code: 1,
+        }),
+    }
+}
+
+/// Prints a line on stderr (escaped), ignoring a closed or full stderr.
+pub fn note(line: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{}", esc(line));
+}
+
+/// The signal (SIGINT or SIGTERM) that asked the running command to stop; 0 while none has.
+pub static INTERRUPT: AtomicUsize = AtomicUsize::new(0);
+
 /// A bytes-and-tensors progress bar on stderr (hidden with `--quiet`/`--json` or off a terminal).
+/// It tells the library to stop once [`INTERRUPT`] is set.
 pub struct Bar {
     bar: ProgressBar,
     tensors: Mutex<(usize, usize)>,
@@ -47,6 +102,10 @@ impl Progress for Bar {
             t.0 += 1;
             self.bar.set_message(format!("{}/{} tensors", t.0, t.1));
         }
+    }
+
+    fn cancelled(&self) -> bool {
+        INTERRUPT.load(Ordering::Relaxed) != 0
     }
 }
 
@@ -90,7 +149,7 @@ impl fp8forge_runtime::eval::EvalProgress for StepBar {
 pub fn render_eval(r: &fp8forge_runtime::metrics::EvalResult) -> String {
     let mut out = format!(
         "{} ({}, {}; act-quant {}): perplexity {:.4} ± {:.4} over {} tokens ({} windows of {}){}\n",
-        r.model,
+        esc(&r.model),
         r.model_type,
         r.weights,
         r.act_quant,
@@ -106,7 +165,7 @@ pub fn render_eval(r: &fp8forge_runtime::metrics::EvalResult) -> String {
         out += &format!(
             "baseline {}: perplexity {:.4} ± {:.4} ({delta:+.3}%)\n\
              KL divergence mean {:.3e}, p99 {:.3e}, max {:.3e}; top-1 agreement {:.4}; routing agreement {:.4}\n",
-            b.baseline_model,
+            esc(&b.baseline_model),
             b.baseline_perplexity,
             b.baseline_perplexity_stderr,
             b.kld_mean,
@@ -126,11 +185,11 @@ pub fn render_eval(r: &fp8forge_runtime::metrics::EvalResult) -> String {
 }
 
 /// Prints one JSON object on stdout.
-pub fn print_json<T: Serialize>(v: &T) {
-    match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
-        Err(e) => eprintln!("fp8forge: error: cannot render JSON: {e}"),
-    }
+pub fn print_json<T: Serialize>(v: &T) -> Result<(), crate::commands::Failure> {
+    let mut s = serde_json::to_string_pretty(v)
+        .map_err(|e| crate::commands::Failure { message: format!("cannot render JSON: {e}"), code: 1 })?;
+    s.push('\n');
+    emit(&s)
 }
 
 /// A byte count for people: "1.23 GB".
@@ -182,19 +241,24 @@ pub fn render_plan(plan: &fp8forge_quant::plan::Plan) -> String {
         s.files
     );
     for f in &plan.files {
-        out += &format!("{} ({}) <- {}\n", f.name, human_bytes(f.data_bytes()), plan.input_shards[f.input_shard]);
+        out += &format!(
+            "{} ({}) <- {}\n",
+            esc(&f.name),
+            human_bytes(f.data_bytes()),
+            esc(&plan.input_shards[f.input_shard])
+        );
         for i in &f.items {
             match &i.action {
-                Action::Quantize { rows, cols } => out += &format!("  fp8   {} [{rows}, {cols}]\n", i.source),
-                Action::Copy { reason } => out += &format!("  keep  {} ({reason})\n", i.source),
+                Action::Quantize { rows, cols } => out += &format!("  fp8   {} [{rows}, {cols}]\n", esc(&i.source)),
+                Action::Copy { reason } => out += &format!("  keep  {} ({})\n", esc(&i.source), esc(reason)),
             }
         }
     }
     for c in &plan.copies {
-        out += &format!("copy  {c}\n");
+        out += &format!("copy  {}\n", esc(c));
     }
     for c in &plan.not_copied {
-        out += &format!("not copied: {c}\n");
+        out += &format!("not copied: {}\n", esc(c));
     }
     out
 }
@@ -204,7 +268,7 @@ pub fn render_inspection(r: &fp8forge_quant::inspect::Inspection) -> String {
     let total: u64 = r.files.iter().map(|f| f.bytes).sum();
     let mut out = format!(
         "{}: {} tensors in {} files, {}; state: {}\n",
-        r.path.display(),
+        esc_path(&r.path),
         r.tensors.len(),
         r.files.len(),
         human_bytes(total),
@@ -214,7 +278,7 @@ pub fn render_inspection(r: &fp8forge_quant::inspect::Inspection) -> String {
         out += &format!("  {dtype:<8} {:>7} tensors {:>12}\n", d.tensors, human_bytes(d.bytes));
     }
     if let Some(q) = &r.quantization {
-        out += &format!("quantization_config: {q}\n");
+        out += &format!("quantization_config: {}\n", esc(&q.to_string()));
     }
     for t in &r.tensors {
         out += &format!(
@@ -223,7 +287,7 @@ pub fn render_inspection(r: &fp8forge_quant::inspect::Inspection) -> String {
             t.dtype,
             format!("{:?}", t.shape),
             human_bytes(t.bytes),
-            t.name
+            esc(&t.name)
         );
     }
     out

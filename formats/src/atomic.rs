@@ -79,21 +79,28 @@ impl AtomicFile {
         self.written
     }
 
-    /// Flushes, fsyncs, renames to the final name and fsyncs the directory.
+    /// Flushes, fsyncs, renames to the final name and fsyncs the directory. On failure (a full
+    /// disk shows at the flush or the fsync) the temporary file is removed.
     pub fn commit(mut self) -> Result<WrittenFile> {
         let out = self.out.take().ok_or_else(|| closed(&self.tmp_path))?;
-        let file = out.into_inner().map_err(|e| FormatError::Io {
-            path: self.tmp_path.clone(),
-            op: "write",
-            source: e.into_error(),
-        })?;
-        file.sync_all().map_err(FormatError::io(&self.tmp_path, "fsync"))?;
-        drop(file);
-        std::fs::rename(&self.tmp_path, &self.final_path).map_err(FormatError::io(&self.final_path, "rename"))?;
+        let placed = place(out, &self.tmp_path, &self.final_path);
+        if placed.is_err() {
+            let _ = std::fs::remove_file(&self.tmp_path);
+        }
+        placed?;
         sync_parent(&self.final_path)?;
         let sha256 = hex(&std::mem::take(&mut self.hasher).finalize());
         Ok(WrittenFile { path: self.final_path.clone(), bytes: self.written, sha256 })
     }
+}
+
+/// Flushes `out` (writing `tmp`), fsyncs it and renames it to `dst`.
+fn place(out: BufWriter<File>, tmp: &Path, dst: &Path) -> Result<()> {
+    let file =
+        out.into_inner().map_err(|e| FormatError::Io { path: tmp.to_owned(), op: "write", source: e.into_error() })?;
+    file.sync_all().map_err(FormatError::io(tmp, "fsync"))?;
+    drop(file);
+    std::fs::rename(tmp, dst).map_err(FormatError::io(dst, "rename"))
 }
 
 impl Drop for AtomicFile {
@@ -172,6 +179,32 @@ mod tests {
             f.write_all(b"half").expect("write");
         }
         assert!(!p.exists() && !partial_path(&p).exists());
+    }
+
+    #[test]
+    fn a_commit_that_cannot_flush_removes_its_temporary_file() {
+        let d = tempfile::tempdir().expect("tempdir");
+        // The final name is a non-empty directory: the rename fails after the flush.
+        let p = d.path().join("a.bin");
+        std::fs::create_dir_all(p.join("x")).expect("mkdir");
+        let mut f = AtomicFile::create(&p).expect("create");
+        f.write_all(b"data").expect("write");
+        assert!(f.commit().is_err());
+        assert!(!partial_path(&p).exists(), "temporary file left behind");
+        // A full disk (/dev/full): the buffered bytes cannot be written at the flush.
+        let tmp = d.path().join(".b.bin.partial");
+        std::fs::write(&tmp, b"").expect("stand-in temporary file");
+        let mut full = AtomicFile {
+            final_path: d.path().join("b.bin"),
+            tmp_path: tmp.clone(),
+            out: Some(BufWriter::new(File::options().write(true).open("/dev/full").expect("/dev/full"))),
+            hasher: Sha256::new(),
+            written: 0,
+        };
+        full.write_all(b"data").expect("buffered");
+        let e = full.commit().expect_err("flush to a full disk");
+        assert!(e.to_string().contains("No space left"), "{e}");
+        assert!(!tmp.exists(), "temporary file left behind");
     }
 
     #[test]

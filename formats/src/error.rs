@@ -62,6 +62,16 @@ pub enum FormatError {
         /// What is wrong.
         reason: String,
     },
+    /// An input file is not what it was when the output was started or finished from it.
+    #[error("{path}: changed since {since} ({what}); use --force to convert again from the current input")]
+    InputChanged {
+        /// The input file.
+        path: PathBuf,
+        /// Since when: "this conversion started" or "the output was finished".
+        since: &'static str,
+        /// What differs (size, modification time, presence).
+        what: String,
+    },
     /// A file's content does not match the sha256 its manifest records.
     #[error("{path}: sha256 mismatch: manifest says {expected}, file has {actual}")]
     HashMismatch {

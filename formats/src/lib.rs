@@ -13,6 +13,7 @@ pub mod error;
 pub mod header;
 pub mod lock;
 pub mod manifest;
+pub mod outdir;
 pub mod qconfig;
 pub mod reader;
 pub mod writer;

@@ -1,10 +1,14 @@
 //! A lock on an output directory, so that two runs cannot write the same files.
 //!
 //! The lock is an advisory `flock` on a file: the kernel releases it when the process exits,
-//! SIGKILL included, so a crashed run never leaves a stale lock behind.
+//! SIGKILL included, so a crashed run never leaves a stale lock behind. The lock file may be
+//! removed by the run that holds it (a finished run removes its state directory): a lock taken on
+//! a file that is no longer at its path is let go and taken again on the new file, so two runs
+//! never both believe they hold the lock.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{FormatError, Result};
@@ -29,6 +33,25 @@ impl DirLock {
     }
 
     fn take(path: &Path, shared: bool) -> Result<Self> {
+        // A few rounds: each one that fails finds the file replaced by another run's, which
+        // happens at most once per run that finishes meanwhile.
+        for _ in 0..8 {
+            if let Some(lock) = Self::take_once(path, shared)? {
+                return Ok(lock);
+            }
+        }
+        Err(FormatError::Output {
+            path: path.to_owned(),
+            reason: "the lock file keeps being replaced by other fp8forge runs".into(),
+        })
+    }
+
+    /// Takes the lock on the file now at `path`; `None` when that file was removed or replaced
+    /// while the lock was being taken (the lock would then protect nothing).
+    fn take_once(path: &Path, shared: bool) -> Result<Option<Self>> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(FormatError::io(dir, "create"))?;
+        }
         let mut file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -50,11 +73,18 @@ impl DirLock {
                 return Err(FormatError::Io { path: path.to_owned(), op: "lock", source: e });
             }
         }
+        let held = file.metadata().map_err(FormatError::io(path, "stat"))?;
+        match std::fs::metadata(path) {
+            Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => {}
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(FormatError::Io { path: path.to_owned(), op: "stat", source: e }),
+        }
         if !shared {
             let _ = file.set_len(0);
             let _ = write!(file, "pid {}", std::process::id());
         }
-        Ok(DirLock { _file: file, path: path.to_owned() })
+        Ok(Some(DirLock { _file: file, path: path.to_owned() }))
     }
 
     /// The lock file's path.
@@ -76,5 +106,19 @@ mod tests {
         assert!(e.contains("another fp8forge run"), "{e}");
         drop(a);
         DirLock::acquire(&p).expect("after release");
+    }
+
+    #[test]
+    fn a_lock_whose_file_was_removed_is_taken_again_on_a_new_file() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("state").join("lock");
+        let a = DirLock::acquire(&p).expect("first");
+        // The holder removes its state directory (as a finished run does) but still holds the
+        // lock on the unlinked file: a newcomer must get a lock on a file at the path.
+        std::fs::remove_dir_all(d.path().join("state")).expect("remove");
+        let b = DirLock::acquire(&p).expect("second, on a new file");
+        assert!(p.exists());
+        assert!(DirLock::acquire(&p).is_err(), "the new file is locked");
+        drop((a, b));
     }
 }

@@ -11,9 +11,9 @@ use crate::error::{FormatError, Result};
 pub const MANIFEST_NAME: &str = "SHA256SUMS";
 
 /// Writes the manifest of `entries` (file name -> sha256 hex) into `dir`, atomically.
-pub fn write_manifest(dir: &Path, entries: &BTreeMap<String, String>) -> Result<()> {
+pub fn write_manifest(dir: &Path, entries: &BTreeMap<String, String>) -> Result<crate::atomic::WrittenFile> {
     let text: String = entries.iter().map(|(name, h)| format!("{h}  {name}\n")).collect();
-    write_atomic(&dir.join(MANIFEST_NAME), text.as_bytes()).map(|_| ())
+    write_atomic(&dir.join(MANIFEST_NAME), text.as_bytes())
 }
 
 /// Reads the manifest of `dir`: file name -> sha256 hex.

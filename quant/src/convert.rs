@@ -1,23 +1,20 @@
 //! Executing a conversion plan: streaming, resumable, shardable over a job array.
 //!
-//! Output files are written whole under temporary names inside the state directory
-//! `OUT/.fp8forge/files/`, fsynced and renamed when complete; each finished file leaves a marker
-//! in `OUT/.fp8forge/done/`. Nothing appears under a final name in OUT until every file is done,
-//! so a run stopped by bad input halfway (a NaN in the tenth shard) leaves no partial checkpoint
-//! that a loader could pick up. A resumed run recomputes the plan, checks that its digest is the
-//! one recorded in `OUT/.fp8forge/plan.sha256`, and writes only the files without a marker.
-//! Since every file is a deterministic function of the plan and the input, a resumed run's
-//! output is byte-identical to an uninterrupted one. The last step moves the files into OUT,
-//! writes config, carried-over files, index and `SHA256SUMS` (last), and removes the state
-//! directory.
+//! The output directory is an [`OutputDir`]: locked before anything in it is looked at, with a
+//! journal of the plan digest and of every input file's size and modification time, each output
+//! file written whole in its staging folder and marked complete, and a commit that moves the
+//! finished checkpoint into OUT only once every file (config, index and manifest included) is
+//! complete. Any later run of the same plan on unchanged input continues where an earlier one
+//! stopped (writing only the files without a marker), and a run on a finished output changes
+//! nothing. Since every file is a deterministic function of the plan and the input, a resumed
+//! run's output is byte-identical to an uninterrupted one.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, PoisonError, mpsc};
 
-use fp8forge_formats::atomic::{copy_atomic, is_partial_name, write_atomic};
-use fp8forge_formats::lock::DirLock;
-use fp8forge_formats::manifest::{MANIFEST_NAME, write_manifest};
+use fp8forge_formats::checkpoint::INDEX_NAME;
+use fp8forge_formats::outdir::{Identity, Opened, OutputDir, Role, check_apart};
 use fp8forge_formats::{Checkpoint, Dtype, FormatError, PlannedTensor, ShardWriter, WrittenFile, qconfig};
 use serde::Serialize;
 use serde_json::Value;
@@ -26,8 +23,7 @@ use crate::block::{QuantError, SrcDtype, quantize_weight_into};
 use crate::plan::{Action, ConvertOptions, OutFile, OutputFormat, Plan, PlanError, PlanSummary, make_plan};
 use crate::stats::ErrorStats;
 
-/// Name of the state directory inside OUT while a conversion is unfinished.
-pub const STATE_DIR: &str = ".fp8forge";
+pub use fp8forge_formats::outdir::STATE_DIR;
 
 /// How this run goes about it.
 #[derive(Clone, Debug, Default)]
@@ -46,6 +42,11 @@ pub trait Progress: Sync {
     fn begin(&self, _bytes: u64, _tensors: usize) {}
     /// One input tensor is done.
     fn tensor_done(&self, _name: &str, _bytes: u64) {}
+    /// True once the run should stop (the user interrupted it): checked between tensors; the
+    /// run then removes its temporary files and returns [`ConvertError::Interrupted`].
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// A [`Progress`] that ignores everything.
@@ -95,6 +96,8 @@ pub struct ConvertReport {
     pub files_resumed: usize,
     /// True when the index, config and manifest were written (the output is complete).
     pub complete: bool,
+    /// True when OUT already held this finished output: nothing was written.
+    pub already_complete: bool,
     /// Per-tensor quantization error of the tensors this run quantized.
     pub tensors: Vec<TensorReport>,
 }
@@ -119,6 +122,18 @@ pub enum ConvertError {
         #[source]
         source: QuantError,
     },
+    /// A tensor that is copied unchanged holds a NaN or an infinity (the first one).
+    #[error("{path}: tensor {tensor}: non-finite value {value} at {index:?}")]
+    NonFinite {
+        /// The input shard.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Position of the value in the tensor.
+        index: Vec<usize>,
+        /// The value, widened to f64.
+        value: f64,
+    },
     /// The output directory cannot be used as asked.
     #[error("{path}: {reason}")]
     Output {
@@ -127,6 +142,10 @@ pub enum ConvertError {
         /// Why.
         reason: String,
     },
+    /// The run was interrupted (SIGINT, SIGTERM) and stopped cleanly: its temporary files are
+    /// removed, the files it finished are kept for the next run.
+    #[error("interrupted; finished files are kept: run the same command again to continue")]
+    Interrupted,
 }
 
 impl ConvertError {
@@ -134,6 +153,7 @@ impl ConvertError {
     pub fn is_bad_input(&self) -> bool {
         match self {
             ConvertError::Format(e) => e.is_bad_input(),
+            ConvertError::Interrupted => false,
             _ => true,
         }
     }
@@ -146,6 +166,9 @@ pub fn plan(input: &Path, opts: &ConvertOptions) -> Result<Plan, ConvertError> {
 }
 
 /// Converts `input` into `out` (all of it, or job `i/n`'s share with `run.shard`).
+///
+/// Refuses an `out` that is, or lies inside, the input directory; continues an unfinished output
+/// of the same plan and unchanged input; does nothing on a finished one.
 pub fn convert(
     input: &Path,
     out: &Path,
@@ -156,19 +179,42 @@ pub fn convert(
     let ckpt = Checkpoint::open(input)?;
     let plan = make_plan(&ckpt, opts)?;
     let digest = plan.digest();
-    let _locks = prepare_output(out, &plan, &digest, run)?;
-    let state = out.join(STATE_DIR);
-    let done_dir = state.join("done");
-    let staging = state.join("files");
-    for d in [&done_dir, &staging] {
-        std::fs::create_dir_all(d).map_err(FormatError::io(d, "create"))?;
-    }
-
+    let inputs = input_files(&ckpt, &plan, input.is_dir());
+    let paths: Vec<PathBuf> = inputs.iter().map(|f| ckpt.root.join(f)).collect();
+    check_apart(&ckpt.root, &paths, out)?;
+    let role = match run.shard {
+        Some(_) if run.force => {
+            return Err(ConvertError::Output {
+                path: out.to_owned(),
+                reason: "--force cannot be combined with --shard (one job would delete the others' files); \
+                         start over with one run of --force, or remove OUT first"
+                    .into(),
+            });
+        }
+        Some((index, count)) => Role::Job { index, count },
+        None => Role::Whole { force: run.force },
+    };
+    let identity = Identity::stamp(digest.clone(), &ckpt.root, &inputs)?;
     let mine: Vec<usize> = match run.shard {
         Some((i, n)) => plan.files_of_job(i, n),
         None => (0..plan.files.len()).collect(),
     };
-    let todo: Vec<usize> = mine.iter().copied().filter(|&f| read_marker(out, &plan.files[f].name).is_none()).collect();
+    let report = |written: usize, already_complete: bool, tensors: Vec<TensorReport>| ConvertReport {
+        output: out.to_owned(),
+        plan_digest: digest.clone(),
+        summary: plan.summary(),
+        files_written: written,
+        files_resumed: mine.len() - written,
+        complete: run.shard.is_none() || already_complete,
+        already_complete,
+        tensors,
+    };
+    let dir = match OutputDir::open(out, identity, role, &|name| written_by_conversion(name, &plan))? {
+        Opened::Complete => return Ok(report(0, true, vec![])),
+        Opened::Writing(dir) => dir,
+    };
+
+    let todo: Vec<usize> = mine.iter().copied().filter(|&f| dir.done(&plan.files[f].name).is_none()).collect();
     let bytes: u64 = todo.iter().flat_map(|&f| &plan.files[f].items).map(|i| i.bytes_in).sum();
     let tensors: usize = todo.iter().map(|&f| plan.files[f].items.len()).sum();
     progress.begin(bytes, tensors);
@@ -176,141 +222,38 @@ pub fn convert(
     let mut reports = Vec::new();
     for &f in &todo {
         let file = &plan.files[f];
-        let written = write_file(&ckpt, file, &staging.join(&file.name), opts, progress, &mut reports)?;
-        write_atomic(&done_dir.join(&file.name), format!("{} {}\n", written.sha256, written.bytes).as_bytes())?;
+        let written = write_file(&ckpt, file, &dir.staging(&file.name), opts, progress, &mut reports)?;
+        dir.mark_done(&file.name, &written)?;
     }
 
-    let complete = run.shard.is_none();
-    if complete {
-        finalize(&ckpt, &plan, out)?;
-        std::fs::remove_dir_all(&state).map_err(FormatError::io(&state, "remove"))?;
-    }
-    Ok(ConvertReport {
-        output: out.to_owned(),
-        plan_digest: digest,
-        summary: plan.summary(),
-        files_written: todo.len(),
-        files_resumed: mine.len() - todo.len(),
-        complete,
-        tensors: reports,
-    })
-}
-
-/// Checks that OUT may be written by this run, cleans it under `--force`, records the plan
-/// digest and takes the locks. Returns the held locks.
-fn prepare_output(out: &Path, plan: &Plan, digest: &str, run: &RunOptions) -> Result<Vec<DirLock>, ConvertError> {
-    let err = |reason: String| ConvertError::Output { path: out.to_owned(), reason };
-    let state = out.join(STATE_DIR);
-    let digest_path = state.join("plan.sha256");
-    if out.exists() && !out.is_dir() {
-        return Err(err("exists and is not a directory".into()));
-    }
-    let nonempty = out.is_dir() && std::fs::read_dir(out).map_err(FormatError::io(out, "read_dir"))?.next().is_some();
-    let prior = std::fs::read_to_string(&digest_path).ok().map(|s| s.trim().to_owned());
-    if nonempty && run.force && run.shard.is_none() {
-        clean_output(out, plan)?;
-    } else if nonempty {
-        match prior.as_deref() {
-            Some(d) if d != digest => {
-                return Err(err(format!(
-                    "holds an unfinished conversion of other input or options (plan {} here, {} now); use --force to start over",
-                    &d[..d.len().min(12)],
-                    &digest[..12]
-                )));
-            }
-            Some(_) if run.resume || run.shard.is_some() => {}
-            Some(_) => {
-                return Err(err(
-                    "holds an unfinished conversion: add --resume to finish it, or --force to start over".into()
-                ));
-            }
-            None if out.join(MANIFEST_NAME).exists() => {
-                return Err(err(
-                    "already holds a finished checkpoint (SHA256SUMS present); use --force to overwrite it".into(),
-                ));
-            }
-            // A sibling job of a sharded run has created the state directory but not yet
-            // recorded the plan: the digest is checked again under the lock below.
-            None if run.shard.is_some() && only_state_dir(out)? => {}
-            None => return Err(err("exists and is not empty; use --force to overwrite".into())),
-        }
-    }
-    std::fs::create_dir_all(&state).map_err(FormatError::io(&state, "create"))?;
-    let mut locks = Vec::new();
-    match run.shard {
-        None => locks.push(DirLock::acquire(&state.join("lock"))?),
-        Some((i, n)) => {
-            locks.push(DirLock::acquire_shared(&state.join("lock"))?);
-            locks.push(DirLock::acquire(&state.join(format!("lock-{}-of-{n}", i + 1)))?);
-        }
-    }
-    // Under the lock: the digest on disk (if a concurrent job wrote one) must still be ours.
-    match std::fs::read_to_string(&digest_path).ok().map(|s| s.trim().to_owned()) {
-        Some(d) if d != digest => {
-            return Err(err("another conversion with other input or options started here".into()));
-        }
-        Some(_) => {}
-        None => {
-            write_atomic(&digest_path, format!("{digest}\n").as_bytes())?;
-        }
-    }
     if run.shard.is_none() {
-        remove_partials(out)?;
-        remove_partials(&state.join("files"))?;
+        let files = finalize(&ckpt, &plan, &dir)?;
+        let now = Identity::stamp(digest.clone(), &ckpt.root, &inputs)?;
+        dir.commit(&files, &now)?;
     }
-    Ok(locks)
+    Ok(report(todo.len(), false, reports))
 }
 
-/// True when the only entry of `out` is the state directory.
-fn only_state_dir(out: &Path) -> Result<bool, ConvertError> {
-    let mut entries = std::fs::read_dir(out).map_err(FormatError::io(out, "read_dir"))?;
-    Ok(entries.all(|e| e.is_ok_and(|e| e.file_name() == STATE_DIR)))
+/// Every input file the conversion reads, relative to the input directory: the shards, then
+/// config.json and the index when present, then the files carried over.
+fn input_files(ckpt: &Checkpoint, plan: &Plan, is_dir: bool) -> Vec<String> {
+    let mut files: Vec<String> = ckpt.shards.iter().map(|s| s.name.clone()).collect();
+    if ckpt.config.is_some() {
+        files.push("config.json".into());
+    }
+    if is_dir && ckpt.root.join(INDEX_NAME).is_file() {
+        files.push(INDEX_NAME.into());
+    }
+    files.extend(plan.copies.iter().cloned());
+    files
 }
 
-/// Removes what a conversion writes (and stale temporary files) from OUT; leaves other files.
-fn clean_output(out: &Path, plan: &Plan) -> Result<(), ConvertError> {
-    let state = out.join(STATE_DIR);
-    if state.exists() {
-        std::fs::remove_dir_all(&state).map_err(FormatError::io(&state, "remove"))?;
-    }
-    for e in std::fs::read_dir(out).map_err(FormatError::io(out, "read_dir"))? {
-        let e = e.map_err(FormatError::io(out, "read_dir"))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        let ours = name.ends_with(".safetensors")
-            || name.ends_with(".safetensors.index.json")
-            || name == MANIFEST_NAME
-            || name == "config.json"
-            || is_partial_name(&name)
-            || plan.copies.contains(&name);
-        if ours && e.path().is_file() {
-            std::fs::remove_file(e.path()).map_err(FormatError::io(e.path(), "remove"))?;
-        }
-    }
-    Ok(())
-}
-
-fn remove_partials(out: &Path) -> Result<(), ConvertError> {
-    if !out.is_dir() {
-        return Ok(());
-    }
-    for e in std::fs::read_dir(out).map_err(FormatError::io(out, "read_dir"))? {
-        let e = e.map_err(FormatError::io(out, "read_dir"))?;
-        if is_partial_name(&e.file_name().to_string_lossy()) {
-            std::fs::remove_file(e.path()).map_err(FormatError::io(e.path(), "remove"))?;
-        }
-    }
-    Ok(())
-}
-
-/// The (sha256, size) recorded for a finished output file, if its marker exists and the file is
-/// there with that size, in the staging directory or already moved into OUT.
-fn read_marker(out: &Path, name: &str) -> Option<(String, u64)> {
-    let text = std::fs::read_to_string(out.join(STATE_DIR).join("done").join(name)).ok()?;
-    let (h, n) = text.trim().split_once(' ')?;
-    let n: u64 = n.parse().ok()?;
-    let size = |p: PathBuf| std::fs::metadata(p).ok().map(|m| m.len());
-    let staged = out.join(STATE_DIR).join("files").join(name);
-    (size(staged) == Some(n) || size(out.join(name)) == Some(n)).then(|| (h.to_owned(), n))
+/// True for the name of a file a conversion writes into OUT (what `--force` replaces).
+fn written_by_conversion(name: &str, plan: &Plan) -> bool {
+    name.ends_with(".safetensors")
+        || name.ends_with(".safetensors.index.json")
+        || name == "config.json"
+        || plan.copies.iter().any(|c| c == name)
 }
 
 fn src_dtype(d: Dtype) -> Option<SrcDtype> {
@@ -386,7 +329,7 @@ fn write_file(
             budget.close();
             r
         });
-        let produced = produce(ckpt, file, opts, budget, &tx, reports);
+        let produced = produce(ckpt, file, opts, budget, &tx, reports, progress);
         drop(tx);
         let written = handle.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
         // A producer error comes first: the writer then only saw its input end early.
@@ -431,8 +374,12 @@ fn produce<'a>(
     budget: &Budget,
     tx: &mpsc::Sender<(usize, Payload<'a>, u64)>,
     reports: &mut Vec<TensorReport>,
+    progress: &dyn Progress,
 ) -> Result<(), ConvertError> {
     for (i, item) in file.items.iter().enumerate() {
+        if progress.cancelled() {
+            return Err(ConvertError::Interrupted);
+        }
         let shard = &ckpt.shards[item.shard].file;
         let missing = || FormatError::BadTensor {
             path: shard.path().to_owned(),
@@ -442,7 +389,17 @@ fn produce<'a>(
         let info = shard.header().get(&item.source).ok_or_else(missing)?;
         let data = shard.data(info);
         let (payload, bytes) = match &item.action {
-            Action::Copy { .. } => (Payload::Copy(data), 0),
+            Action::Copy { .. } => {
+                if let Some((at, value)) = crate::finite::first_non_finite(data, info.dtype) {
+                    return Err(ConvertError::NonFinite {
+                        path: shard.path().to_owned(),
+                        tensor: item.source.clone(),
+                        index: crate::finite::unravel(at, &info.shape),
+                        value,
+                    });
+                }
+                (Payload::Copy(data), 0)
+            }
             Action::Quantize { rows, cols } => {
                 let (rows, cols) = (*rows, *cols);
                 let dtype = src_dtype(info.dtype).ok_or_else(missing)?;
@@ -470,38 +427,23 @@ fn produce<'a>(
     Ok(())
 }
 
-/// Moves the finished files into OUT and writes config.json (with its quantization_config), the
-/// carried-over files, the index and, last, the manifest. Idempotent: an interrupted finalization
-/// run again gives the same bytes.
-fn finalize(ckpt: &Checkpoint, plan: &Plan, out: &Path) -> Result<(), ConvertError> {
-    let mut manifest = BTreeMap::new();
-    for f in &plan.files {
-        let (sha, _) = read_marker(out, &f.name).ok_or_else(|| ConvertError::Output {
-            path: out.join(&f.name),
-            reason: "output file is missing or incomplete; run again with --resume".into(),
-        })?;
-        manifest.insert(f.name.clone(), sha);
-    }
-    let staging = out.join(STATE_DIR).join("files");
-    for f in &plan.files {
-        let staged = staging.join(&f.name);
-        if staged.exists() {
-            std::fs::rename(&staged, out.join(&f.name)).map_err(FormatError::io(out.join(&f.name), "rename"))?;
-        }
-    }
-    fp8forge_formats::atomic::sync_parent(&out.join("config.json"))?;
+/// Writes config.json (with its quantization_config), the carried-over files and the index into
+/// the staging folder, beside the finished shards, and returns the names of all the output's
+/// files for the commit. Idempotent: run again, it writes the same bytes.
+fn finalize(ckpt: &Checkpoint, plan: &Plan, dir: &OutputDir) -> Result<Vec<String>, ConvertError> {
+    let mut names: Vec<String> = plan.files.iter().map(|f| f.name.clone()).collect();
     if let Some(config) = &ckpt.config {
         let mut config = config.clone();
         let qc = quantization_config(plan);
         if let Value::Object(m) = &mut config {
             m.insert("quantization_config".into(), qc);
         }
-        let w = write_atomic(&out.join("config.json"), &pretty(&config))?;
-        manifest.insert("config.json".into(), w.sha256);
+        dir.write_file("config.json", &pretty(&config, &dir.staging("config.json"))?)?;
+        names.push("config.json".into());
     }
     for name in &plan.copies {
-        let w = copy_atomic(&ckpt.root.join(name), &out.join(name))?;
-        manifest.insert(name.clone(), w.sha256);
+        dir.copy_file(&ckpt.root.join(name), name)?;
+        names.push(name.clone());
     }
     if plan.files.len() > 1 {
         let mut weight_map = BTreeMap::new();
@@ -513,11 +455,10 @@ fn finalize(ckpt: &Checkpoint, plan: &Plan, out: &Path) -> Result<(), ConvertErr
             }
         }
         let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
-        let w = write_atomic(&out.join(fp8forge_formats::checkpoint::INDEX_NAME), &pretty(&index))?;
-        manifest.insert(fp8forge_formats::checkpoint::INDEX_NAME.into(), w.sha256);
+        dir.write_file(INDEX_NAME, &pretty(&index, &dir.staging(INDEX_NAME))?)?;
+        names.push(INDEX_NAME.into());
     }
-    write_manifest(out, &manifest)?;
-    Ok(())
+    Ok(names)
 }
 
 /// The quantization_config recorded in config.json for this plan.
@@ -537,8 +478,12 @@ fn quantization_config(plan: &Plan) -> Value {
 }
 
 /// JSON as transformers writes it: two-space indent and a final newline.
-fn pretty(v: &Value) -> Vec<u8> {
-    let mut s = serde_json::to_vec_pretty(v).unwrap_or_default();
+fn pretty(v: &Value, path: &Path) -> Result<Vec<u8>, ConvertError> {
+    let mut s = serde_json::to_vec_pretty(v).map_err(|e| FormatError::Io {
+        path: path.to_owned(),
+        op: "serialize",
+        source: std::io::Error::other(e),
+    })?;
     s.push(b'\n');
-    s
+    Ok(s)
 }

@@ -15,10 +15,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-use fp8forge_formats::atomic::{copy_atomic, is_partial_name, write_atomic};
 use fp8forge_formats::checkpoint::INDEX_NAME;
-use fp8forge_formats::lock::DirLock;
-use fp8forge_formats::manifest::{MANIFEST_NAME, write_manifest};
+use fp8forge_formats::manifest::MANIFEST_NAME;
+use fp8forge_formats::outdir::{Identity, Opened, OutputDir, Role, check_apart};
 use fp8forge_formats::{Checkpoint, Dtype, FormatError, PlannedTensor, ShardWriter, TensorInfo, WrittenFile};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -27,14 +26,6 @@ use serde_json::Value;
 use crate::block::{BLOCK, dequantize_weight_to_bf16};
 use crate::convert::{ConvertError, Progress};
 use crate::fp8::{E4M3_LUT, E5M2_LUT};
-
-/// Name of the lock file held inside OUT while `dequant` writes it (removed at the end).
-pub const DEQUANT_LOCK: &str = ".fp8forge-dequant.lock";
-
-/// Directory inside OUT where the safetensors files are written until every one of them is
-/// complete: a run stopped halfway (a NaN code in the tenth shard) leaves no partial checkpoint
-/// that a loader could pick up. Removed at the end, on success or failure.
-pub const DEQUANT_STAGING: &str = ".fp8forge-dequant.staging";
 
 /// Output bytes of dequantized tensors computed ahead of the writer: small tensors are
 /// dequantized in parallel in batches of about this size, a larger tensor goes alone (and is
@@ -383,8 +374,10 @@ pub struct DequantReport {
     pub tensors_dequantized: usize,
     /// Tensors copied byte for byte.
     pub tensors_copied: usize,
-    /// Bytes of the safetensors files written (headers included).
+    /// Bytes of the safetensors files written by this run (headers included).
     pub bytes_out: u64,
+    /// True when OUT already held this finished output: nothing was written.
+    pub already_complete: bool,
 }
 
 /// Output tensors on their way to the writer: (index in the file plan, bytes).
@@ -526,68 +519,34 @@ fn plan_files<'a>(ckpt: &'a Checkpoint, scheme: &Fp8Scheme) -> Result<Vec<FilePl
         .collect())
 }
 
-/// Holds the output lock; on drop (success or failure) removes the staging directory and the
-/// lock file, then unlocks.
-struct OutLock {
-    lock: Option<DirLock>,
-    staging: PathBuf,
+/// What a dequantization writes: a digest of every output file's tensors (names, dtypes, shapes)
+/// and of how each is made, so that a rerun recognizes its own unfinished or finished output.
+fn digest(ckpt: &Checkpoint, plans: &[FilePlan<'_>], copies: &[String]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"fp8forge dequant v1\n");
+    for p in plans {
+        h.update(format!("file {}\n", ckpt.shards[p.shard].name).as_bytes());
+        for (e, t) in p.entries.iter().zip(p.tensors()) {
+            let how = match &e.op {
+                Op::Copy => "copy".to_string(),
+                Op::Dequant { scale: (_, st), geom, .. } => format!("dequant {} {geom:?}", st.name),
+            };
+            h.update(format!("{} {:?} {:?} {how}\n", t.name, t.dtype, t.shape).as_bytes());
+        }
+    }
+    for c in copies {
+        h.update(format!("copy {c}\n").as_bytes());
+    }
+    fp8forge_formats::atomic::hex(&h.finalize())
 }
 
-impl Drop for OutLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.staging);
-        if let Some(l) = self.lock.take() {
-            let _ = std::fs::remove_file(l.path());
-        }
-    }
-}
-
-/// True when `a` and `b` are the same existing directory.
-fn same_dir(a: &Path, b: &Path) -> bool {
-    matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
-}
-
-/// Checks that OUT may be written, takes its lock, and clears it of an earlier output under
-/// `force` (and of temporary files of a killed run in any case).
-fn prepare_output(ckpt: &Checkpoint, out: &Path, force: bool) -> Result<OutLock, ConvertError> {
-    let err = |reason: &str| ConvertError::Output { path: out.to_owned(), reason: reason.into() };
-    if out.exists() && !out.is_dir() {
-        return Err(err("exists and is not a directory"));
-    }
-    if out.is_dir() {
-        if same_dir(out, &ckpt.root) {
-            return Err(err("is the input directory; dequantize into another directory"));
-        }
-        let mut leftovers_only = true;
-        for e in std::fs::read_dir(out).map_err(FormatError::io(out, "read_dir"))? {
-            let name = e.map_err(FormatError::io(out, "read_dir"))?.file_name().to_string_lossy().into_owned();
-            leftovers_only &= name == DEQUANT_LOCK || name == DEQUANT_STAGING || is_partial_name(&name);
-        }
-        if !leftovers_only && !force {
-            return Err(err("exists and is not empty; use --force to overwrite"));
-        }
-    }
-    std::fs::create_dir_all(out).map_err(FormatError::io(out, "create"))?;
-    let staging = out.join(DEQUANT_STAGING);
-    let lock = OutLock { lock: Some(DirLock::acquire(&out.join(DEQUANT_LOCK))?), staging: staging.clone() };
-    // A killed run's staged files are not trusted: start over.
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(FormatError::io(&staging, "remove"))?;
-    }
-    std::fs::create_dir_all(&staging).map_err(FormatError::io(&staging, "create"))?;
-    for e in std::fs::read_dir(out).map_err(FormatError::io(out, "read_dir"))? {
-        let e = e.map_err(FormatError::io(out, "read_dir"))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        let ours = name.ends_with(".safetensors")
-            || name.ends_with(".safetensors.index.json")
-            || name == MANIFEST_NAME
-            || name == "config.json"
-            || ckpt.extra_files.contains(&name);
-        if (is_partial_name(&name) || (force && ours)) && e.path().is_file() {
-            std::fs::remove_file(e.path()).map_err(FormatError::io(e.path(), "remove"))?;
-        }
-    }
-    Ok(lock)
+/// True for the name of a file a dequantization writes into OUT (what `--force` replaces).
+fn written_by_dequant(name: &str, ckpt: &Checkpoint) -> bool {
+    name.ends_with(".safetensors")
+        || name.ends_with(".safetensors.index.json")
+        || name == "config.json"
+        || ckpt.extra_files.iter().any(|c| c == name)
 }
 
 /// Dequantizes the FP8 checkpoint `input` (a directory or one `.safetensors` file) into a BF16
@@ -604,43 +563,54 @@ pub fn dequant(input: &Path, out: &Path, force: bool, progress: &dyn Progress) -
     let scheme = Fp8Scheme::from_config(ckpt.config.as_ref())
         .map_err(|reason| FormatError::BadJson { path: ckpt.root.join("config.json"), reason })?;
     let plans = plan_files(&ckpt, &scheme)?;
-    let lock = prepare_output(&ckpt, out, force)?;
+    let copies: Vec<String> = ckpt.extra_files.iter().filter(|n| *n != MANIFEST_NAME).cloned().collect();
+    let had_index = input.is_dir() && ckpt.root.join(INDEX_NAME).is_file();
+    let mut inputs: Vec<String> = ckpt.shards.iter().map(|s| s.name.clone()).collect();
+    inputs.extend(ckpt.config.as_ref().map(|_| "config.json".to_string()));
+    inputs.extend(had_index.then(|| INDEX_NAME.to_string()));
+    inputs.extend(copies.iter().cloned());
+    let paths: Vec<PathBuf> = inputs.iter().map(|f| ckpt.root.join(f)).collect();
+    check_apart(&ckpt.root, &paths, out)?;
+    let digest = digest(&ckpt, &plans, &copies);
+    let identity = Identity::stamp(digest.clone(), &ckpt.root, &inputs)?;
 
     let entries = plans.iter().flat_map(|p| &p.entries);
-    progress.begin(entries.clone().map(|e| e.bytes_in).sum(), entries.clone().count());
     let dequantized = entries.clone().filter(|e| matches!(e.op, Op::Dequant { .. })).count();
     let mut report = DequantReport {
         output: out.to_owned(),
         files: plans.len(),
         tensors_dequantized: dequantized,
-        tensors_copied: entries.count() - dequantized,
+        tensors_copied: entries.clone().count() - dequantized,
         bytes_out: 0,
+        already_complete: false,
     };
-
-    let mut manifest = BTreeMap::new();
-    let staging = out.join(DEQUANT_STAGING);
-    for plan in &plans {
+    let dir = match OutputDir::open(out, identity, Role::Whole { force }, &|n| written_by_dequant(n, &ckpt))? {
+        Opened::Complete => return Ok(DequantReport { already_complete: true, ..report }),
+        Opened::Writing(dir) => dir,
+    };
+    let todo: Vec<&FilePlan<'_>> = plans.iter().filter(|p| dir.done(&ckpt.shards[p.shard].name).is_none()).collect();
+    let entries = todo.iter().flat_map(|p| &p.entries);
+    progress.begin(entries.clone().map(|e| e.bytes_in).sum(), entries.count());
+    for plan in todo {
         let name = &ckpt.shards[plan.shard].name;
-        let written = write_file(&ckpt, plan, &staging.join(name), progress)?;
+        let written = write_file(&ckpt, plan, &dir.staging(name), progress)?;
+        dir.mark_done(name, &written)?;
         report.bytes_out += written.bytes;
-        manifest.insert(name.clone(), written.sha256);
     }
-    for plan in &plans {
-        let name = &ckpt.shards[plan.shard].name;
-        std::fs::rename(staging.join(name), out.join(name)).map_err(FormatError::io(out.join(name), "rename"))?;
-    }
-    fp8forge_formats::atomic::sync_parent(&out.join(MANIFEST_NAME))?;
+
+    let mut names: Vec<String> = plans.iter().map(|p| ckpt.shards[p.shard].name.clone()).collect();
     if let Some(config) = &ckpt.config {
         let mut config = config.clone();
         if let Value::Object(m) = &mut config {
             m.shift_remove("quantization_config");
         }
-        manifest.insert("config.json".into(), write_atomic(&out.join("config.json"), &pretty(&config))?.sha256);
+        dir.write_file("config.json", &pretty(&config))?;
+        names.push("config.json".into());
     }
-    for name in ckpt.extra_files.iter().filter(|n| *n != MANIFEST_NAME) {
-        manifest.insert(name.clone(), copy_atomic(&ckpt.root.join(name), &out.join(name))?.sha256);
+    for name in &copies {
+        dir.copy_file(&ckpt.root.join(name), name)?;
+        names.push(name.clone());
     }
-    let had_index = input.is_dir() && ckpt.root.join(INDEX_NAME).exists();
     if plans.len() > 1 || had_index {
         let mut weight_map = BTreeMap::new();
         let mut total = 0u64;
@@ -651,10 +621,11 @@ pub fn dequant(input: &Path, out: &Path, force: bool, progress: &dyn Progress) -
             }
         }
         let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
-        manifest.insert(INDEX_NAME.into(), write_atomic(&out.join(INDEX_NAME), &pretty(&index))?.sha256);
+        dir.write_file(INDEX_NAME, &pretty(&index))?;
+        names.push(INDEX_NAME.into());
     }
-    write_manifest(out, &manifest)?;
-    drop(lock);
+    let now = Identity::stamp(digest, &ckpt.root, &inputs)?;
+    dir.commit(&names, &now)?;
     Ok(report)
 }
 
@@ -690,7 +661,7 @@ fn write_file(
             }
             Ok(writer.finish()?)
         });
-        let produced = produce(ckpt, plan, &tx);
+        let produced = produce(ckpt, plan, &tx, progress);
         drop(tx);
         let written = handle.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
         // A producer error comes first: the writer then only saw its input end early.
@@ -703,9 +674,13 @@ fn produce<'a>(
     ckpt: &'a Checkpoint,
     plan: &FilePlan<'a>,
     tx: &mpsc::SyncSender<Batch<'a>>,
+    progress: &dyn Progress,
 ) -> Result<(), ConvertError> {
     let mut start = 0;
     while start < plan.entries.len() {
+        if progress.cancelled() {
+            return Err(ConvertError::Interrupted);
+        }
         let mut end = start;
         let mut bytes = 0u64;
         while end < plan.entries.len() {
@@ -995,7 +970,7 @@ mod tests {
         assert_eq!(index["metadata"]["total_size"].as_u64(), Some(b.total_tensor_bytes()));
         let checks = fp8forge_formats::manifest::check_manifest(&back, |_| {}).expect("manifest");
         assert!(checks.iter().all(|c| c.status == "ok"), "{checks:?}");
-        assert!(!back.join(DEQUANT_LOCK).exists(), "lock file left behind");
+        assert!(!back.join(fp8forge_formats::outdir::STATE_DIR).exists(), "state directory left behind");
     }
 
     #[test]
@@ -1106,8 +1081,18 @@ mod tests {
                 && e.contains("NaN"),
             "{e}"
         );
+        // Only the state of the unfinished output is left (the first file, finished, is kept for a
+        // rerun), and no temporary file.
         let left: Vec<_> = std::fs::read_dir(&back).expect("out").flatten().map(|e| e.file_name()).collect();
-        assert!(left.is_empty(), "a failed dequant left {left:?} behind");
+        assert_eq!(left, [fp8forge_formats::outdir::STATE_DIR], "a failed dequant left files under final names");
+        let staged = back.join(fp8forge_formats::outdir::STATE_DIR).join("files");
+        let partial: Vec<_> = std::fs::read_dir(&staged)
+            .expect("staging")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".partial"))
+            .collect();
+        assert!(partial.is_empty(), "temporary files left: {partial:?}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod block;
 pub mod convert;
 pub mod dequant;
+pub mod finite;
 pub mod fp8;
 pub mod inspect;
 pub mod plan;

@@ -3,6 +3,9 @@
 //! Every run over the same input and options computes the same plan, which is what lets
 //! `--resume` and `--shard i/n` jobs agree on the output without talking to each other.
 
+use std::collections::HashMap;
+
+use fp8forge_formats::manifest::MANIFEST_NAME;
 use fp8forge_formats::{Checkpoint, Dtype, PlannedTensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -150,6 +153,19 @@ pub enum PlanError {
         /// What shows it.
         what: String,
     },
+    /// An input tensor has the name of the scale that quantizing another tensor would write.
+    #[error(
+        "{path}: tensor {tensor}: the input already holds it, and quantizing {weight} would write a scale of that name \
+         (leftovers of a dequantization?); remove it, or keep {weight} with --skip"
+    )]
+    NameClash {
+        /// The file holding the tensor.
+        path: std::path::PathBuf,
+        /// The tensor's name.
+        tensor: String,
+        /// The weight whose scale it would collide with.
+        weight: String,
+    },
 }
 
 /// Name of the scale tensor that goes with weight `name`.
@@ -203,6 +219,7 @@ pub fn make_plan(ckpt: &Checkpoint, opts: &ConvertOptions) -> Result<Plan, PlanE
         }
         items_per_shard.push(items);
     }
+    check_names(ckpt, &items_per_shard)?;
     // Group each input shard's items into output files of at most max_shard_size data bytes.
     let mut groups: Vec<(usize, Vec<Item>)> = Vec::new();
     for (si, items) in items_per_shard.into_iter().enumerate() {
@@ -239,9 +256,37 @@ pub fn make_plan(ckpt: &Checkpoint, opts: &ConvertOptions) -> Result<Plan, PlanE
         options: opts.clone(),
         input_shards: ckpt.shards.iter().map(|s| s.name.clone()).collect(),
         files,
-        copies: ckpt.extra_files.clone(),
-        not_copied: ckpt.skipped_files.clone(),
+        // A manifest describes the checkpoint it came with, not the converted one: a new one is
+        // written.
+        copies: ckpt.extra_files.iter().filter(|n| *n != MANIFEST_NAME).cloned().collect(),
+        not_copied: {
+            let mut v = ckpt.skipped_files.clone();
+            v.extend(ckpt.extra_files.iter().filter(|n| *n == MANIFEST_NAME).cloned());
+            v.sort();
+            v
+        },
     })
+}
+
+/// Refuses a plan that would write two tensors of one name: an input tensor named like the scale
+/// of a weight that is quantized.
+fn check_names(ckpt: &Checkpoint, items: &[Vec<Item>]) -> Result<(), PlanError> {
+    let mut scales: HashMap<&str, &str> = HashMap::new();
+    for item in items.iter().flatten() {
+        if let (Action::Quantize { .. }, Some(scale)) = (&item.action, item.outputs.get(1)) {
+            scales.insert(&scale.name, &item.source);
+        }
+    }
+    for item in items.iter().flatten() {
+        if let Some(weight) = scales.get(item.source.as_str()) {
+            return Err(PlanError::NameClash {
+                path: ckpt.shards[item.shard].file.path().to_owned(),
+                tensor: item.source.clone(),
+                weight: (*weight).to_owned(),
+            });
+        }
+    }
+    Ok(())
 }
 
 impl Plan {

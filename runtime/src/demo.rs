@@ -1,6 +1,7 @@
 //! `fp8forge demo`: the whole pipeline on the bundled tiny MoE. It writes the bundled BF16 model,
 //! converts it to block-scaled FP8, evaluates both on held-out Shakespeare (weight-only and W8A8),
-//! and writes the HTML report.
+//! and writes the HTML report. Everything it needs ships inside the binary: the model and the
+//! held-out text.
 
 use std::path::{Path, PathBuf};
 
@@ -22,8 +23,12 @@ pub const BUNDLED_MODEL: &[(&str, &[u8])] = &[
     ("tokenizer.json", include_bytes!("../assets/tiny-moe/tokenizer.json")),
 ];
 
-/// File name of the held-out text's source, looked up in `shared/data/` beside the checkout.
-pub const DATA_FILE: &str = "tinyshakespeare.txt";
+/// The held-out text: the last 10% of the bytes of tinyshakespeare (public domain; 111,540 bytes
+/// from byte 1,003,854 of the 1,115,394-byte file), which the bundled model never saw in training.
+pub const HELD_OUT: &str = include_str!("../assets/tiny-moe/heldout.txt");
+
+/// What [`DemoResult::data`] says for the bundled text.
+pub const HELD_OUT_NAME: &str = "bundled held-out tinyshakespeare (last 10%)";
 
 /// A file in OUT that marks it as a demo directory, which the demo may overwrite.
 const MARKER: &str = ".fp8forge-demo";
@@ -33,7 +38,7 @@ const MARKER: &str = ".fp8forge-demo";
 pub struct DemoOptions {
     /// Output directory (created; reused when it is an earlier demo's).
     pub out: PathBuf,
-    /// The tinyshakespeare text (`None`: search `shared/data/` above the working directory and the executable).
+    /// A text to evaluate on, whole (`None`: the bundled held-out text, [`HELD_OUT`]).
     pub data: Option<PathBuf>,
     /// Window length.
     pub ctx: usize,
@@ -48,8 +53,8 @@ pub struct DemoResult {
     pub bf16: PathBuf,
     /// Its FP8 conversion.
     pub fp8: PathBuf,
-    /// The held-out text.
-    pub data: PathBuf,
+    /// The text evaluated: the file given, or [`HELD_OUT_NAME`].
+    pub data: String,
     /// The HTML report.
     pub report: PathBuf,
     /// FP8 with FP8 activations (W8A8, as served) against BF16.
@@ -58,36 +63,17 @@ pub struct DemoResult {
     pub weight_only: EvalResult,
 }
 
-/// Finds tinyshakespeare in `shared/data/` of an ancestor of the working directory or of the executable.
-pub fn find_data() -> Option<PathBuf> {
-    let mut roots: Vec<PathBuf> = Vec::new();
-    roots.extend(std::env::current_dir().ok());
-    roots.extend(std::env::current_exe().ok());
-    roots.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    roots.iter().flat_map(|r| r.ancestors()).map(|a| a.join("shared/data").join(DATA_FILE)).find(|p| p.is_file())
-}
-
-/// The held-out part of the text: its last 10% (the bundled model was trained on the first 90%).
-pub fn held_out(text: &str) -> &str {
-    let mut cut = text.len() * 9 / 10;
-    while !text.is_char_boundary(cut) {
-        cut += 1;
-    }
-    &text[cut..]
-}
-
 /// Runs the demo. `progress` sees each evaluation in turn.
 pub fn run(opts: &DemoOptions, progress: &dyn EvalProgress) -> Result<DemoResult> {
     prepare_out(&opts.out)?;
-    let data = match &opts.data {
-        Some(d) => d.clone(),
-        None => find_data().ok_or_else(|| RuntimeError::Input {
-            file: PathBuf::from("shared/data").join(DATA_FILE),
-            reason: "not found above the working directory or the executable; pass --data FILE".into(),
-        })?,
+    let (data, text) = match &opts.data {
+        Some(d) => {
+            let text = std::fs::read_to_string(d)
+                .map_err(|e| RuntimeError::Input { file: d.clone(), reason: format!("cannot read: {e}") })?;
+            (d.display().to_string(), std::borrow::Cow::Owned(text))
+        }
+        None => (HELD_OUT_NAME.to_owned(), std::borrow::Cow::Borrowed(HELD_OUT)),
     };
-    let text = std::fs::read_to_string(&data)
-        .map_err(|e| RuntimeError::Input { file: data.clone(), reason: format!("cannot read: {e}") })?;
     let bf16 = opts.out.join("bf16");
     let fp8 = opts.out.join("fp8");
     write_bundle(&bf16)?;
@@ -98,7 +84,7 @@ pub fn run(opts: &DemoOptions, progress: &dyn EvalProgress) -> Result<DemoResult
         &RunOptions { force: true, ..RunOptions::default() },
         &NoConvertProgress,
     )?;
-    let mut ids = crate::tokens::tokenize(held_out(&text), &bf16.join("tokenizer.json"))?;
+    let mut ids = crate::tokens::tokenize(&text, &bf16.join("tokenizer.json"))?;
     if let Some(n) = opts.max_tokens {
         ids.truncate(n);
     }
@@ -149,8 +135,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn held_out_is_the_last_tenth() {
-        let t = "0123456789".repeat(10);
-        assert_eq!(held_out(&t), "0123456789");
+    fn bundled_held_out_text_is_the_last_tenth_of_tinyshakespeare() {
+        // The bytes cut by tools/train_tiny.py (`data[len(data) * 9 // 10:]` of the 1,115,394-byte
+        // file), pinned by their sha256 so that the bundle cannot drift from the training split.
+        use sha2::Digest;
+        assert_eq!(HELD_OUT.len(), 1_115_394 - 1_115_394 * 9 / 10);
+        let h = fp8forge_formats::atomic::hex(&sha2::Sha256::digest(HELD_OUT.as_bytes()));
+        assert_eq!(h, "c54f3753a4e6e3c3d1759212815a7caf826e68a33021b25312984400bed40a1f");
+        assert!(HELD_OUT.starts_with("?\n\nGREMIO:\nGood morrow, neighbour Baptista."));
     }
 }

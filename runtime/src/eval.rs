@@ -82,10 +82,19 @@ struct Side {
     act: Option<ScaleFormat>,
 }
 
-/// Opens a model and resolves its activation quantization.
-fn open_side(path: &Path, ctx: usize, aq: ActQuant) -> Result<Side> {
+/// Opens a model and resolves its activation quantization. `--act-quant fp8` asks to quantize
+/// the inputs of FP8 layers: the model evaluated (not a baseline, usually BF16) must have some.
+fn open_side(path: &Path, ctx: usize, aq: ActQuant, baseline: bool) -> Result<Side> {
     let model = Model::open(path, ctx)?;
     let act = match (aq, model.weights.act_scheme) {
+        (ActQuant::Fp8, ActScheme::None) if !baseline => {
+            return Err(RuntimeError::Input {
+                file: model.cfg.file.clone(),
+                reason: "--act-quant fp8 quantizes the inputs of FP8 layers, and this model has none \
+                         (no quantization_config); convert it first, or evaluate it with --act-quant none"
+                    .into(),
+            });
+        }
         (ActQuant::None, _) | (_, ActScheme::None) => None,
         (_, ActScheme::Dynamic(fmt)) => Some(fmt),
         (ActQuant::Auto, ActScheme::Static) | (ActQuant::Fp8, ActScheme::Static) => {
@@ -109,9 +118,9 @@ pub fn evaluate(
     let start = Instant::now();
     // Read the config first for the default window length.
     let probe = crate::config::ModelConfig::load(&model_dir(model).join("config.json"))?;
-    let ctx = opts.ctx.unwrap_or(DEFAULT_CTX.min(probe.max_position_embeddings)).max(2);
-    let m = open_side(model, ctx, opts.act_quant)?;
-    let b = baseline.map(|p| open_side(p, ctx, opts.act_quant)).transpose()?;
+    let ctx = window_length(opts.ctx, &probe)?;
+    let m = open_side(model, ctx, opts.act_quant, false)?;
+    let b = baseline.map(|p| open_side(p, ctx, opts.act_quant, true)).transpose()?;
     if let Some(b) = &b {
         check_comparable(&m.model, &b.model)?;
     }
@@ -134,6 +143,7 @@ pub fn evaluate(
     if wins.is_empty() {
         return Err(RuntimeError::Input { file: input_file, reason: "fewer than 2 tokens: nothing to score".into() });
     }
+    check_attention_memory(ctx.min(tokens.len()), &probe)?;
 
     let n_layers = m.model.cfg.num_layers();
     let resident: u64 =
@@ -164,6 +174,43 @@ pub fn evaluate(
         seconds,
         tokens_per_second: (tokens_run * sides) as f64 / seconds.max(1e-9),
     }))
+}
+
+/// The window length: `--ctx` when given (at least 2 tokens, at most the model's
+/// `max_position_embeddings`), else [`DEFAULT_CTX`] capped by the model.
+fn window_length(ctx: Option<usize>, cfg: &crate::config::ModelConfig) -> Result<usize> {
+    let max = cfg.max_position_embeddings;
+    match ctx {
+        None => Ok(DEFAULT_CTX.min(max).max(2)),
+        Some(c) if c < 2 => Err(RuntimeError::Input {
+            file: cfg.file.clone(),
+            reason: format!("--ctx {c}: a window needs at least 2 tokens (one to predict from, one to score)"),
+        }),
+        Some(c) if c > max => Err(RuntimeError::Input {
+            file: cfg.file.clone(),
+            reason: format!("--ctx {c} exceeds the model's max_position_embeddings ({max})"),
+        }),
+        Some(c) => Ok(c),
+    }
+}
+
+/// Refuses a window so long that the attention scores alone (one `t × t` f32 matrix per head
+/// being computed, one head per thread) would not fit in the available memory.
+fn check_attention_memory(t: usize, cfg: &crate::config::ModelConfig) -> Result<()> {
+    let per_head = (t as u64).saturating_mul(t as u64).saturating_mul(4);
+    let need = per_head.saturating_mul(rayon::current_num_threads() as u64);
+    let have = available_memory();
+    if need > have {
+        return Err(RuntimeError::Input {
+            file: cfg.file.clone(),
+            reason: format!(
+                "windows of {t} tokens need about {:.1} GB for attention scores, more than the {:.1} GB available; use a smaller --ctx",
+                need as f64 / 1e9,
+                have as f64 / 1e9
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The directory holding a model's config and tokenizer (the parent of a single-file model).

@@ -287,3 +287,73 @@ pub fn dir_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
+
+/// Asserts that `out` holds exactly the (non-hidden) files of `expected`, byte for byte, and no
+/// state directory; the message names the first differing file and byte.
+pub fn assert_same_files(expected: &[(String, Vec<u8>)], out: &Path, what: &str) {
+    let got = dir_files(out);
+    let names = |v: &[(String, Vec<u8>)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&got), names(expected), "{what}: file lists differ");
+    for ((n, a), (_, b)) in expected.iter().zip(&got) {
+        let first = a.iter().zip(b).position(|(x, y)| x != y);
+        assert!(
+            a.len() == b.len() && first.is_none(),
+            "{what}: {n} differs (sizes {} vs {}, first byte {first:?})",
+            a.len(),
+            b.len()
+        );
+    }
+    assert!(!out.join(".fp8forge").exists(), "{what}: state directory left behind");
+}
+
+/// Every entry under `dir` (hidden ones included, recursively): relative path, size, modification
+/// time and content hash, sorted; equal snapshots mean nothing was changed, not even touched.
+pub fn snapshot(dir: &Path) -> Vec<(String, u64, std::time::SystemTime, String)> {
+    use sha2::Digest;
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, u64, std::time::SystemTime, String)>) {
+        for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
+            let p = e.path();
+            let m = std::fs::symlink_metadata(&p).expect("stat");
+            let rel = p.strip_prefix(root).expect("prefix").to_string_lossy().into_owned();
+            if m.is_dir() {
+                out.push((rel + "/", 0, m.modified().expect("mtime"), String::new()));
+                walk(root, &p, out);
+            } else {
+                let h = if m.is_file() {
+                    fp8forge_formats::atomic::hex(&sha2::Sha256::digest(std::fs::read(&p).expect("read")))
+                } else {
+                    String::new()
+                };
+                out.push((rel, m.len(), m.modified().expect("mtime"), h));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// Names of the entries of `dir` that are not hidden (what a loader would see).
+pub fn visible_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.retain(|n| !n.starts_with('.'));
+    v.sort();
+    v
+}
+
+/// Writes a BF16 checkpoint of `tensors` DeepSeek-V3 expert-shaped weights (2048×7168, 29.4 MB
+/// each) in `shards` files with an index: a conversion long enough to be interrupted at a chosen
+/// point.
+pub fn write_large_model(dir: &Path, tensors: usize, shards: usize) {
+    let mut specs: Vec<Spec> = (0..tensors)
+        .map(|i| {
+            (format!("model.layers.{}.mlp.experts.{}.gate_proj.weight", i / 8, i % 8), Dtype::BF16, vec![2048, 7168])
+        })
+        .collect();
+    specs.push(("model.norm.weight".into(), Dtype::BF16, vec![7168]));
+    let config = json!({"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"]});
+    write_checkpoint(dir, &specs, &config, shards, 3);
+}

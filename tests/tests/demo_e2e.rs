@@ -1,35 +1,24 @@
 //! `fp8forge demo`: the bundled model trained on tinyshakespeare, converted to FP8 and evaluated
-//! on held-out text, keeps its perplexity within 1% of BF16, weight-only and W8A8.
+//! on the bundled held-out text, keeps its perplexity within 1% of BF16, weight-only and W8A8.
 
-use std::path::PathBuf;
+use std::process::Command;
 
-use fp8forge_tests::{fp8forge_p, stderr};
+use fp8forge_tests::{bin, fp8forge_p, stderr};
 use serde_json::Value;
 
-/// The shared data beside the checkout (ARCHITECTURE.md: skip with a printed reason when absent).
-fn data() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/tinyshakespeare.txt");
-    p.is_file().then_some(p)
-}
-
 #[test]
-fn demo_fp8_perplexity_within_one_percent_of_bf16() {
-    let Some(data) = data() else {
-        eprintln!("SKIPPED: ../shared/data/tinyshakespeare.txt is absent beside the checkout");
-        return;
-    };
+fn demo_fp8_perplexity_within_one_percent_of_bf16_with_nothing_beside_the_binary() {
+    // Run from an empty directory, with the binary copied there: nothing of the checkout (no
+    // ../shared, no assets) is reachable from the working directory or the executable.
     let tmp = tempfile::tempdir().expect("tempdir");
+    let exe = tmp.path().join("fp8forge");
+    std::fs::copy(bin(), &exe).expect("copy the binary");
     let out = tmp.path().join("demo");
-    let o = fp8forge_p(&[
-        "demo".as_ref(),
-        "--out".as_ref(),
-        out.as_os_str(),
-        "--data".as_ref(),
-        data.as_os_str(),
-        "--max-tokens".as_ref(),
-        "16384".as_ref(),
-        "--json".as_ref(),
-    ]);
+    let o = Command::new(&exe)
+        .current_dir(tmp.path())
+        .args(["demo", "--out", "demo", "--max-tokens", "16384", "--json"])
+        .output()
+        .expect("run fp8forge");
     assert_eq!(o.status.code(), Some(0), "demo failed: {}", stderr(&o));
     let r: Value = serde_json::from_slice(&o.stdout).expect("demo --json");
     for (key, act) in [("w8a8", "fp8"), ("weight_only", "none")] {
@@ -50,18 +39,21 @@ fn demo_fp8_perplexity_within_one_percent_of_bf16() {
     for f in ["bf16/model.safetensors", "fp8/model.safetensors", "fp8/SHA256SUMS", "demo.json"] {
         assert!(out.join(f).is_file(), "demo did not write {f}");
     }
-    // A second run reuses its own output directory.
+    assert_eq!(r["data"], "bundled held-out tinyshakespeare (last 10%)");
+    // A second run reuses its own output directory; --data evaluates a text of one's own, whole.
+    let text = tmp.path().join("own.txt");
+    std::fs::write(&text, "To be, or not to be, that is the question.\n".repeat(20)).expect("write text");
     let again = fp8forge_p(&[
         "demo".as_ref(),
         "--out".as_ref(),
         out.as_os_str(),
         "--data".as_ref(),
-        data.as_os_str(),
-        "--max-tokens".as_ref(),
-        "600".as_ref(),
-        "--quiet".as_ref(),
+        text.as_os_str(),
+        "--json".as_ref(),
     ]);
     assert_eq!(again.status.code(), Some(0), "second demo run failed: {}", stderr(&again));
+    let r: Value = serde_json::from_slice(&again.stdout).expect("demo --json");
+    assert_eq!(r["w8a8"]["tokens"], 20 * 43, "--data text not evaluated whole (43 bytes a line, byte tokens)");
 }
 
 #[test]
