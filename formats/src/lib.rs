@@ -11,10 +11,12 @@ pub mod atomic;
 pub mod checkpoint;
 pub mod error;
 pub mod header;
+pub mod input;
 pub mod lock;
 pub mod manifest;
 pub mod qconfig;
 pub mod reader;
+pub mod sigbus;
 pub mod writer;
 
 pub use atomic::WrittenFile;
