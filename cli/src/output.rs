@@ -232,9 +232,12 @@ pub fn render_inspection(r: &fp8forge_quant::inspect::Inspection) -> String {
 /// `verify` for people: problems first, then the error table.
 pub fn render_verify(r: &fp8forge_quant::verify::VerifyReport) -> String {
     let mut out = String::new();
-    let bad = r.files.iter().filter(|f| f.status != "ok").count();
-    out += &format!("manifest: {} files checked, {bad} not ok\n", r.files.len());
-    for f in r.files.iter().filter(|f| f.status != "ok") {
+    // Files the manifest lists are checked; unlisted ones are "not ok" only where the manifest
+    // must list them (weights, index, config.json), and otherwise appear among the warnings.
+    let checked = r.files.iter().filter(|f| f.status != "unlisted").count();
+    let bad = r.files.iter().filter(|f| f.problem).count();
+    out += &format!("manifest: {checked} files checked, {bad} not ok\n");
+    for f in r.files.iter().filter(|f| f.problem) {
         out += &format!("  {}: {}\n", f.file, f.status);
     }
     for w in &r.warnings {
