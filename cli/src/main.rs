@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    fp8forge_formats::sigbus::install("fp8forge: error: ", 2);
     let cli = commands::Cli::parse();
     match commands::run(cli) {
         Ok(code) => code,

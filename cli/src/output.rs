@@ -296,26 +296,29 @@ pub fn render_inspection(r: &fp8forge_quant::inspect::Inspection) -> String {
 /// `verify` for people: problems first, then the error table.
 pub fn render_verify(r: &fp8forge_quant::verify::VerifyReport) -> String {
     let mut out = String::new();
-    let bad = r.files.iter().filter(|f| f.status != "ok").count();
-    out += &format!("manifest: {} files checked, {bad} not ok\n", r.files.len());
-    for f in r.files.iter().filter(|f| f.status != "ok") {
-        out += &format!("  {}: {}\n", f.file, f.status);
+    // Files the manifest lists are checked; unlisted ones are "not ok" only where the manifest
+    // must list them (weights, index, config.json), and otherwise appear among the warnings.
+    let checked = r.files.iter().filter(|f| f.status != "unlisted").count();
+    let bad = r.files.iter().filter(|f| f.problem).count();
+    out += &format!("manifest: {checked} files checked, {bad} not ok\n");
+    for f in r.files.iter().filter(|f| f.problem) {
+        out += &format!("  {}: {}\n", esc(&f.file), f.status);
     }
     for w in &r.warnings {
-        out += &format!("warning: {w}\n");
+        out += &format!("warning: {}\n", esc(w));
     }
     for p in &r.problems {
-        out += &format!("problem: {p}\n");
+        out += &format!("problem: {}\n", esc(p));
     }
     if !r.tensors.is_empty() {
         out += &format!("{:>10} {:>12} {:>8}  tensor\n", "rel_rms", "max_abs_err", "snr_db");
         for t in &r.tensors {
             let snr = t.snr_db.map_or("inf".to_string(), |s| format!("{s:.1}"));
-            out += &format!("{:>10.5} {:>12.3e} {snr:>8}  {}\n", t.rel_rms, t.max_abs_err, t.name);
+            out += &format!("{:>10.5} {:>12.3e} {snr:>8}  {}\n", t.rel_rms, t.max_abs_err, esc(&t.name));
         }
     }
     if let Some(w) = &r.worst {
-        out += &format!("worst: {} rel_rms {:.5}\n", w.name, w.rel_rms);
+        out += &format!("worst: {} rel_rms {:.5}\n", esc(&w.name), w.rel_rms);
     }
     out += if r.ok { "OK\n" } else { "FAILED\n" };
     out

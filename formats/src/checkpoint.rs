@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::error::{FormatError, Result};
+use crate::input::{read_regular_to_string, stat_input};
 use crate::reader::SafetensorsFile;
 
 /// Name of the index of a sharded checkpoint.
@@ -43,9 +44,10 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Opens a checkpoint directory, or a single `.safetensors` file (then with no config and no
-    /// extra files).
+    /// extra files). A path that is not there, or is a FIFO or a device, is refused as bad input
+    /// without being opened; so is any such file the checkpoint names.
     pub fn open(path: &Path) -> Result<Self> {
-        let meta = std::fs::metadata(path).map_err(FormatError::io(path, "open"))?;
+        let meta = stat_input(path)?;
         if meta.is_file() {
             let name = plain_name(path)?;
             let root = path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
@@ -92,9 +94,9 @@ impl Checkpoint {
     }
 }
 
-/// Reads and parses a JSON file.
+/// Reads and parses a JSON file (a regular file: see [`crate::input::open_regular`]).
 pub fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(FormatError::io(path, "read"))?;
+    let text = read_regular_to_string(path)?;
     serde_json::from_str(&text)
         .map_err(|e| FormatError::BadJson { path: path.to_owned(), reason: format!("malformed JSON: {e}") })
 }
@@ -130,7 +132,9 @@ fn check_inside(root: &Path, path: &Path) -> Result<()> {
         return if link.is_file() {
             Ok(())
         } else {
-            Err(FormatError::BadCheckpoint { path: path.to_owned(), reason: "not a regular file".into() })
+            // Say what it is: stat_input names a FIFO or a device; what is left is a directory.
+            stat_input(path)?;
+            Err(FormatError::NotRegularFile { path: path.to_owned(), kind: "directory" })
         };
     }
     let target = std::fs::canonicalize(path).map_err(|_| FormatError::BadCheckpoint {

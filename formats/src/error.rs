@@ -1,16 +1,20 @@
 //! The one error type of `fp8forge-formats`.
 
-use std::path::PathBuf;
+use std::borrow::Cow;
+use std::fmt;
+use std::path::{Path, PathBuf};
 
 /// Result of this crate.
 pub type Result<T, E = FormatError> = std::result::Result<T, E>;
 
 /// What went wrong reading or writing a checkpoint. Every variant names the file, and the tensor
-/// where there is one, so the message alone tells a user what to fix.
+/// where there is one, so the message alone tells a user what to fix. Messages are one line:
+/// paths, tensor names and reasons are shown [`escaped`], since a header or an index may put a
+/// newline or a terminal escape into a name.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
     /// An operating-system call on a file failed.
-    #[error("{path}: {op}: {source}")]
+    #[error("{}: {op}: {source}", EscPath(.path))]
     Io {
         /// The file or directory.
         path: PathBuf,
@@ -20,8 +24,23 @@ pub enum FormatError {
         #[source]
         source: std::io::Error,
     },
+    /// An input file or directory is not there (or a component of its path is not a directory).
+    #[error("{}: no such file or directory", EscPath(.path))]
+    Missing {
+        /// The path as given or as named by the checkpoint.
+        path: PathBuf,
+    },
+    /// An input is a FIFO, a device or a socket where a regular file (or a directory) is needed:
+    /// refused before it is opened for reading, which could block or never end.
+    #[error("{}: is a {kind}, not a regular file", EscPath(.path))]
+    NotRegularFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead ("FIFO", "character device", ...).
+        kind: &'static str,
+    },
     /// A safetensors header is malformed: the file is not a valid safetensors file.
-    #[error("{path}: invalid safetensors header: {reason}")]
+    #[error("{}: invalid safetensors header: {}", EscPath(.path), escaped(.reason))]
     BadHeader {
         /// The file.
         path: PathBuf,
@@ -29,7 +48,7 @@ pub enum FormatError {
         reason: String,
     },
     /// One tensor's entry in a safetensors header is malformed.
-    #[error("{path}: tensor {tensor}: {reason}")]
+    #[error("{}: tensor {}: {}", EscPath(.path), escaped(&shortened(.tensor)), escaped(.reason))]
     BadTensor {
         /// The file.
         path: PathBuf,
@@ -39,7 +58,7 @@ pub enum FormatError {
         reason: String,
     },
     /// A JSON file (config.json, an index) is malformed or lacks what is needed.
-    #[error("{path}: {reason}")]
+    #[error("{}: {}", EscPath(.path), escaped(.reason))]
     BadJson {
         /// The file.
         path: PathBuf,
@@ -47,7 +66,7 @@ pub enum FormatError {
         reason: String,
     },
     /// A checkpoint directory is not usable as given (missing shard, path escaping the directory, ...).
-    #[error("{path}: {reason}")]
+    #[error("{}: {}", EscPath(.path), escaped(.reason))]
     BadCheckpoint {
         /// The directory or file at fault.
         path: PathBuf,
@@ -55,7 +74,7 @@ pub enum FormatError {
         reason: String,
     },
     /// The output location cannot be used (exists, locked by another run, ...).
-    #[error("{path}: {reason}")]
+    #[error("{}: {}", EscPath(.path), escaped(.reason))]
     Output {
         /// The output path.
         path: PathBuf,
@@ -73,7 +92,7 @@ pub enum FormatError {
         what: String,
     },
     /// A file's content does not match the sha256 its manifest records.
-    #[error("{path}: sha256 mismatch: manifest says {expected}, file has {actual}")]
+    #[error("{}: sha256 mismatch: manifest says {expected}, file has {actual}", EscPath(.path))]
     HashMismatch {
         /// The file.
         path: PathBuf,
@@ -91,8 +110,58 @@ impl FormatError {
         move |source| FormatError::Io { path, op, source }
     }
 
+    /// Like [`FormatError::io`] for reading an input: a path that is not there (or runs through
+    /// something that is not a directory) is [`FormatError::Missing`], the input's fault; any
+    /// other failure (permissions, I/O) stays [`FormatError::Io`], the system's.
+    pub fn input(path: impl Into<PathBuf>, op: &'static str) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| match source.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory => FormatError::Missing { path },
+            _ => FormatError::Io { path, op, source },
+        }
+    }
+
     /// True when the error is the input's fault (bad file, bad index) rather than the system's.
     pub fn is_bad_input(&self) -> bool {
         !matches!(self, FormatError::Io { .. })
+    }
+}
+
+/// `s` on one line: control characters (newline, tab, escape, ...) and the Unicode line and
+/// paragraph separators are written as Rust escapes (`\n`, `\u{1b}`); everything else, other
+/// scripts included, is kept as is. Names come from files the user does not control; a message
+/// naming them must still be one line and must not drive the terminal.
+pub fn escaped(s: &str) -> Cow<'_, str> {
+    let odd = |c: char| c.is_control() || c == '\u{2028}' || c == '\u{2029}';
+    if !s.chars().any(odd) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if odd(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A name of at most 200 characters: a longer one (a corrupt header can hold a name of megabytes)
+/// is cut, saying how long it was, so that the message stays readable.
+pub fn shortened(name: &str) -> Cow<'_, str> {
+    const MAX: usize = 200;
+    match name.char_indices().nth(MAX) {
+        Some((cut, _)) => Cow::Owned(format!("{}... ({} bytes)", &name[..cut], name.len())),
+        None => Cow::Borrowed(name),
+    }
+}
+
+/// Displays a path [`escaped`] (bytes that are not UTF-8 as U+FFFD, as `Path::display` does).
+pub struct EscPath<'a>(pub &'a Path);
+
+impl fmt::Display for EscPath<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&escaped(&self.0.to_string_lossy()))
     }
 }

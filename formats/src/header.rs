@@ -5,10 +5,13 @@
 //! string map), then the data. Offsets are relative to the start of the data and must tile it
 //! exactly: sorted, no gaps, no overlaps, the last one ending at the end of the file.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
 use std::path::Path;
 
 use safetensors::Dtype;
+use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 use crate::error::{FormatError, Result};
@@ -101,15 +104,26 @@ pub fn header_len(path: &Path, prefix: &[u8], file_len: u64) -> Result<usize> {
 pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
     let bad = |reason: String| FormatError::BadHeader { path: path.to_owned(), reason };
     let text = std::str::from_utf8(json).map_err(|e| bad(format!("header is not UTF-8: {e}")))?;
-    let value: Value =
-        serde_json::from_str(text.trim_end_matches(' ')).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
-    let Value::Object(map) = value else {
+    // serde_json refuses nesting deeper than 128 levels, so a hostile header cannot exhaust the stack.
+    let mut de = serde_json::Deserializer::from_str(text.trim_end_matches(' '));
+    let entries = Entries::deserialize(&mut de)
+        .and_then(|e| de.end().map(|()| e))
+        .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    let Entries::Object(entries) = entries else {
         return Err(bad("header is not a JSON object".into()));
     };
     let data_start = 8 + json.len();
     let mut metadata = None;
-    let mut tensors = Vec::with_capacity(map.len());
-    for (name, entry) in map {
+    let mut tensors: Vec<TensorInfo> = Vec::with_capacity(entries.len());
+    let mut seen = HashSet::with_capacity(entries.len());
+    for (name, entry) in entries {
+        if !seen.insert(name.clone()) {
+            return Err(FormatError::BadTensor {
+                path: path.to_owned(),
+                tensor: name,
+                reason: "listed twice in the header".into(),
+            });
+        }
         if name == "__metadata__" {
             metadata = Some(parse_metadata(path, &entry)?);
             continue;
@@ -137,17 +151,137 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
     let end = (data_start as u64).checked_add(expected as u64);
     if end != Some(file_len) {
         let last = tensors.last().map_or("(none)".to_string(), |t| t.name.clone());
-        let reason = if end.is_some_and(|e| e > file_len) {
-            format!(
-                "data ends at byte {} but the file has {file_len} bytes (truncated?); last tensor {last}",
-                data_start + expected
-            )
-        } else {
-            format!("{} trailing bytes after the last tensor {last}", file_len - (data_start + expected) as u64)
+        let reason = match end {
+            Some(end) if end < file_len => format!("{} trailing bytes after the last tensor {last}", file_len - end),
+            Some(end) => {
+                format!("data ends at byte {end} but the file has {file_len} bytes (truncated?); last tensor {last}")
+            }
+            None => {
+                format!("data of {expected} bytes runs past the end of the {file_len}-byte file; last tensor {last}")
+            }
         };
         return Err(bad(reason));
     }
     Ok(Header { tensors, metadata, data_start })
+}
+
+/// The top level of a header: an object's entries in file order, duplicates kept (so that they
+/// can be refused naming the tensor), or any other JSON value. Below the top level, an object
+/// with a repeated key is refused as invalid JSON: which of the two values counts would be a guess.
+enum Entries {
+    Object(Vec<(String, Value)>),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Entries {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Top;
+        impl<'de> Visitor<'de> for Top {
+            type Value = Entries;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<Entries, A::Error> {
+                let mut v = Vec::new();
+                while let Some(k) = m.next_key::<String>()? {
+                    v.push((k, m.next_value::<Strict>()?.0));
+                }
+                Ok(Entries::Object(v))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> std::result::Result<Entries, A::Error> {
+                while s.next_element::<Strict>()?.is_some() {}
+                Ok(Entries::Other)
+            }
+            fn visit_bool<E>(self, _: bool) -> std::result::Result<Entries, E> {
+                Ok(Entries::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> std::result::Result<Entries, E> {
+                Ok(Entries::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> std::result::Result<Entries, E> {
+                Ok(Entries::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> std::result::Result<Entries, E> {
+                Ok(Entries::Other)
+            }
+            fn visit_str<E>(self, _: &str) -> std::result::Result<Entries, E> {
+                Ok(Entries::Other)
+            }
+            fn visit_unit<E>(self) -> std::result::Result<Entries, E> {
+                Ok(Entries::Other)
+            }
+        }
+        d.deserialize_any(Top)
+    }
+}
+
+/// A JSON value whose objects, at every depth, have no repeated key.
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Value;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<Value, A::Error> {
+                let mut obj = serde_json::Map::new();
+                while let Some(k) = m.next_key::<String>()? {
+                    let v = m.next_value::<Strict>()?.0;
+                    if obj.contains_key(&k) {
+                        return Err(A::Error::custom(format!("key {:?} repeated in an object", short(&k))));
+                    }
+                    obj.insert(k, v);
+                }
+                Ok(Value::Object(obj))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> std::result::Result<Value, A::Error> {
+                let mut v = Vec::new();
+                while let Some(x) = s.next_element::<Strict>()? {
+                    v.push(x.0);
+                }
+                Ok(Value::Array(v))
+            }
+            fn visit_bool<E>(self, b: bool) -> std::result::Result<Value, E> {
+                Ok(Value::Bool(b))
+            }
+            fn visit_i64<E>(self, n: i64) -> std::result::Result<Value, E> {
+                Ok(Value::from(n))
+            }
+            fn visit_u64<E>(self, n: u64) -> std::result::Result<Value, E> {
+                Ok(Value::from(n))
+            }
+            fn visit_f64<E>(self, n: f64) -> std::result::Result<Value, E> {
+                Ok(Value::from(n))
+            }
+            fn visit_str<E>(self, s: &str) -> std::result::Result<Value, E> {
+                Ok(Value::String(s.to_owned()))
+            }
+            fn visit_string<E>(self, s: String) -> std::result::Result<Value, E> {
+                Ok(Value::String(s))
+            }
+            fn visit_unit<E>(self) -> std::result::Result<Value, E> {
+                Ok(Value::Null)
+            }
+        }
+        d.deserialize_any(V).map(Strict)
+    }
+}
+
+/// At most 64 characters of `s`, with "..." when cut: values quoted in messages stay short.
+fn short(s: &str) -> Cow<'_, str> {
+    const MAX: usize = 64;
+    match s.char_indices().nth(MAX) {
+        Some((cut, _)) => Cow::Owned(format!("{}...", &s[..cut])),
+        None => Cow::Borrowed(s),
+    }
+}
+
+/// A JSON value as compact JSON, [`short`]ened: one line, whatever the value holds.
+fn json_short(v: &Value) -> String {
+    short(&v.to_string()).into_owned()
 }
 
 fn parse_metadata(path: &Path, entry: &Value) -> Result<BTreeMap<String, String>> {
@@ -164,15 +298,18 @@ fn parse_entry(path: &Path, name: String, entry: &Value) -> Result<TensorInfo> {
     };
     let dtype_str =
         e.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("missing or non-string \"dtype\"".into()))?;
-    let dtype = parse_dtype(dtype_str).ok_or_else(|| bad(format!("unknown dtype {dtype_str:?}")))?;
+    let dtype = parse_dtype(dtype_str).ok_or_else(|| bad(format!("unknown dtype {:?}", short(dtype_str))))?;
     let shape_v =
         e.get("shape").and_then(Value::as_array).ok_or_else(|| bad("missing or non-array \"shape\"".into()))?;
     let mut shape = Vec::with_capacity(shape_v.len());
     for d in shape_v {
         let d = d.as_u64().and_then(|d| usize::try_from(d).ok());
-        shape.push(
-            d.ok_or_else(|| bad(format!("shape {shape_v:?} has a dimension that is not a non-negative integer")))?,
-        );
+        shape.push(d.ok_or_else(|| {
+            bad(format!(
+                "shape {} has a dimension that is not a non-negative integer",
+                json_short(&Value::Array(shape_v.clone()))
+            ))
+        })?);
     }
     let offs = e
         .get("data_offsets")
@@ -180,7 +317,10 @@ fn parse_entry(path: &Path, name: String, entry: &Value) -> Result<TensorInfo> {
         .ok_or_else(|| bad("missing or non-array \"data_offsets\"".into()))?;
     let off = |i: usize| offs.get(i).and_then(Value::as_u64).and_then(|v| usize::try_from(v).ok());
     let (Some(begin), Some(end), 2) = (off(0), off(1), offs.len()) else {
-        return Err(bad(format!("data_offsets {offs:?} is not a pair of non-negative integers")));
+        return Err(bad(format!(
+            "data_offsets {} is not a pair of non-negative integers",
+            json_short(&Value::Array(offs.clone()))
+        )));
     };
     if end < begin {
         return Err(bad(format!("data_offsets [{begin}, {end}] end before they begin")));
@@ -188,11 +328,12 @@ fn parse_entry(path: &Path, name: String, entry: &Value) -> Result<TensorInfo> {
     let numel = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
     let bits = numel.and_then(|n| n.checked_mul(dtype.bitsize()));
     let Some(bits) = bits else {
-        return Err(bad(format!("shape {shape:?} overflows")));
+        return Err(bad(format!("shape {} overflows", short(&format!("{shape:?}")))));
     };
     if bits % 8 != 0 || bits / 8 != end - begin {
         return Err(bad(format!(
-            "{dtype_str} × shape {shape:?} is {} bits but data_offsets [{begin}, {end}] hold {} bytes",
+            "{dtype_str} × shape {} is {} bits but data_offsets [{begin}, {end}] hold {} bytes",
+            short(&format!("{shape:?}")),
             bits,
             end - begin
         )));
@@ -306,6 +447,34 @@ mod tests {
         assert!(e.contains("exceeds"), "{e}");
         let e = header_len(Path::new("x"), &1000u64.to_le_bytes(), 100).unwrap_err().to_string();
         assert!(e.contains("past the end"), "{e}");
+    }
+
+    #[test]
+    fn a_tensor_listed_twice_or_a_repeated_field_is_refused() {
+        let e = r#"{"dtype":"U8","shape":[0],"data_offsets":[0,0]}"#;
+        let twice = parse(&format!(r#"{{"a":{e},"a":{e}}}"#), 0).unwrap_err();
+        assert!(
+            matches!(&twice, FormatError::BadTensor { tensor, reason, .. } if tensor == "a" && reason.contains("twice")),
+            "{twice}"
+        );
+        let j = r#"{"a":{"dtype":"U8","dtype":"F32","shape":[0],"data_offsets":[0,0]}}"#;
+        assert!(parse(j, 0).unwrap_err().to_string().contains("repeated"));
+        let j = r#"{"__metadata__":{"k":"v","k":"w"}}"#;
+        assert!(parse(j, 0).unwrap_err().to_string().contains("repeated"));
+    }
+
+    #[test]
+    fn messages_are_one_short_line_whatever_the_names_hold() {
+        let j = r#"{"a\nb\u001b[31m":{"dtype":"U8","shape":[4],"data_offsets":[0,5]}}"#;
+        let e = parse(j, 5).unwrap_err().to_string();
+        assert!(e.contains(r"tensor a\nb\u{1b}[31m:"), "{e}");
+        let long = "x".repeat(100_000);
+        let j = format!(r#"{{"{long}":{{"dtype":"Q9","shape":[4],"data_offsets":[0,4]}}}}"#);
+        let e = parse(&j, 4).unwrap_err().to_string();
+        assert!(e.len() < 400 && e.contains("(100000 bytes)"), "{}", &e[..e.len().min(400)]);
+        let j = format!(r#"{{"w":{{"dtype":"U8","shape":[{}],"data_offsets":[0,4]}}}}"#, ["1"; 5000].join(",") + ",-1");
+        let e = parse(&j, 4).unwrap_err().to_string();
+        assert!(e.len() < 400 && e.contains("..."), "{e}");
     }
 
     #[test]

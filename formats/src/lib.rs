@@ -11,11 +11,13 @@ pub mod atomic;
 pub mod checkpoint;
 pub mod error;
 pub mod header;
+pub mod input;
 pub mod lock;
 pub mod manifest;
 pub mod outdir;
 pub mod qconfig;
 pub mod reader;
+pub mod sigbus;
 pub mod writer;
 
 pub use atomic::WrittenFile;

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use crate::atomic::{sha256_file, write_atomic};
 use crate::error::{FormatError, Result};
+use crate::input::{read_regular_to_string, stat_input};
 
 /// File name of the manifest inside a checkpoint directory.
 pub const MANIFEST_NAME: &str = "SHA256SUMS";
@@ -19,7 +20,7 @@ pub fn write_manifest(dir: &Path, entries: &BTreeMap<String, String>) -> Result<
 /// Reads the manifest of `dir`: file name -> sha256 hex.
 pub fn read_manifest(dir: &Path) -> Result<BTreeMap<String, String>> {
     let path = dir.join(MANIFEST_NAME);
-    let text = std::fs::read_to_string(&path).map_err(FormatError::io(&path, "read"))?;
+    let text = read_regular_to_string(&path)?;
     let mut out = BTreeMap::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let bad =
@@ -41,31 +42,43 @@ pub struct FileCheck {
     pub file: String,
     /// "ok", "mismatch", "missing" or "unlisted" (present but not in the manifest).
     pub status: &'static str,
+    /// True when the checkpoint is not as its manifest says: a mismatch, a missing file, or an
+    /// unlisted file the manifest must cover ([`must_be_listed`]). Other unlisted files (a README
+    /// added later) are not a problem.
+    pub problem: bool,
+}
+
+/// True for the files a manifest must list, those a loader reads: weights (`*.safetensors`),
+/// their index (`*.safetensors.index.json`) and `config.json`.
+pub fn must_be_listed(name: &str) -> bool {
+    name == "config.json" || name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json")
 }
 
 /// Checks every file of the manifest of `dir`, and lists files the manifest does not name.
-/// `progress` is called with the bytes hashed after each file.
+/// `progress` is called with the bytes hashed after each file. A listed name that is a FIFO, a
+/// device or a directory is an error ([`FormatError::NotRegularFile`]): it cannot be hashed.
 pub fn check_manifest(dir: &Path, mut progress: impl FnMut(u64)) -> Result<Vec<FileCheck>> {
     let entries = read_manifest(dir)?;
     let mut out = Vec::new();
     for (name, expected) in &entries {
         let p = dir.join(name);
-        let status = if !p.exists() {
-            "missing"
-        } else if sha256_file(&p)? == *expected {
-            "ok"
-        } else {
-            "mismatch"
+        let status = match stat_input(&p) {
+            Err(FormatError::Missing { .. }) => "missing",
+            Err(e) => return Err(e),
+            Ok(m) if !m.is_file() => return Err(FormatError::NotRegularFile { path: p, kind: "directory" }),
+            Ok(_) if sha256_file(&p)? == *expected => "ok",
+            Ok(_) => "mismatch",
         };
         progress(std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0));
-        out.push(FileCheck { file: name.clone(), status });
+        out.push(FileCheck { file: name.clone(), status, problem: status != "ok" });
     }
     let mut unlisted = Vec::new();
     for e in std::fs::read_dir(dir).map_err(FormatError::io(dir, "read_dir"))? {
         let e = e.map_err(FormatError::io(dir, "read_dir"))?;
         let name = e.file_name().to_string_lossy().into_owned();
         if name != MANIFEST_NAME && !name.starts_with('.') && e.path().is_file() && !entries.contains_key(&name) {
-            unlisted.push(FileCheck { file: name, status: "unlisted" });
+            let problem = must_be_listed(&name);
+            unlisted.push(FileCheck { file: name, status: "unlisted", problem });
         }
     }
     unlisted.sort_by(|a, b| a.file.cmp(&b.file));

@@ -1,36 +1,45 @@
 //! Memory-mapped safetensors files.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::{Advice, Mmap, UncheckedAdvice};
 
 use crate::error::{FormatError, Result};
 use crate::header::{Header, TensorInfo, header_len, parse_header};
+use crate::input::open_regular;
+use crate::sigbus::Guard;
 
 /// A safetensors file, memory-mapped, with its validated header.
 ///
 /// Tensor data is handed out as slices borrowing the map: nothing is copied until the bytes
-/// change. The file must not be modified while it is open (as with any memory map).
+/// change. The file must not be modified while it is open (as with any memory map); one that is
+/// truncated anyway ends the process with one line naming it once [`crate::sigbus::install`]
+/// has been called, instead of a bare SIGBUS.
 #[derive(Debug)]
 pub struct SafetensorsFile {
     path: PathBuf,
+    /// The map's SIGBUS registration: declared before `map`, so dropped (unregistered) before
+    /// the map is unmapped.
+    _guard: Guard,
     map: Mmap,
     header: Header,
 }
 
 impl SafetensorsFile {
-    /// Opens and validates `path`. No tensor data is read.
+    /// Opens and validates `path`, which must be a regular file (a FIFO or a device is refused
+    /// before it is opened). No tensor data is read.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(FormatError::io(path, "open"))?;
+        let file = open_regular(path)?;
         let file_len = file.metadata().map_err(FormatError::io(path, "stat"))?.len();
-        // SAFETY: the map is read-only and we document that the file must not change while open.
+        // SAFETY: the map is read-only and we document that the file must not change while open;
+        // if it shrinks anyway, the guard registered next turns the SIGBUS into a message.
         let map = unsafe { Mmap::map(&file) }.map_err(FormatError::io(path, "mmap"))?;
+        let guard = Guard::register(path, map.as_ptr(), map.len());
         let n = header_len(path, &map, file_len)?;
         let header = parse_header(path, &map[8..8 + n], file_len)?;
         // Conversion walks the file front to back: let the kernel read ahead.
         let _ = map.advise(Advice::Sequential);
-        Ok(SafetensorsFile { path: path.to_owned(), map, header })
+        Ok(SafetensorsFile { path: path.to_owned(), _guard: guard, map, header })
     }
 
     /// The file's path.

@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use fp8forge_formats::header::dtype_name;
+use fp8forge_formats::input::stat_input;
 use fp8forge_formats::manifest::{FileCheck, MANIFEST_NAME, check_manifest, read_manifest};
 use fp8forge_formats::{Checkpoint, Dtype, FormatError, SafetensorsFile, TensorInfo};
 use rayon::prelude::*;
@@ -85,9 +86,12 @@ struct Outcome {
 pub fn verify(dir: &Path, reference: Option<&Path>, progress: &dyn Progress) -> Result<VerifyReport, ConvertError> {
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
+    // A DIR that is not there, or a FIFO or a device, is bad input (exit 2), not a finding.
+    stat_input(dir)?;
     let opened = Checkpoint::open(dir);
     let manifest = dir.join(MANIFEST_NAME);
-    let has_manifest = dir.is_dir() && manifest.is_file();
+    // `exists`, not `is_file`: a FIFO or a device in its place is refused when it is read.
+    let has_manifest = dir.is_dir() && manifest.exists();
     let hash_bytes: u64 = if has_manifest {
         read_manifest(dir)
             .map(|m| m.keys().filter_map(|n| std::fs::metadata(dir.join(n)).ok()).map(|m| m.len()).sum())
@@ -109,25 +113,36 @@ pub fn verify(dir: &Path, reference: Option<&Path>, progress: &dyn Progress) -> 
         problems.push(format!("{}: no SHA256SUMS manifest", dir.display()));
     } else {
         match check_manifest(dir, |b| progress.tensor_done(MANIFEST_NAME, b)) {
-            Ok(checks) => files = checks,
+            Ok(checks) => {
+                files = checks;
+                if files.iter().all(|f| f.status == "unlisted") {
+                    problems.push(format!("{}: lists no files", manifest.display()));
+                }
+            }
             Err(e @ FormatError::BadJson { .. }) => problems.push(e.to_string()),
             Err(e) => return Err(e.into()),
         }
         for f in &files {
-            match f.status {
-                "ok" => {}
-                "mismatch" => {
+            match (f.status, f.problem) {
+                ("ok", _) => {}
+                ("mismatch", _) => {
                     problems.push(format!("{}: sha256 differs from SHA256SUMS (changed or corrupted)", f.file))
                 }
-                "missing" => problems.push(format!("{}: listed in SHA256SUMS but missing", f.file)),
-                "unlisted" => warnings.push(format!("{}: not listed in SHA256SUMS", f.file)),
-                other => problems.push(format!("{}: manifest status {other}", f.file)),
+                ("missing", _) => problems.push(format!("{}: listed in SHA256SUMS but missing", f.file)),
+                ("unlisted", true) => problems.push(format!(
+                    "{}: not listed in SHA256SUMS (weights, their index and config.json must be)",
+                    f.file
+                )),
+                ("unlisted", false) => warnings.push(format!("{}: not listed in SHA256SUMS", f.file)),
+                (other, _) => problems.push(format!("{}: manifest status {other}", f.file)),
             }
         }
     }
 
     let ckpt = match opened {
         Ok(c) => c,
+        // A FIFO or a device where a file should be cannot be read, let alone verified.
+        Err(e @ FormatError::NotRegularFile { .. }) => return Err(e.into()),
         Err(e) if e.is_bad_input() => {
             problems.push(e.to_string());
             return Ok(finish(files, problems, warnings, vec![]));
@@ -363,9 +378,28 @@ impl Ctx<'_, '_> {
             ));
             return o;
         }
-        let stats = compare_with_reference(&Fp8Weight { codes, lut, scales: &scales, geom }, r.data(), r.info.dtype);
+        let bound = Bound::of(lut, s.info.dtype);
+        let w = Fp8Weight { codes, lut, scales: &scales, geom };
+        let (stats, over) = compare_with_reference(&w, r.data(), r.info.dtype, bound);
         r.release();
         let rows = geom.batch * geom.rows;
+        if let Some(e) = over.worst {
+            o.problems.push(format!(
+                "{shard}: tensor {name}: {} of {} elements are further from the reference ({}) than FP8 rounding \
+                 allows with their block's scale; worst at [{}, {}]: reference {:e}, dequantized {:e}, scale {:e}, \
+                 error {:e} > bound {:e}",
+                over.count,
+                rows * geom.cols,
+                r.shard,
+                e.index / geom.cols.max(1),
+                e.index % geom.cols.max(1),
+                e.x,
+                e.approx,
+                e.scale,
+                (f64::from(e.approx) - f64::from(e.x)).abs() as f32,
+                e.bound as f32
+            ));
+        }
         o.report = Some(TensorReport::new(name, [rows, geom.cols], &stats));
         o
     }
@@ -392,15 +426,143 @@ fn widen_into(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Error statistics of the dequantized weight against the reference, computed stripe by stripe
-/// in parallel (memory: two f32 stripes per thread, never the whole tensor). 128×128 E4M3 blocks
-/// go through `block.rs`'s dequantizer one 128-row stripe at a time; other layouts through the
-/// general decoder.
-fn compare_with_reference(w: &Fp8Weight<'_>, reference: &[u8], ref_dtype: Dtype) -> ErrorStats {
+/// The largest error FP8 rounding can leave in one element, given the scale stored for its block.
+///
+/// How it is derived. The converter computes `y = fl(x / s)` in f32, rounds it to the nearest
+/// code `q` (ties to even, saturating at the largest finite code), and dequantization gives
+/// `x̂ = fl(q · s)`. For a format with `m` mantissa bits and smallest normal exponent `e`
+/// (E4M3: m = 3, e = -6; E5M2: m = 2, e = -14):
+///
+/// - in the normal range, codes near `y` are `2^(⌊log2 |y|⌋ - m) ≤ 2^-m |y|` apart, and the nearest
+///   one is at most half of that away: `|q - y| ≤ 2^-(m+1) |y|` (E4M3: `2^-4 |y|`);
+/// - below the normal range codes are `2^(e - m)` apart: `|q - y| ≤ 2^(e-m-1)` (E4M3: `2^-10`);
+/// - a right scale is `s ≥ amax / max_code`, so `|y|` exceeds the largest code only by the
+///   division's rounding, and saturating there costs less than the half spacing above.
+///
+/// So `|q - y| ≤ max(2^-(m+1) |y|, 2^(e-m-1))`; multiplied by `s`, with `y·s` and `q·s` within
+/// `2^-24` (relative) of `x` and `x̂`: `|x - x̂| ≤ max(2^-4 |x|, 2^-10 s)` for E4M3, up to
+/// `O(2^-24)(|x| + s)`. That last term is covered by a relative slack of `2^-16` on the bound
+/// (at least `2^-20 |x|` and `2^-26 s`, where at most `3·2^-24 |x| + 2^-30 s` is needed). The
+/// bound holds for f32 and ue8m0 (power-of-two) scales alike: it depends only on the stored `s`.
+/// A scale stored narrower than it was computed (BF16, F16: relative rounding `u` = 2^-8, 2^-11)
+/// moves `x̂` by up to `u |q s|` more, which is added. A scale off by 2× moves every element of its
+/// block by at least half its magnitude: far above `2^-4 |x|`.
+#[derive(Clone, Copy, Debug)]
+struct Bound {
+    /// Relative term: half the spacing of normal codes relative to the value, `2^-(m+1)`.
+    rel: f64,
+    /// Absolute term in units of the scale: half the spacing of subnormal codes, `2^(e-m-1)`.
+    abs: f64,
+    /// Relative rounding of the stored scale (0 for F32 and power-of-two E8M0 scales).
+    scale_rounding: f64,
+}
+
+impl Bound {
+    /// Relative slack on the bound for the f32 roundings of the division and the product.
+    const SLACK: f64 = 1.0 / 65536.0;
+
+    fn of(lut: &'static [f32; 256], scale_dtype: Dtype) -> Self {
+        let (rel, abs) = if std::ptr::eq(lut, &E4M3_LUT) {
+            (2f64.powi(-4), 2f64.powi(-10))
+        } else {
+            (2f64.powi(-3), 2f64.powi(-17)) // E5M2
+        };
+        let scale_rounding = match scale_dtype {
+            Dtype::BF16 => 2f64.powi(-8),
+            Dtype::F16 => 2f64.powi(-11),
+            _ => 0.0,
+        };
+        Bound { rel, abs, scale_rounding }
+    }
+
+    /// The bound on `|x - x̂|` for a reference value `x` in a block of scale `s`.
+    fn at(&self, x: f32, s: f32) -> f64 {
+        let (x, s) = (f64::from(x).abs(), f64::from(s));
+        let rounding = (x * self.rel).max(s * self.abs);
+        (rounding + self.scale_rounding * (x + rounding)) * (1.0 + Self::SLACK)
+    }
+}
+
+/// The element furthest beyond its [`Bound`], relative to it.
+#[derive(Clone, Copy, Debug)]
+struct Beyond {
+    /// Index in the `[batch * rows, cols]` view.
+    index: usize,
+    x: f32,
+    approx: f32,
+    scale: f32,
+    bound: f64,
+    /// `|x - x̂| / bound`.
+    ratio: f64,
+}
+
+/// Elements beyond their bound: how many, and the worst.
+#[derive(Clone, Copy, Debug, Default)]
+struct OverBound {
+    count: u64,
+    worst: Option<Beyond>,
+}
+
+impl OverBound {
+    fn add(&mut self, b: Beyond) {
+        self.count += 1;
+        if self.worst.is_none_or(|w| b.ratio > w.ratio) {
+            self.worst = Some(b);
+        }
+    }
+
+    /// Merges `other`, on ties keeping the first element in the tensor (the result does not
+    /// depend on the order stripes finish in).
+    fn merge(mut self, other: OverBound) -> OverBound {
+        self.count += other.count;
+        self.worst = match (self.worst, other.worst) {
+            (Some(a), Some(b)) => {
+                Some(if (b.ratio, std::cmp::Reverse(b.index)) > (a.ratio, std::cmp::Reverse(a.index)) { b } else { a })
+            }
+            (a, b) => a.or(b),
+        };
+        self
+    }
+}
+
+/// Checks rows `r0..` (`exact` and `approx` hold whole rows) against the bound of each element.
+fn over_bound(w: &Fp8Weight<'_>, r0: usize, exact: &[f32], approx: &[f32], bound: Bound) -> OverBound {
+    let g = &w.geom;
+    let (cols, gc, gr) = (g.cols, g.grid_cols(), g.grid_rows());
+    let mut out = OverBound::default();
+    for (i, (xr, ar)) in exact.chunks_exact(cols).zip(approx.chunks_exact(cols)).enumerate() {
+        let row = r0 + i;
+        let grow = (row / g.rows) * gr + (row % g.rows) / g.block_rows;
+        let srow = &w.scales[grow * gc..(grow + 1) * gc];
+        for (j, ((xb, ab), &s)) in xr.chunks(g.block_cols).zip(ar.chunks(g.block_cols)).zip(srow).enumerate() {
+            for (k, (&x, &a)) in xb.iter().zip(ab).enumerate() {
+                let err = (f64::from(a) - f64::from(x)).abs();
+                let b = bound.at(x, s);
+                // A NaN error (a NaN in the reference) counts as beyond.
+                if err > b || err.is_nan() {
+                    let index = row * cols + j * g.block_cols + k;
+                    out.add(Beyond { index, x, approx: a, scale: s, bound: b, ratio: err / b });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Error statistics of the dequantized weight against the reference, and the elements beyond
+/// their [`Bound`], computed stripe by stripe in parallel (memory: two f32 stripes per thread,
+/// never the whole tensor). 128×128 E4M3 blocks go through `block.rs`'s dequantizer one 128-row
+/// stripe at a time; other layouts through the general decoder.
+fn compare_with_reference(
+    w: &Fp8Weight<'_>,
+    reference: &[u8],
+    ref_dtype: Dtype,
+    bound: Bound,
+) -> (ErrorStats, OverBound) {
     let g = &w.geom;
     let (rows, cols) = (g.batch * g.rows, g.cols);
     if rows == 0 || cols == 0 {
-        return ErrorStats::default();
+        return (ErrorStats::default(), OverBound::default());
     }
     let standard = w.is_standard();
     let stripe = if standard { BLOCK } else { (1usize << 16).div_ceil(cols).max(1) };
@@ -422,12 +584,15 @@ fn compare_with_reference(w: &Fp8Weight<'_>, reference: &[u8], ref_dtype: Dtype)
             }
             let mut exact = vec![0f32; n * cols];
             widen_into(ref_dtype, &reference[r0 * cols * elem..(r0 + n) * cols * elem], &mut exact);
-            compare(&exact, &approx)
+            (compare(&exact, &approx), over_bound(w, r0, &exact, &approx, bound))
         })
-        .reduce(ErrorStats::default, |mut a, b| {
-            a.merge(&b);
-            a
-        })
+        .reduce(
+            || (ErrorStats::default(), OverBound::default()),
+            |(mut a, oa), (b, ob)| {
+                a.merge(&b);
+                (a, oa.merge(ob))
+            },
+        )
 }
 
 #[cfg(test)]
@@ -450,6 +615,35 @@ mod tests {
 
     fn problems_mention(r: &VerifyReport, words: &[&str]) -> bool {
         r.problems.iter().any(|p| words.iter().all(|w| p.contains(w)))
+    }
+
+    #[test]
+    fn the_fp8_bound_holds_for_every_rounding_and_a_scale_off_by_two_breaks_it() {
+        let bound = Bound::of(&E4M3_LUT, Dtype::F32);
+        let mut rng = Rng::new(11);
+        let mut broken = 0u32;
+        for i in 0..400_000u32 {
+            // Block maxima from 1e-30 to 1e10; values in the block up to it, the maximum itself too.
+            let amax = half::bf16::from_f32(10f32.powf(rng.uniform() * 40.0 - 30.0)).to_f32();
+            let x = if i % 5 == 0 { amax } else { (rng.uniform() * 2.0 - 1.0) * amax };
+            let x = half::bf16::from_f32(x).to_f32();
+            let s_f32 = amax.max(1e-12) / 448.0;
+            let s_ue8m0 = 2f32.powi(s_f32.log2().ceil() as i32);
+            assert!(s_ue8m0 >= s_f32 && s_ue8m0 < 2.0 * s_f32, "ue8m0 scale of {s_f32}");
+            for s in [s_f32, s_ue8m0] {
+                let q = E4M3_LUT[usize::from(crate::fp8::f32_to_e4m3(x / s))];
+                let err = f64::from((q * s - x).abs());
+                assert!(err <= bound.at(x, s), "x {x:e}, scale {s:e}: error {err:e} > bound {:e}", bound.at(x, s));
+                // Dequantized with the scale doubled: beyond the bound wherever x / s is in the
+                // normal range of E4M3 (below it, the absolute term 2^-10 s can hide the change).
+                let err2 = f64::from((q * 2.0 * s - x).abs());
+                if x.abs() >= 2f32.powi(-6) * s {
+                    assert!(err2 > bound.at(x, 2.0 * s), "x {x:e}, scale {s:e} doubled: error {err2:e} within bound");
+                    broken += 1;
+                }
+            }
+        }
+        assert!(broken > 500_000, "only {broken} cases where doubling the scale could be seen");
     }
 
     #[test]

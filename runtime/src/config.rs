@@ -139,8 +139,8 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Reads and validates `config.json` of a model directory.
     pub fn load(file: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(file)
-            .map_err(|e| RuntimeError::Config { file: file.to_owned(), reason: format!("cannot read: {e}") })?;
+        // A regular file only: a FIFO would block the read (see fp8forge_formats::input).
+        let text = fp8forge_formats::input::read_regular_to_string(file)?;
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| RuntimeError::Config { file: file.to_owned(), reason: format!("malformed JSON: {e}") })?;
         Self::from_json(file, &v)

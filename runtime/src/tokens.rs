@@ -31,6 +31,7 @@ pub fn tokenize_file(file: &Path, tokenizer: &Path) -> Result<Vec<u32>> {
 
 /// Tokenizes `text` with `tokenizer` (a Hugging Face `tokenizer.json`), without special tokens.
 pub fn tokenize(text: &str, tokenizer: &Path) -> Result<Vec<u32>> {
+    fp8forge_formats::input::open_regular(tokenizer)?; // a FIFO would block the tokenizer's read
     let tk = tokenizers::Tokenizer::from_file(tokenizer).map_err(|e| RuntimeError::Input {
         file: tokenizer.to_owned(),
         reason: format!("cannot load tokenizer: {e}"),

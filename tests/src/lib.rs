@@ -357,3 +357,72 @@ pub fn write_large_model(dir: &Path, tensors: usize, shards: usize) {
     let config = json!({"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"]});
     write_checkpoint(dir, &specs, &config, shards, 3);
 }
+
+/// Runs `fp8forge args`, killed after `timeout`; panics naming the command on a hang, so a test
+/// that would block fails instead.
+pub fn fp8forge_timeout<S: AsRef<std::ffi::OsStr>>(args: &[S], timeout: std::time::Duration) -> Output {
+    let mut child = Command::new(bin())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run fp8forge: {e}"));
+    let start = std::time::Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            let shown: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
+            panic!("fp8forge {shown:?} still running after {timeout:?}: it blocks");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// Makes a FIFO at `path`.
+pub fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL in path");
+    // SAFETY: `c` is a valid NUL-terminated path.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(rc, 0, "mkfifo {}: {}", path.display(), std::io::Error::last_os_error());
+}
+
+/// Writes a large checkpoint fast: the tensors of `specs` (split into `shards` files, with an
+/// index), whose 2-D weights repeat one block of 64 Ki gaussian BF16 values ×0.02 instead of
+/// drawing every value, and config.json.
+pub fn write_big_checkpoint(dir: &Path, specs: &[Spec], config: &serde_json::Value, shards: usize) {
+    std::fs::create_dir_all(dir).expect("create fixture dir");
+    let mut rng = Rng::new(7);
+    let pattern: Vec<u8> = (0..1 << 16).flat_map(|_| half::bf16::from_f32(rng.normal() * 0.02).to_le_bytes()).collect();
+    let per = specs.len().div_ceil(shards.max(1));
+    let mut weight_map = serde_json::Map::new();
+    for (i, chunk) in specs.chunks(per).enumerate() {
+        let name = format!("model-{:05}-of-{shards:05}.safetensors", i + 1);
+        let planned: Vec<PlannedTensor> =
+            chunk.iter().map(|(n, d, s)| PlannedTensor { name: n.clone(), dtype: *d, shape: s.clone() }).collect();
+        let mut wr = ShardWriter::create(&dir.join(&name), planned.clone()).expect("create shard");
+        for (spec, p) in chunk.iter().zip(&planned) {
+            let data = if spec.1 == Dtype::BF16 && spec.2.len() == 2 {
+                pattern.iter().copied().cycle().take(p.nbytes() as usize).collect()
+            } else {
+                tensor_bytes(spec, &mut rng)
+            };
+            wr.write_tensor(&p.name, &[&data]).expect("write tensor");
+            weight_map.insert(p.name.clone(), json!(name));
+        }
+        wr.finish().expect("finish shard");
+    }
+    let index = json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&index).expect("json"))
+        .expect("index");
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(config).expect("json")).expect("config");
+}
+
+/// True once process `pid` has `path` memory-mapped (read from /proc/PID/maps).
+pub fn has_mapped(pid: u32, path: &Path) -> bool {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let p = path.to_string_lossy();
+    maps.lines().any(|l| l.ends_with(p.as_ref()))
+}
