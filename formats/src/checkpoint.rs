@@ -101,6 +101,17 @@ pub fn read_json(path: &Path) -> Result<Value> {
         .map_err(|e| FormatError::BadJson { path: path.to_owned(), reason: format!("malformed JSON: {e}") })
 }
 
+/// JSON as transformers writes it (two-space indent, a final newline), for the file `path`.
+pub fn pretty_json<T: serde::Serialize>(v: &T, path: &Path) -> Result<Vec<u8>> {
+    let mut b = serde_json::to_vec_pretty(v).map_err(|e| FormatError::Io {
+        path: path.to_owned(),
+        op: "serialize",
+        source: std::io::Error::other(e),
+    })?;
+    b.push(b'\n');
+    Ok(b)
+}
+
 fn plain_name(path: &Path) -> Result<String> {
     path.file_name().and_then(|n| n.to_str()).map(str::to_owned).ok_or_else(|| FormatError::BadCheckpoint {
         path: path.to_owned(),

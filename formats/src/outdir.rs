@@ -28,6 +28,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::atomic::{WrittenFile, copy_atomic, is_partial_name, sync_parent, write_atomic};
+use crate::checkpoint::pretty_json;
 use crate::error::{FormatError, Result};
 use crate::lock::DirLock;
 use crate::manifest::{MANIFEST_NAME, write_manifest};
@@ -322,7 +323,7 @@ impl OutputDir {
     fn start(self) -> Result<Opened> {
         self.make_dirs()?;
         let path = self.state.join(JOURNAL);
-        let json = to_json(&self.identity, &path)?;
+        let json = pretty_json(&self.identity, &path)?;
         match self.role {
             Role::Whole { .. } => {
                 write_atomic(&path, &json)?;
@@ -478,11 +479,11 @@ impl OutputDir {
         let m = write_manifest(&self.state.join(FILES), &manifest)?;
         record.files.push(RecordFile { name: MANIFEST_NAME.into(), bytes: m.bytes });
         let record_path = self.staging(RECORD_NAME);
-        write_atomic(&record_path, &to_json(&record, &record_path)?)?;
+        write_atomic(&record_path, &pretty_json(&record, &record_path)?)?;
         moves.push(MANIFEST_NAME.into());
         moves.push(RECORD_NAME.into());
         let commit = self.state.join(COMMIT);
-        write_atomic(&commit, &to_json(&moves, &commit)?)?;
+        write_atomic(&commit, &pretty_json(&moves, &commit)?)?;
         Ok(())
     }
 }
@@ -534,16 +535,6 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(FormatError::Io { path: path.to_owned(), op: "read", source: e }),
     }
-}
-
-fn to_json<T: Serialize>(v: &T, path: &Path) -> Result<Vec<u8>> {
-    let mut b = serde_json::to_vec_pretty(v).map_err(|e| FormatError::Io {
-        path: path.to_owned(),
-        op: "serialize",
-        source: std::io::Error::other(e),
-    })?;
-    b.push(b'\n');
-    Ok(b)
 }
 
 /// Writes `data` to `path` unless a file is there already (atomically: a temporary file linked to

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, PoisonError, mpsc};
 
-use fp8forge_formats::checkpoint::INDEX_NAME;
+use fp8forge_formats::checkpoint::{INDEX_NAME, pretty_json};
 use fp8forge_formats::outdir::{Identity, Opened, OutputDir, Role, check_apart};
 use fp8forge_formats::{Checkpoint, Dtype, FormatError, PlannedTensor, ShardWriter, WrittenFile, qconfig};
 use serde::Serialize;
@@ -438,7 +438,7 @@ fn finalize(ckpt: &Checkpoint, plan: &Plan, dir: &OutputDir) -> Result<Vec<Strin
         if let Value::Object(m) = &mut config {
             m.insert("quantization_config".into(), qc);
         }
-        dir.write_file("config.json", &pretty(&config, &dir.staging("config.json"))?)?;
+        dir.write_file("config.json", &pretty_json(&config, &dir.staging("config.json"))?)?;
         names.push("config.json".into());
     }
     for name in &plan.copies {
@@ -455,7 +455,7 @@ fn finalize(ckpt: &Checkpoint, plan: &Plan, dir: &OutputDir) -> Result<Vec<Strin
             }
         }
         let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
-        dir.write_file(INDEX_NAME, &pretty(&index, &dir.staging(INDEX_NAME))?)?;
+        dir.write_file(INDEX_NAME, &pretty_json(&index, &dir.staging(INDEX_NAME))?)?;
         names.push(INDEX_NAME.into());
     }
     Ok(names)
@@ -475,15 +475,4 @@ fn quantization_config(plan: &Plan) -> Value {
         OutputFormat::Deepseek => qconfig::deepseek_fp8(ue8m0, &kept),
         OutputFormat::CompressedTensors => qconfig::compressed_tensors_fp8_block(&kept),
     }
-}
-
-/// JSON as transformers writes it: two-space indent and a final newline.
-fn pretty(v: &Value, path: &Path) -> Result<Vec<u8>, ConvertError> {
-    let mut s = serde_json::to_vec_pretty(v).map_err(|e| FormatError::Io {
-        path: path.to_owned(),
-        op: "serialize",
-        source: std::io::Error::other(e),
-    })?;
-    s.push(b'\n');
-    Ok(s)
 }

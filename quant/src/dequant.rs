@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-use fp8forge_formats::checkpoint::INDEX_NAME;
+use fp8forge_formats::checkpoint::{INDEX_NAME, pretty_json};
 use fp8forge_formats::manifest::MANIFEST_NAME;
 use fp8forge_formats::outdir::{Identity, Opened, OutputDir, Role, check_apart};
 use fp8forge_formats::{Checkpoint, Dtype, FormatError, PlannedTensor, ShardWriter, TensorInfo, WrittenFile};
@@ -604,7 +604,7 @@ pub fn dequant(input: &Path, out: &Path, force: bool, progress: &dyn Progress) -
         if let Value::Object(m) = &mut config {
             m.shift_remove("quantization_config");
         }
-        dir.write_file("config.json", &pretty(&config))?;
+        dir.write_file("config.json", &pretty_json(&config, &dir.staging("config.json"))?)?;
         names.push("config.json".into());
     }
     for name in &copies {
@@ -621,19 +621,12 @@ pub fn dequant(input: &Path, out: &Path, force: bool, progress: &dyn Progress) -
             }
         }
         let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
-        dir.write_file(INDEX_NAME, &pretty(&index))?;
+        dir.write_file(INDEX_NAME, &pretty_json(&index, &dir.staging(INDEX_NAME))?)?;
         names.push(INDEX_NAME.into());
     }
     let now = Identity::stamp(digest, &ckpt.root, &inputs)?;
     dir.commit(&names, &now)?;
     Ok(report)
-}
-
-/// JSON as transformers writes it: two-space indent and a final newline.
-fn pretty(v: &Value) -> Vec<u8> {
-    let mut s = serde_json::to_vec_pretty(v).unwrap_or_default();
-    s.push(b'\n');
-    s
 }
 
 /// Writes one output file: the calling thread dequantizes batches of tensors in parallel while a
