@@ -13,6 +13,9 @@ use rayon::prelude::*;
 use crate::fp8::{E4M3_LUT, E4M3_MAX, f32_to_e4m3};
 use crate::stats::ErrorStats;
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
 /// Side of a weight block, and width of an activation group.
 pub const BLOCK: usize = 128;
 
@@ -44,7 +47,7 @@ pub enum SrcDtype {
 
 impl SrcDtype {
     /// Bytes per element.
-    pub fn size(self) -> usize {
+    pub const fn size(self) -> usize {
         match self {
             SrcDtype::BF16 | SrcDtype::F16 => 2,
             SrcDtype::F32 => 4,
@@ -166,8 +169,9 @@ pub fn quantize_weight_into(
 /// A non-finite element: (row within the stripe, column, value).
 type NonFiniteAt = (usize, usize, f32);
 
-/// Quantizes one stripe of at most 128 rows, using AVX2 where the CPU has it. Every path gives
-/// the same bits: IEEE division and the integer rounding do not depend on the vector width.
+/// Quantizes one stripe of at most 128 rows, with the AVX2 kernel ([`avx2`]) where the CPU has
+/// it. Every path gives the same bits: IEEE division and the integer rounding do not depend on
+/// the vector width, and the error sums add the same values in the same order.
 fn quantize_stripe(
     src: &[u8],
     dtype: SrcDtype,
@@ -177,24 +181,10 @@ fn quantize_stripe(
     scales: &mut [f32],
 ) -> Result<ErrorStats, NonFiniteAt> {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { quantize_stripe_avx2(src, dtype, cols, fmt, codes, scales) };
+    if avx2::available() {
+        // SAFETY: the CPU has AVX2 and F16C, checked just above.
+        return unsafe { avx2::quantize_stripe(src, dtype, cols, fmt, codes, scales) };
     }
-    quantize_stripe_portable(src, dtype, cols, fmt, codes, scales)
-}
-
-/// [`quantize_stripe_portable`] compiled for AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn quantize_stripe_avx2(
-    src: &[u8],
-    dtype: SrcDtype,
-    cols: usize,
-    fmt: ScaleFormat,
-    codes: &mut [u8],
-    scales: &mut [f32],
-) -> Result<ErrorStats, NonFiniteAt> {
     quantize_stripe_portable(src, dtype, cols, fmt, codes, scales)
 }
 
@@ -986,6 +976,218 @@ mod tests {
         }
     }
 
+    /// What a stripe kernel returns.
+    type KernelResult = Result<ErrorStats, NonFiniteAt>;
+
+    /// A stripe kernel: [`quantize_stripe_portable`] or a SIMD one.
+    type Kernel = fn(&[u8], SrcDtype, usize, ScaleFormat, &mut [u8], &mut [f32]) -> KernelResult;
+
+    /// The portable kernel, as a [`Kernel`].
+    fn portable(src: &[u8], d: SrcDtype, cols: usize, f: ScaleFormat, c: &mut [u8], s: &mut [f32]) -> KernelResult {
+        quantize_stripe_portable(src, d, cols, f, c, s)
+    }
+
+    /// The AVX2 kernel, as a [`Kernel`]; fails (rather than passing untested) on a CPU without it.
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_kernel(src: &[u8], d: SrcDtype, cols: usize, f: ScaleFormat, c: &mut [u8], s: &mut [f32]) -> KernelResult {
+        assert!(avx2::available(), "this CPU lacks AVX2 or F16C: the AVX2 kernel cannot be tested here");
+        // SAFETY: the CPU has AVX2 and F16C, asserted just above.
+        unsafe { avx2::quantize_stripe(src, d, cols, f, c, s) }
+    }
+
+    /// A whole tensor quantized by a kernel: codes, scale bits, and the statistics or the first
+    /// non-finite element as (row, col, value bits).
+    struct Whole {
+        codes: Vec<u8>,
+        scales: Vec<u32>,
+        stats: Result<ErrorStats, (usize, usize, u32)>,
+    }
+
+    /// A whole tensor through `kernel`, stripe after stripe, the statistics merged in stripe
+    /// order as [`quantize_weight_into`] merges them.
+    fn by_stripes(kernel: Kernel, src: &Src, rows: usize, cols: usize, fmt: ScaleFormat) -> Whole {
+        let grid = cols.div_ceil(BLOCK);
+        let mut codes = vec![0xAAu8; rows * cols];
+        let mut scales = vec![f32::NAN; rows.div_ceil(BLOCK) * grid];
+        let mut stats = Ok(ErrorStats::default());
+        let stripe = BLOCK * cols;
+        let parts =
+            src.bytes.chunks(stripe * src.dtype.size()).zip(codes.chunks_mut(stripe)).zip(scales.chunks_mut(grid));
+        for (i, ((s, c), g)) in parts.enumerate() {
+            match kernel(s, src.dtype, cols, fmt, c, g) {
+                Ok(st) => stats.iter_mut().for_each(|t| t.merge(&st)),
+                Err((r, col, v)) => {
+                    stats = Err((i * BLOCK + r, col, v.to_bits()));
+                    break;
+                }
+            }
+        }
+        Whole { codes, scales: scales.iter().map(|s| s.to_bits()).collect(), stats }
+    }
+
+    /// Asserts that the AVX2 kernel gives exactly the portable kernel's codes, scales,
+    /// statistics and non-finite report on `src`, naming the first difference.
+    #[cfg(target_arch = "x86_64")]
+    fn assert_avx2_is_portable(what: &str, src: &Src, rows: usize, cols: usize, fmt: ScaleFormat) {
+        let want = by_stripes(portable, src, rows, cols, fmt);
+        let got = by_stripes(avx2_kernel, src, rows, cols, fmt);
+        assert_eq!(got.stats, want.stats, "{what}: statistics or non-finite report differ");
+        if want.stats.is_err() {
+            return; // codes and scales are unspecified after a non-finite element
+        }
+        if let Some(i) = (0..want.scales.len()).find(|&i| got.scales[i] != want.scales[i]) {
+            panic!("{what}: scale of block {i}: AVX2 {:#010x}, portable {:#010x}", got.scales[i], want.scales[i]);
+        }
+        if let Some(i) = (0..want.codes.len()).find(|&i| got.codes[i] != want.codes[i]) {
+            let (x, g, w) = (src.values[i].to_bits(), got.codes[i], want.codes[i]);
+            panic!("{what}: code of element {i} (input {x:#010x}): AVX2 {g:#04x}, portable {w:#04x}");
+        }
+    }
+
+    /// A source tensor made of raw 16-bit patterns of `dtype` (BF16 or F16).
+    fn src_of_bits(bits: &[u16], dtype: SrcDtype) -> Src {
+        let widen_one = |h: u16| match dtype {
+            SrcDtype::BF16 => half::bf16::from_bits(h).to_f32(),
+            _ => half::f16::from_bits(h).to_f32(),
+        };
+        Src {
+            dtype,
+            bytes: bits.iter().flat_map(|h| h.to_le_bytes()).collect(),
+            values: bits.iter().map(|&h| widen_one(h)).collect(),
+        }
+    }
+
+    /// Every finite 16-bit pattern of `dtype` (whose exponent field is not all ones), laid out in
+    /// tensors of each of `shapes` (rows × cols = the number of patterns), in pattern order and
+    /// sorted by magnitude (so that blocks hold neighbouring magnitudes and the scales span the
+    /// whole range), quantized by both kernels in both scale formats.
+    #[cfg(target_arch = "x86_64")]
+    fn every_finite_16_bit_value(dtype: SrcDtype, exp_mask: u16, shapes: &[(usize, usize)]) {
+        let finite: Vec<u16> = (0..=u16::MAX).filter(|h| h & exp_mask != exp_mask).collect();
+        let mut sorted = finite.clone();
+        sorted.sort_by_key(|h| (h & 0x7FFF, h >> 15));
+        for &(rows, cols) in shapes {
+            assert_eq!(rows * cols, finite.len());
+            for (order, bits) in [("pattern order", &finite), ("by magnitude", &sorted)] {
+                let src = src_of_bits(bits, dtype);
+                for fmt in FORMATS {
+                    assert_avx2_is_portable(&format!("{dtype:?} {rows}x{cols} {order} {fmt:?}"), &src, rows, cols, fmt);
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_kernel_is_the_portable_one_on_every_finite_bf16_value() {
+        let shapes = [(128, 510), (510, 128), (255, 256), (136, 480), (1360, 48), (8160, 8)];
+        every_finite_16_bit_value(SrcDtype::BF16, 0x7F80, &shapes);
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_kernel_is_the_portable_one_on_every_finite_f16_value() {
+        let shapes = [(128, 496), (496, 128), (248, 256), (992, 64), (31, 2048), (7936, 8)];
+        every_finite_16_bit_value(SrcDtype::F16, 0x7C00, &shapes);
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_kernel_is_the_portable_one_on_a_dense_sweep_of_f32_values() {
+        // Every 32771st bit pattern (a prime step: all exponents, mantissas and both signs),
+        // finite ones only, then the same sorted by magnitude.
+        let mut bits: Vec<u32> = (0..=u32::MAX).step_by(32771).filter(|b| b & 0x7F80_0000 != 0x7F80_0000).collect();
+        bits.truncate(255 * 510);
+        let mut sorted = bits.clone();
+        sorted.sort_by_key(|b| (b & 0x7FFF_FFFF, b >> 31));
+        for (order, bits) in [("pattern order", &bits), ("by magnitude", &sorted)] {
+            let values: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+            let src = make_src(&values, SrcDtype::F32);
+            for (rows, cols) in [(255, 510), (510, 255), (2040, 63)] {
+                for fmt in FORMATS {
+                    assert_avx2_is_portable(&format!("F32 {rows}x{cols} {order} {fmt:?}"), &src, rows, cols, fmt);
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_kernel_is_the_portable_one_on_edge_blocks_zeros_outliers_and_tiny_values() {
+        for (k, &(rows, cols)) in SHAPES.iter().chain(&[(129, 17), (260, 31), (128, 7168), (257, 385)]).enumerate() {
+            let mut x = gaussian(rows, cols, 50 + k as u64, 0.02);
+            let mut rng = Rng(k as u64);
+            for v in x.iter_mut() {
+                match rng.next_u64() % 64 {
+                    0 => *v = 0.0,
+                    1 => *v = -0.0,
+                    2 => *v *= 1e4,                                 // outlier
+                    3 => *v = 3e-39 * (rng.uniform() as f32 - 0.5), // f32 subnormal
+                    4 => *v *= 1e-30,                               // far below a step of its block
+                    5 => *v = 6e-8,                                 // an F16 subnormal
+                    _ => {}
+                }
+            }
+            // An all-zero block, where there is room for one.
+            if rows >= 128 && cols >= 256 {
+                (0..128).for_each(|r| x[r * cols + 128..r * cols + 256].fill(0.0));
+            }
+            for dtype in DTYPES {
+                let src = make_src(&x, dtype);
+                for fmt in FORMATS {
+                    assert_avx2_is_portable(&format!("{dtype:?} {rows}x{cols} {fmt:?}"), &src, rows, cols, fmt);
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_kernel_reports_the_same_first_non_finite_element() {
+        let (rows, cols) = (300, 700);
+        let x = gaussian(rows, cols, 7, 1.0);
+        // Places: a full block, the partial last column block, a partial row segment's last
+        // element, a block after a finite one in the same panel, a later panel with an earlier
+        // row, the last element.
+        let places = [(5, 3), (10, 699), (140, 690), (130, 300), (129, 600), (299, 699), (256, 0)];
+        for dtype in DTYPES {
+            let bad: Vec<f32> = match dtype {
+                SrcDtype::F32 => vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::from_bits(0xFF80_0001)],
+                _ => vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY],
+            };
+            for (p, &(r, c)) in places.iter().enumerate() {
+                for (b, &v) in bad.iter().enumerate() {
+                    let mut y = x.clone();
+                    y[r * cols + c] = v;
+                    // A second one later in row-major order, in an earlier block column.
+                    y[(r + 1).min(rows - 1) * cols] = bad[(b + 1) % bad.len()];
+                    let src = make_src(&y, dtype);
+                    assert_avx2_is_portable(
+                        &format!("{dtype:?} place {p} value {b}"),
+                        &src,
+                        rows,
+                        cols,
+                        ScaleFormat::F32,
+                    );
+                }
+            }
+        }
+        // Every non-finite BF16 and F16 pattern, as the first bad element of a block.
+        for (dtype, exp_mask) in [(SrcDtype::BF16, 0x7F80u16), (SrcDtype::F16, 0x7C00)] {
+            for h in (0..=u16::MAX).filter(|h| h & exp_mask == exp_mask) {
+                let mut bits = vec![0x3C00u16; 3 * 200];
+                bits[250] = h;
+                assert_avx2_is_portable(
+                    &format!("{dtype:?} {h:#06x}"),
+                    &src_of_bits(&bits, dtype),
+                    3,
+                    200,
+                    ScaleFormat::F32,
+                );
+            }
+        }
+    }
+
     /// Throughput of BF16 weight quantization on 1 GiB (release build:
     /// `cargo test --release -p fp8forge-quant --lib -- --ignored --nocapture bench_`).
     #[test]
@@ -1024,6 +1226,53 @@ mod tests {
             let t = std::time::Instant::now();
             dequantize_weight_to_bf16(&codes, &scales, rows, cols, &mut out).unwrap();
             println!("dequantize to bf16: {:.3} s", t.elapsed().as_secs_f64());
+        }
+    }
+
+    /// CPU time this thread has run, in seconds (Linux's schedstat; 0 elsewhere): unlike wall
+    /// time, it does not count the time other processes hold the core.
+    fn thread_cpu_s() -> f64 {
+        let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+        stat.split_whitespace().next().and_then(|ns| ns.parse::<f64>().ok()).unwrap_or(0.0) / 1e9
+    }
+
+    /// Single-thread throughput of the dispatched and the portable stripe paths, per source
+    /// dtype, on 64 stripes of 128 × 7168 (more than the L3 cache), the paths interleaved and
+    /// repeated, per second of this thread's CPU time so that other processes' load does not
+    /// count (release build:
+    /// `cargo test --release -p fp8forge-quant --lib -- --ignored --nocapture bench_stripe`).
+    #[test]
+    #[ignore = "benchmark: run in release"]
+    fn bench_stripe_paths_one_thread() {
+        let (stripes, cols) = (64, 7168);
+        let x = gaussian(stripes * BLOCK, cols, 3, 0.02);
+        for dtype in DTYPES {
+            let src = make_src(&x, dtype);
+            let mut codes = vec![0u8; BLOCK * cols];
+            let mut scales = vec![0f32; cols.div_ceil(BLOCK)];
+            let stripe_bytes = BLOCK * cols * dtype.size();
+            let mut times = [Vec::new(), Vec::new()];
+            for _ in 0..5 {
+                for (path, t) in times.iter_mut().enumerate() {
+                    let start = thread_cpu_s();
+                    for s in src.bytes.chunks_exact(stripe_bytes) {
+                        let r = if path == 0 {
+                            quantize_stripe(s, dtype, cols, ScaleFormat::F32, &mut codes, &mut scales)
+                        } else {
+                            quantize_stripe_portable(s, dtype, cols, ScaleFormat::F32, &mut codes, &mut scales)
+                        };
+                        assert!(r.is_ok());
+                    }
+                    t.push(src.bytes.len() as f64 / (thread_cpu_s() - start) / 1e9);
+                }
+            }
+            for (name, t) in ["dispatched", "portable"].iter().zip(&mut times) {
+                t.sort_by(f64::total_cmp);
+                let (best, median, worst) = (t[4], t[2], t[0]);
+                println!(
+                    "{dtype:?} {name}: {best:.2} GB/s of input per CPU-second (median {median:.2}, worst {worst:.2})"
+                );
+            }
         }
     }
 }

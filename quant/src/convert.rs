@@ -275,6 +275,9 @@ struct Budget {
     /// Bytes in flight, and whether the writer has stopped (then nothing waits any more).
     used: Mutex<(u64, bool)>,
     freed: Condvar,
+    /// A codes buffer the writer is done with, kept for the next tensor: reusing it saves
+    /// faulting in and zeroing fresh pages for every tensor.
+    spare: Mutex<Option<Vec<u8>>>,
 }
 
 impl Budget {
@@ -292,6 +295,23 @@ impl Budget {
         let mut used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
         used.0 = used.0.saturating_sub(bytes);
         self.freed.notify_all();
+    }
+
+    /// A buffer of `len` bytes for codes: the spare one if there is one (its old bytes are
+    /// left: the quantizer overwrites every code), else a new one.
+    fn buffer(&self, len: usize) -> Vec<u8> {
+        match self.spare.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            Some(mut buf) => {
+                buf.resize(len, 0);
+                buf
+            }
+            None => vec![0u8; len],
+        }
+    }
+
+    /// Keeps `buf` as the spare codes buffer.
+    fn recycle(&self, buf: Vec<u8>) {
+        *self.spare.lock().unwrap_or_else(PoisonError::into_inner) = Some(buf);
     }
 
     /// The writer has stopped: wake the producer for good.
@@ -320,7 +340,7 @@ fn write_file(
     reports: &mut Vec<TensorReport>,
 ) -> Result<WrittenFile, ConvertError> {
     let writer = ShardWriter::create(path, file.tensors())?;
-    let budget = Budget { used: Mutex::new((0, false)), freed: Condvar::new() };
+    let budget = Budget { used: Mutex::new((0, false)), freed: Condvar::new(), spare: Mutex::new(None) };
     let (tx, rx) = mpsc::channel::<(usize, Payload<'_>, u64)>();
     std::thread::scope(|scope| {
         let budget = &budget;
@@ -359,7 +379,9 @@ fn write_all<'a>(
         if let (Payload::Copy(_), Some(info)) = (&payload, shard.header().get(&item.source)) {
             shard.release(info);
         }
-        drop(payload);
+        if let Payload::Quantized(codes, _) = payload {
+            budget.recycle(codes);
+        }
         budget.give(bytes);
         progress.tensor_done(&item.source, item.bytes_in);
     }
@@ -405,7 +427,7 @@ fn produce<'a>(
                 let dtype = src_dtype(info.dtype).ok_or_else(missing)?;
                 let bytes = item.outputs.iter().map(PlannedTensor::nbytes).sum();
                 budget.take(bytes);
-                let mut codes = vec![0u8; rows * cols];
+                let mut codes = budget.buffer(rows * cols);
                 let mut scales = vec![0f32; rows.div_ceil(128) * cols.div_ceil(128)];
                 let stats = quantize_weight_into(data, dtype, rows, cols, opts.scale_format, &mut codes, &mut scales)
                     .map_err(|source| ConvertError::Quant {
