@@ -15,7 +15,7 @@ use fp8forge_kernels::cuda::Device;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use crate::commands::Failure;
+use crate::failure::Failure;
 use crate::output::{emit, esc_path, note, print_json};
 
 /// `autotune` options.

@@ -13,7 +13,7 @@ use fp8forge_kernels::cuda::Device;
 use fp8forge_kernels::{KernelError, source_hash};
 use serde::Serialize;
 
-use crate::commands::Failure;
+use crate::failure::Failure;
 use crate::output::{emit, note, print_json};
 
 /// What to benchmark.

@@ -6,12 +6,12 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use fp8forge_quant::block::ScaleFormat;
-use fp8forge_quant::convert::{self, ConvertError, ConvertReport, RunOptions};
+use fp8forge_quant::convert::{self, ConvertReport, RunOptions};
 use fp8forge_quant::plan::{ConvertOptions, OutputFormat};
-use fp8forge_runtime::RuntimeError;
 use fp8forge_runtime::eval::{ActQuant, EvalOptions, Input, evaluate};
 use serde::Serialize;
 
+use crate::failure::Failure;
 use crate::output::{Bar, StepBar, emit, esc, esc_path, human_bytes, parse_size, print_json};
 
 /// Block-scaled FP8 for Mixture-of-Experts checkpoints on Hopper GPUs.
@@ -203,39 +203,6 @@ fn parse_shard(s: &str) -> Result<(usize, usize), String> {
     let (i, n) = s.split_once('/').ok_or_else(bad)?;
     let (i, n): (usize, usize) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
     if n == 0 || i >= n { Err(bad()) } else { Ok((i, n)) }
-}
-
-/// An error for the user: one line, and the exit code.
-pub struct Failure {
-    /// The message (nothing is printed when it is empty).
-    pub message: String,
-    /// 1 runtime failure, 2 bad input or usage; 0 for a quiet end (stdout closed by its reader);
-    /// 128 + the signal for an interrupted run.
-    pub code: u8,
-}
-
-impl Failure {
-    /// Ends the program with `code` and no message.
-    pub fn quiet(code: u8) -> Self {
-        Failure { message: String::new(), code }
-    }
-}
-
-impl From<RuntimeError> for Failure {
-    fn from(e: RuntimeError) -> Self {
-        Failure { code: if e.is_bad_input() { 2 } else { 1 }, message: e.to_string() }
-    }
-}
-
-impl From<ConvertError> for Failure {
-    fn from(e: ConvertError) -> Self {
-        if let ConvertError::Interrupted = e {
-            let sig = crate::output::INTERRUPT.load(std::sync::atomic::Ordering::Relaxed);
-            let name = if sig == signal_hook::consts::SIGTERM as usize { "SIGTERM" } else { "SIGINT" };
-            return Failure { code: 128 + (sig as u8 & 0x7f), message: format!("{name}: {e}") };
-        }
-        Failure { code: if e.is_bad_input() { 2 } else { 1 }, message: e.to_string() }
-    }
 }
 
 /// Lets SIGINT and SIGTERM ask the run to stop at the next tensor (see [`Bar`]), so that it

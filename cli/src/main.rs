@@ -4,6 +4,7 @@
 mod autotune;
 mod bench;
 mod commands;
+mod failure;
 mod output;
 
 use std::process::ExitCode;

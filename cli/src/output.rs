@@ -40,12 +40,12 @@ pub fn esc_path(path: &std::path::Path) -> String {
 /// Writes `text` to stdout. A reader that went away (a broken pipe, as with `| head`) ends the
 /// program quietly with exit code 0: the work is done by the time anything is printed. Any other
 /// failure (`> /dev/full`) is an error with exit code 1.
-pub fn emit(text: &str) -> Result<(), crate::commands::Failure> {
+pub fn emit(text: &str) -> Result<(), crate::failure::Failure> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(crate::commands::Failure::quiet(0)),
-        Err(e) => Err(crate::commands::Failure {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(crate::failure::Failure::quiet(0)),
+        Err(e) => Err(crate::failure::Failure {
             message: format!("cannot write to standard output: {e} (the work itself completed)"),
             code: 1,
         }),
@@ -185,9 +185,9 @@ pub fn render_eval(r: &fp8forge_runtime::metrics::EvalResult) -> String {
 }
 
 /// Prints one JSON object on stdout.
-pub fn print_json<T: Serialize>(v: &T) -> Result<(), crate::commands::Failure> {
+pub fn print_json<T: Serialize>(v: &T) -> Result<(), crate::failure::Failure> {
     let mut s = serde_json::to_string_pretty(v)
-        .map_err(|e| crate::commands::Failure { message: format!("cannot render JSON: {e}"), code: 1 })?;
+        .map_err(|e| crate::failure::Failure { message: format!("cannot render JSON: {e}"), code: 1 })?;
     s.push('\n');
     emit(&s)
 }

@@ -757,7 +757,7 @@ fn case(seed: u64, i: u64) -> (Vec<u8>, String) {
         }
     }
     let mut f = g.file(&mut rng);
-    if kind >= 4 && kind < 9 {
+    if (4..9).contains(&kind) {
         for _ in 0..1 + below(&mut rng, 2) {
             what.push(mutate_bytes(&mut f, &mut rng));
         }
@@ -932,7 +932,7 @@ fn mutated_headers_through_the_binary_exit_0_or_2_with_one_line_naming_the_file(
                         c.1 += 1;
                     }
                     drop(c);
-                    if expect.is_err() && i % CONVERT_EVERY == 0 {
+                    if expect.is_err() && i.is_multiple_of(CONVERT_EVERY) {
                         let out = dir.path().join(format!("out-{i:05}"));
                         let args = ["convert".as_ref(), p.as_os_str(), out.as_os_str(), "--quiet".as_ref()];
                         let (code, err) = run(&args, &what);
