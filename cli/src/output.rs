@@ -283,7 +283,7 @@ pub fn render_inspection(r: &fp8forge_quant::inspect::Inspection) -> String {
     for t in &r.tensors {
         out += &format!(
             "{:<12} {:<8} {:<18} {:>10}  {}\n",
-            t.role,
+            t.role.name(),
             t.dtype,
             format!("{:?}", t.shape),
             human_bytes(t.bytes),

@@ -7,8 +7,8 @@
 //! rounded to nearest even), its scales are dropped, and every other tensor is copied byte for
 //! byte into an output file of the same name as its input shard.
 //!
-//! The scale-layout helpers here ([`Fp8Scheme`], [`ScaleLayout`], [`ScaleGeometry`]) are shared with
-//! `verify` and `inspect`, so the three commands agree on what a well-formed FP8 weight is.
+//! What an FP8 weight and its scale are is [`crate::scheme`]'s, shared with `verify`, `inspect`
+//! and the runtime, so that they all agree on what a well-formed FP8 weight is.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -23,345 +23,16 @@ use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::block::{BLOCK, dequantize_weight_to_bf16};
 use crate::convert::{ConvertError, Progress};
-use crate::fp8::{E4M3_LUT, E5M2_LUT};
+use crate::fp8::E4M3_LUT;
+use crate::scheme::{
+    Fp8Scheme, Fp8Weight, ScaleGeometry, Strictness, code_lut, count_bad_codes, is_fp8_weight_dtype, scales_to_f32,
+};
 
 /// Output bytes of dequantized tensors computed ahead of the writer: small tensors are
 /// dequantized in parallel in batches of about this size, a larger tensor goes alone (and is
 /// itself dequantized in parallel over its rows).
 const BATCH_BYTES: u64 = 128 << 20;
-
-/// Block size assumed when config.json names none (DeepSeek's and ours).
-pub const DEFAULT_BLOCK: [usize; 2] = [BLOCK, BLOCK];
-
-/// How the scales of an FP8 weight are laid out over it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ScaleLayout {
-    /// One scale per `[rows, cols]` block: grid `[ceil(N/rows), ceil(K/cols)]` (leading dims of a
-    /// stacked weight kept).
-    Block([usize; 2]),
-    /// One scale per output row: shape `[N, 1]` or `[N]`.
-    Channel,
-    /// One scale for the whole tensor (any shape with one element).
-    Tensor,
-}
-
-/// Where each scale of one FP8 weight applies: the weight is seen as `batch` matrices of
-/// `rows × cols` (leading dims flattened), each cut into `block_rows × block_cols` blocks with one
-/// scale per block, scales row-major over `[batch, ceil(rows/block_rows), ceil(cols/block_cols)]`.
-/// Per-tensor and per-channel scales are blocks of the whole matrix and of one row.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ScaleGeometry {
-    /// Number of stacked matrices (1 for a 2-D weight).
-    pub batch: usize,
-    /// Rows of each matrix (N).
-    pub rows: usize,
-    /// Columns of each matrix (K).
-    pub cols: usize,
-    /// Rows per block (at least 1).
-    pub block_rows: usize,
-    /// Columns per block (at least 1).
-    pub block_cols: usize,
-}
-
-impl ScaleGeometry {
-    /// Rows of the scale grid of one matrix.
-    pub fn grid_rows(&self) -> usize {
-        self.rows.div_ceil(self.block_rows)
-    }
-
-    /// Columns of the scale grid.
-    pub fn grid_cols(&self) -> usize {
-        self.cols.div_ceil(self.block_cols)
-    }
-
-    /// Number of scales.
-    pub fn scale_count(&self) -> usize {
-        self.batch * self.grid_rows() * self.grid_cols()
-    }
-
-    /// True for DeepSeek's 128×128 blocks on one matrix: the layout `block.rs` handles.
-    pub fn is_standard_block(&self) -> bool {
-        self.batch == 1 && self.block_rows == BLOCK && self.block_cols == BLOCK
-    }
-}
-
-/// Splits a weight shape into (leading dims, rows, cols); a 1-D tensor is one row.
-fn matrix_dims(shape: &[usize]) -> (&[usize], usize, usize) {
-    match shape {
-        [] => (&[], 1, 1),
-        [k] => (&[], 1, *k),
-        [lead @ .., n, k] => (lead, *n, *k),
-    }
-}
-
-impl ScaleLayout {
-    /// The scale shape this layout wants for a weight of shape `weight` (for per-tensor scales,
-    /// `[1]`; per-channel, `[..., N, 1]`).
-    pub fn expected_shape(&self, weight: &[usize]) -> Vec<usize> {
-        let (lead, n, k) = matrix_dims(weight);
-        let mut s = lead.to_vec();
-        match self {
-            ScaleLayout::Block([bn, bk]) => s.extend([n.div_ceil(*bn), k.div_ceil(*bk)]),
-            ScaleLayout::Channel => s.extend([n, 1]),
-            ScaleLayout::Tensor => return vec![1],
-        }
-        s
-    }
-
-    /// The geometry of a scale tensor of shape `scale` on a weight of shape `weight` under this
-    /// layout, or `None` when the shapes do not fit it.
-    pub fn fit(&self, weight: &[usize], scale: &[usize]) -> Option<ScaleGeometry> {
-        let (lead, n, k) = matrix_dims(weight);
-        let batch: usize = lead.iter().product();
-        match *self {
-            ScaleLayout::Block([bn, bk]) => (bn > 0 && bk > 0 && scale == self.expected_shape(weight))
-                .then_some(ScaleGeometry { batch, rows: n, cols: k, block_rows: bn, block_cols: bk }),
-            ScaleLayout::Channel => {
-                let per_row = scale.len() == lead.len() + 1 && scale[..lead.len()] == *lead && scale[lead.len()] == n;
-                (per_row || scale == self.expected_shape(weight)).then_some(ScaleGeometry {
-                    batch,
-                    rows: n,
-                    cols: k,
-                    block_rows: 1,
-                    block_cols: k.max(1),
-                })
-            }
-            ScaleLayout::Tensor => (scale.iter().product::<usize>() == 1).then_some(ScaleGeometry {
-                batch: 1,
-                rows: batch * n,
-                cols: k,
-                block_rows: (batch * n).max(1),
-                block_cols: k.max(1),
-            }),
-        }
-    }
-
-    /// Words for messages: "128x128 blocks", "per-channel", "per-tensor".
-    pub fn describe(&self) -> String {
-        match self {
-            ScaleLayout::Block([bn, bk]) => format!("{bn}x{bk} blocks"),
-            ScaleLayout::Channel => "per-channel".into(),
-            ScaleLayout::Tensor => "per-tensor".into(),
-        }
-    }
-}
-
-/// What config.json's `quantization_config` says about FP8 weights: the method, the scale layout
-/// and the name suffixes of the scale tensors.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Fp8Scheme {
-    /// `quant_method`, when there is a quantization_config.
-    pub method: Option<String>,
-    /// The declared scale layout (128×128 blocks when nothing says otherwise).
-    pub layout: ScaleLayout,
-    /// Suffixes appended to a weight's name to name its scale tensor, preferred first.
-    pub scale_suffixes: &'static [&'static str],
-}
-
-/// Scale suffix of DeepSeek / transformers "fp8" checkpoints.
-pub const SUFFIX_SCALE_INV: &str = "_scale_inv";
-/// Scale suffix of compressed-tensors checkpoints.
-pub const SUFFIX_SCALE: &str = "_scale";
-
-impl Fp8Scheme {
-    /// Reads the scheme from a config.json value (`None`: no config, the defaults). A malformed
-    /// block size or disagreeing compressed-tensors groups are an error (a sentence about
-    /// `quantization_config`).
-    pub fn from_config(config: Option<&Value>) -> Result<Self, String> {
-        let Some(qc) = config.and_then(|c| c.get("quantization_config")) else {
-            return Ok(Fp8Scheme {
-                method: None,
-                layout: ScaleLayout::Block(DEFAULT_BLOCK),
-                scale_suffixes: &[SUFFIX_SCALE_INV, SUFFIX_SCALE],
-            });
-        };
-        let method = qc.get("quant_method").and_then(Value::as_str).map(str::to_owned);
-        match method.as_deref() {
-            Some("compressed-tensors") => {
-                let mut layouts: Vec<ScaleLayout> = Vec::new();
-                let groups = qc.get("config_groups").and_then(Value::as_object);
-                for (gname, g) in groups.into_iter().flatten() {
-                    let Some(w) = g.get("weights").filter(|w| !w.is_null()) else { continue };
-                    let strategy = w.get("strategy").and_then(Value::as_str).unwrap_or("");
-                    let bs = w.get("block_structure").filter(|b| !b.is_null());
-                    let layout = match (strategy, bs) {
-                        (_, Some(b)) => ScaleLayout::Block(parse_block(b).ok_or_else(|| {
-                            format!(
-                                "quantization_config.config_groups.{gname}.weights.block_structure {b} is not two positive integers"
-                            )
-                        })?),
-                        ("block", None) => ScaleLayout::Block(DEFAULT_BLOCK),
-                        ("channel", None) => ScaleLayout::Channel,
-                        ("tensor", None) => ScaleLayout::Tensor,
-                        (other, None) => {
-                            return Err(format!(
-                                "quantization_config.config_groups.{gname}.weights.strategy {other:?} is not block, channel or tensor"
-                            ));
-                        }
-                    };
-                    if !layouts.contains(&layout) {
-                        layouts.push(layout);
-                    }
-                }
-                if layouts.len() > 1 {
-                    let all: Vec<String> = layouts.iter().map(ScaleLayout::describe).collect();
-                    return Err(format!(
-                        "quantization_config.config_groups mix weight layouts ({}), which is not supported",
-                        all.join(", ")
-                    ));
-                }
-                Ok(Fp8Scheme {
-                    method,
-                    layout: layouts.first().copied().unwrap_or(ScaleLayout::Block(DEFAULT_BLOCK)),
-                    scale_suffixes: &[SUFFIX_SCALE],
-                })
-            }
-            _ => {
-                let layout = match qc.get("weight_block_size").filter(|b| !b.is_null()) {
-                    Some(b) => ScaleLayout::Block(parse_block(b).ok_or_else(|| {
-                        format!("quantization_config.weight_block_size {b} is not two positive integers")
-                    })?),
-                    // The fp8 method without a block size is per-tensor (and names the scale
-                    // `weight_scale`, as vLLM's Fp8LinearMethod does).
-                    None if method.as_deref() == Some("fp8") => ScaleLayout::Tensor,
-                    None => ScaleLayout::Block(DEFAULT_BLOCK),
-                };
-                let scale_suffixes: &'static [&'static str] = match (method.as_deref(), layout) {
-                    (Some("fp8"), ScaleLayout::Block(_)) => &[SUFFIX_SCALE_INV],
-                    _ => &[SUFFIX_SCALE_INV, SUFFIX_SCALE],
-                };
-                Ok(Fp8Scheme { method, layout, scale_suffixes })
-            }
-        }
-    }
-}
-
-/// Parses a block size: `[rows, cols]` of positive integers, or the older string form `"RxC"`.
-fn parse_block(v: &Value) -> Option<[usize; 2]> {
-    let dims: Vec<usize> = match v {
-        Value::Array(a) => a.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect::<Option<_>>()?,
-        Value::String(s) => s.split(['x', 'X']).map(|d| d.trim().parse().ok()).collect::<Option<_>>()?,
-        _ => return None,
-    };
-    match dims[..] {
-        [bn, bk] if bn > 0 && bk > 0 => Some([bn, bk]),
-        _ => None,
-    }
-}
-
-/// The decode table of an FP8 element type that carries weights, if `dtype` is one.
-pub fn code_lut(dtype: Dtype) -> Option<&'static [f32; 256]> {
-    match dtype {
-        Dtype::F8_E4M3 => Some(&E4M3_LUT),
-        Dtype::F8_E5M2 => Some(&E5M2_LUT),
-        _ => None,
-    }
-}
-
-/// True for the 8-bit float dtypes that hold weight codes (not the E8M0 scale type).
-pub fn is_fp8_weight_dtype(dtype: Dtype) -> bool {
-    matches!(dtype, Dtype::F8_E4M3 | Dtype::F8_E5M2 | Dtype::F8_E4M3FNUZ | Dtype::F8_E5M2FNUZ)
-}
-
-/// Decodes a scale tensor (F32, BF16, F16 or F8_E8M0, little-endian) to f32; `None` for other
-/// dtypes. E8M0 byte `e` is `2^(e-127)` (255 is NaN).
-pub fn scales_to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    let two = |b: &[u8]| [b[0], b[1]];
-    Some(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes(two(b)).to_f32()).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes(two(b)).to_f32()).collect(),
-        Dtype::F8_E8M0 => bytes.iter().map(|&e| e8m0_to_f32(e)).collect(),
-        _ => return None,
-    })
-}
-
-/// The value of an E8M0 (unsigned exponent) byte: `2^(e-127)`, NaN for 255.
-pub fn e8m0_to_f32(e: u8) -> f32 {
-    match e {
-        0 => f32::from_bits(0x0040_0000), // 2^-127, an f32 subnormal
-        255 => f32::NAN,
-        e => f32::from_bits(u32::from(e) << 23),
-    }
-}
-
-/// Number of codes of `codes` that decode to NaN or an infinity under `lut`, and the index of
-/// the first one.
-pub fn count_bad_codes(codes: &[u8], lut: &[f32; 256]) -> (usize, Option<usize>) {
-    let bad: [bool; 256] = std::array::from_fn(|i| !lut[i].is_finite());
-    const CHUNK: usize = 1 << 20;
-    codes
-        .par_chunks(CHUNK)
-        .enumerate()
-        .map(|(ci, c)| {
-            let n = c.iter().filter(|&&b| bad[usize::from(b)]).count();
-            let first = (n > 0).then(|| c.iter().position(|&b| bad[usize::from(b)]).map(|p| ci * CHUNK + p)).flatten();
-            (n, first)
-        })
-        .reduce(|| (0, None), |a, b| (a.0 + b.0, a.1.or(b.1)))
-}
-
-/// An FP8 weight ready to decode: its codes, their decode table, its scales widened to f32 and
-/// where they apply.
-#[derive(Clone, Copy, Debug)]
-pub struct Fp8Weight<'a> {
-    /// The codes, row-major over `[batch * rows, cols]`.
-    pub codes: &'a [u8],
-    /// Decode table of the code type ([`code_lut`]).
-    pub lut: &'static [f32; 256],
-    /// The scales, row-major over the grid of `geom`.
-    pub scales: &'a [f32],
-    /// Where each scale applies.
-    pub geom: ScaleGeometry,
-}
-
-impl Fp8Weight<'_> {
-    /// True for DeepSeek's layout, E4M3 in 128×128 blocks, which `block.rs` dequantizes.
-    pub fn is_standard(&self) -> bool {
-        self.geom.is_standard_block() && std::ptr::eq(self.lut, &E4M3_LUT)
-    }
-
-    /// Dequantizes rows `row0..row0 + out.len() / (cols * per)` of the weight seen as a
-    /// `[batch * rows, cols]` matrix, calling `put(q · s, dst)` on the `per` items of `out` of
-    /// each element, in parallel over rows.
-    pub fn decode_rows<T: Send>(&self, row0: usize, out: &mut [T], per: usize, put: impl Fn(f32, &mut [T]) + Sync) {
-        let g = &self.geom;
-        let cols = g.cols;
-        if cols == 0 || g.rows == 0 || per == 0 {
-            return;
-        }
-        let (gr, gc) = (g.grid_rows(), g.grid_cols());
-        out.par_chunks_mut(cols * per).enumerate().for_each(|(i, out_row)| {
-            let row = row0 + i;
-            let (b, r) = (row / g.rows, row % g.rows);
-            let grow = b * gr + r / g.block_rows;
-            let srow = &self.scales[grow * gc..(grow + 1) * gc];
-            let code_row = &self.codes[row * cols..(row + 1) * cols];
-            for ((o, c), &s) in out_row.chunks_mut(g.block_cols * per).zip(code_row.chunks(g.block_cols)).zip(srow) {
-                for (dst, &code) in o.chunks_exact_mut(per).zip(c) {
-                    put(self.lut[usize::from(code)] * s, dst);
-                }
-            }
-        });
-    }
-
-    /// Dequantizes the whole weight to BF16 little-endian bytes (the f32 product rounded to
-    /// nearest even): through `block.rs` for the standard layout, the general decoder otherwise.
-    pub fn to_bf16(&self) -> Vec<u8> {
-        let mut out = vec![0u8; self.codes.len() * 2];
-        let g = &self.geom;
-        if !(self.is_standard() && dequantize_weight_to_bf16(self.codes, self.scales, g.rows, g.cols, &mut out).is_ok())
-        {
-            self.decode_rows(0, &mut out, 2, |v, d: &mut [u8]| {
-                d.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes());
-            });
-        }
-        out
-    }
-}
 
 /// What `dequant` did.
 #[derive(Clone, Debug, Serialize)]
@@ -436,13 +107,6 @@ fn plan_files<'a>(ckpt: &'a Checkpoint, scheme: &Fp8Scheme) -> Result<Vec<FilePl
             by_name.insert(&t.name, (si, t));
         }
     }
-    // Suffixes in order of preference: the config's, then the other convention.
-    let mut suffixes: Vec<&str> = scheme.scale_suffixes.to_vec();
-    for s in [SUFFIX_SCALE_INV, SUFFIX_SCALE] {
-        if !suffixes.contains(&s) {
-            suffixes.push(s);
-        }
-    }
     let mut dropped: HashSet<&str> = HashSet::new();
     let mut ops: HashMap<&str, Op<'a>> = HashMap::new();
     for s in &ckpt.shards {
@@ -451,39 +115,11 @@ fn plan_files<'a>(ckpt: &'a Checkpoint, scheme: &Fp8Scheme) -> Result<Vec<FilePl
             let lut = code_lut(t.dtype).ok_or_else(|| {
                 bad_tensor(path, &t.name, format!("dtype {:?} is not supported (E4M3FN and E5M2 are)", t.dtype))
             })?;
-            let names: Vec<String> = suffixes.iter().map(|x| format!("{}{x}", t.name)).collect();
-            let Some(&(ss, st)) = names.iter().find_map(|n| by_name.get(n.as_str())) else {
-                return Err(bad_tensor(
-                    path,
-                    &t.name,
-                    format!("FP8 tensor without a scale tensor (looked for {})", names.join(", ")),
-                ));
-            };
-            let spath = ckpt.shards[ss].file.path();
-            if scales_to_f32(st.dtype, &[]).is_none() {
-                return Err(bad_tensor(
-                    spath,
-                    &st.name,
-                    format!("scale dtype {:?} is not supported (F32, BF16, F16, F8_E8M0 are)", st.dtype),
-                ));
-            }
-            let geom = [scheme.layout, ScaleLayout::Tensor, ScaleLayout::Channel]
-                .iter()
-                .find_map(|l| l.fit(&t.shape, &st.shape))
-                .ok_or_else(|| {
-                    bad_tensor(
-                        spath,
-                        &st.name,
-                        format!(
-                            "scale shape {:?} does not fit weight {} of shape {:?}: {} need {:?} \
-                             (or 1 element per tensor, or [N, 1] per channel)",
-                            st.shape,
-                            t.name,
-                            t.shape,
-                            scheme.layout.describe(),
-                            scheme.layout.expected_shape(&t.shape)
-                        ),
-                    )
+            let (ss, st, geom) = scheme
+                .locate_scale(t, Strictness::Lenient, |n| by_name.get(n).map(|&(si, ti)| (si, ti)))
+                .map_err(|e| match e.scale_tensor().and_then(|n| by_name.get(n)) {
+                    Some(&(ss, st)) => bad_tensor(ckpt.shards[ss].file.path(), &st.name, e.to_string()),
+                    None => bad_tensor(path, &t.name, e.to_string()),
                 })?;
             dropped.insert(&st.name);
             if let Some(m) = t.name.strip_suffix(".weight")
@@ -561,7 +197,7 @@ fn written_by_dequant(name: &str, ckpt: &Checkpoint) -> bool {
 pub fn dequant(input: &Path, out: &Path, force: bool, progress: &dyn Progress) -> Result<DequantReport, ConvertError> {
     let ckpt = Checkpoint::open(input)?;
     let scheme = Fp8Scheme::from_config(ckpt.config.as_ref())
-        .map_err(|reason| FormatError::BadJson { path: ckpt.root.join("config.json"), reason })?;
+        .map_err(|e| FormatError::BadJson { path: ckpt.root.join("config.json"), reason: e.to_string() })?;
     let plans = plan_files(&ckpt, &scheme)?;
     let copies: Vec<String> = ckpt.extra_files.iter().filter(|n| *n != MANIFEST_NAME).cloned().collect();
     let had_index = input.is_dir() && ckpt.root.join(INDEX_NAME).is_file();
@@ -763,6 +399,11 @@ pub(crate) mod fixture {
         }
     }
 
+    /// `n` E4M3 codes of known values (no NaN codes).
+    pub fn codes(rng: &mut Rng, n: usize) -> Vec<u8> {
+        (0..n).map(|_| (rng.uniform() * 254.0) as u8).map(|c| if c & 0x7F == 0x7F { 0 } else { c }).collect()
+    }
+
     /// `n` gaussian values of standard deviation `std` as BF16 bytes.
     pub fn bf16_gaussian(rng: &mut Rng, n: usize, std: f32) -> Vec<u8> {
         (0..n).flat_map(|_| half::bf16::from_f32(rng.normal() * std).to_le_bytes()).collect()
@@ -894,6 +535,7 @@ mod tests {
     use super::fixture::*;
     use super::*;
     use crate::convert::NoProgress;
+    use crate::fp8::E5M2_LUT;
     use fp8forge_formats::SafetensorsFile;
 
     fn find<'a>(ck: &'a Checkpoint, name: &str) -> (&'a SafetensorsFile, &'a TensorInfo) {
@@ -982,11 +624,6 @@ mod tests {
         let e = dequant(&fp8, &fp8, true, &NoProgress).expect_err("in place").to_string();
         assert!(e.contains("input directory"), "{e}");
         assert!(Checkpoint::open(&fp8).is_ok(), "input damaged");
-    }
-
-    /// Builds codes with known values for `n` elements (no NaN codes).
-    fn codes(rng: &mut Rng, n: usize) -> Vec<u8> {
-        (0..n).map(|_| (rng.uniform() * 254.0) as u8).map(|c| if c & 0x7F == 0x7F { 0 } else { c }).collect()
     }
 
     #[test]
@@ -1086,46 +723,5 @@ mod tests {
             .filter(|n| n.ends_with(".partial"))
             .collect();
         assert!(partial.is_empty(), "temporary files left: {partial:?}");
-    }
-
-    #[test]
-    fn general_decoder_matches_block_rs_bitwise_on_128_blocks() {
-        let mut rng = Rng::new(11);
-        let (n, k) = (300, 200);
-        let c = codes(&mut rng, n * k);
-        let s: Vec<f32> = (0..6).map(|_| rng.uniform() * 0.01 + 1e-4).collect();
-        let g = ScaleLayout::Block(DEFAULT_BLOCK).fit(&[n, k], &[3, 2]).expect("fits");
-        let mut via_block = vec![0u8; n * k * 2];
-        dequantize_weight_to_bf16(&c, &s, n, k, &mut via_block).expect("block.rs");
-        let mut general = vec![0u8; n * k * 2];
-        let w = Fp8Weight { codes: &c, lut: &E4M3_LUT, scales: &s, geom: g };
-        w.decode_rows(0, &mut general, 2, |v, d: &mut [u8]| {
-            d.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes());
-        });
-        assert!(via_block == general, "general decoder differs from block.rs");
-    }
-
-    #[test]
-    fn scale_layouts_fit_only_their_shapes_and_config_block_sizes_are_read() {
-        let b = ScaleLayout::Block([128, 128]);
-        assert!(b.fit(&[192, 256], &[2, 2]).is_some());
-        assert!(b.fit(&[192, 256], &[3, 2]).is_none());
-        assert!(b.fit(&[4, 192, 256], &[4, 2, 2]).is_some_and(|g| g.batch == 4));
-        assert!(ScaleLayout::Channel.fit(&[192, 256], &[192, 1]).is_some());
-        assert!(ScaleLayout::Channel.fit(&[192, 256], &[192]).is_some());
-        assert!(ScaleLayout::Tensor.fit(&[192, 256], &[]).is_some());
-        assert!(ScaleLayout::Tensor.fit(&[192, 256], &[2]).is_none());
-        let ds = serde_json::json!({"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 32]}});
-        assert_eq!(Fp8Scheme::from_config(Some(&ds)).map(|s| s.layout), Ok(ScaleLayout::Block([64, 32])));
-        let ct =
-            serde_json::json!({"quantization_config": fp8forge_formats::qconfig::compressed_tensors_fp8_block(&[])});
-        let s = Fp8Scheme::from_config(Some(&ct)).expect("ct");
-        assert_eq!((s.layout, s.scale_suffixes), (ScaleLayout::Block([128, 128]), &[SUFFIX_SCALE][..]));
-        let bad = serde_json::json!({"quantization_config": {"quant_method": "fp8", "weight_block_size": [0, 128]}});
-        assert!(Fp8Scheme::from_config(Some(&bad)).is_err());
-        assert_eq!(parse_block(&Value::String("128x64".into())), Some([128, 64]));
-        assert_eq!(e8m0_to_f32(127), 1.0);
-        assert_eq!(e8m0_to_f32(0), 2f32.powi(-127));
-        assert!(e8m0_to_f32(255).is_nan());
     }
 }

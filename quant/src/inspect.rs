@@ -11,16 +11,33 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::convert::ConvertError;
-use crate::dequant::{SUFFIX_SCALE, SUFFIX_SCALE_INV, is_fp8_weight_dtype};
+use crate::scheme::{SUFFIX_SCALE, SUFFIX_SCALE_INV, is_fp8_weight_dtype};
 
-/// Role of an FP8 tensor that has a scale tensor.
-pub const ROLE_FP8_WEIGHT: &str = "fp8-weight";
-/// Role of a scale tensor of an FP8 weight (block or static input scale).
-pub const ROLE_SCALE: &str = "scale";
-/// Role of an FP8 tensor without a scale tensor: loaders would read raw codes (suspicious).
-pub const ROLE_FP8_UNSCALED: &str = "fp8-unscaled";
-/// Role of every other tensor.
-pub const ROLE_TENSOR: &str = "tensor";
+/// What a tensor is to an FP8 checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// An FP8 tensor that has a scale tensor.
+    Fp8Weight,
+    /// A scale tensor of an FP8 weight (block or static input scale).
+    Scale,
+    /// An FP8 tensor without a scale tensor: loaders would read raw codes (suspicious).
+    Fp8Unscaled,
+    /// Every other tensor.
+    Tensor,
+}
+
+impl Role {
+    /// The role's name, as `--json` writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Fp8Weight => "fp8-weight",
+            Role::Scale => "scale",
+            Role::Fp8Unscaled => "fp8-unscaled",
+            Role::Tensor => "tensor",
+        }
+    }
+}
 
 /// One safetensors file of the checkpoint.
 #[derive(Clone, Debug, Serialize)]
@@ -46,8 +63,8 @@ pub struct TensorEntry {
     pub shape: Vec<usize>,
     /// Bytes of data.
     pub bytes: u64,
-    /// "fp8-weight", "scale", "fp8-unscaled" or "tensor".
-    pub role: &'static str,
+    /// What it is to an FP8 checkpoint.
+    pub role: Role,
 }
 
 /// Count and bytes of the tensors of one dtype.
@@ -94,13 +111,13 @@ pub fn inspect(path: &Path) -> Result<Inspection, ConvertError> {
     let scale_of = |name: &str| {
         [SUFFIX_SCALE_INV, SUFFIX_SCALE].into_iter().find(|sfx| dtypes.contains_key(format!("{name}{sfx}").as_str()))
     };
-    let role = |name: &str, dtype: Dtype| -> &'static str {
+    let role = |name: &str, dtype: Dtype| -> Role {
         if is_fp8_weight_dtype(dtype) {
-            return if scale_of(name).is_some() { ROLE_FP8_WEIGHT } else { ROLE_FP8_UNSCALED };
+            return if scale_of(name).is_some() { Role::Fp8Weight } else { Role::Fp8Unscaled };
         }
         let stem = [SUFFIX_SCALE_INV, SUFFIX_SCALE].into_iter().find_map(|sfx| name.strip_suffix(sfx));
         let input_scale_of_fp8 = name.strip_suffix(".input_scale").is_some_and(|m| is_fp8(&format!("{m}.weight")));
-        if stem.is_some_and(is_fp8) || input_scale_of_fp8 { ROLE_SCALE } else { ROLE_TENSOR }
+        if stem.is_some_and(is_fp8) || input_scale_of_fp8 { Role::Scale } else { Role::Tensor }
     };
 
     let mut tensors = Vec::new();
@@ -124,7 +141,7 @@ pub fn inspect(path: &Path) -> Result<Inspection, ConvertError> {
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     let quantization = ckpt.config.as_ref().and_then(|c| c.get("quantization_config")).cloned();
     let suffixes: Vec<&str> =
-        tensors.iter().filter(|t| t.role == ROLE_FP8_WEIGHT).filter_map(|t| scale_of(&t.name)).collect();
+        tensors.iter().filter(|t| t.role == Role::Fp8Weight).filter_map(|t| scale_of(&t.name)).collect();
     let state = state(&tensors, &by_dtype, quantization.as_ref(), &suffixes);
     Ok(Inspection { path: path.to_owned(), files, tensors, by_dtype, quantization, state })
 }
@@ -137,8 +154,8 @@ fn state(
     qc: Option<&Value>,
     suffixes: &[&str],
 ) -> String {
-    let scaled = tensors.iter().filter(|t| t.role == ROLE_FP8_WEIGHT).count();
-    let unscaled = tensors.iter().filter(|t| t.role == ROLE_FP8_UNSCALED).count();
+    let scaled = tensors.iter().filter(|t| t.role == Role::Fp8Weight).count();
+    let unscaled = tensors.iter().filter(|t| t.role == Role::Fp8Unscaled).count();
     if scaled + unscaled == 0 {
         // The float dtype holding the most bytes names the state (BF16 models keep a few F32 biases).
         let dominant = by_dtype
@@ -186,7 +203,7 @@ mod tests {
     use crate::dequant::fixture::*;
     use crate::plan::OutputFormat;
 
-    fn roles(i: &Inspection) -> HashMap<&str, &str> {
+    fn roles(i: &Inspection) -> HashMap<&str, Role> {
         i.tensors.iter().map(|t| (t.name.as_str(), t.role)).collect()
     }
 
@@ -197,7 +214,7 @@ mod tests {
         let i = inspect(d.path()).expect("inspect");
         assert_eq!(i.state, "bf16");
         assert_eq!(i.files.len(), 2);
-        assert!(i.tensors.iter().all(|t| t.role == ROLE_TENSOR && t.dtype == "BF16"));
+        assert!(i.tensors.iter().all(|t| t.role == Role::Tensor && t.dtype == "BF16"));
         assert!(i.tensors.windows(2).all(|w| w[0].name < w[1].name), "not sorted");
         assert_eq!(i.by_dtype["BF16"].tensors, 11);
         assert_eq!(i.by_dtype["BF16"].bytes, i.tensors.iter().map(|t| t.bytes).sum::<u64>());
@@ -215,9 +232,9 @@ mod tests {
         let i = inspect(&out).expect("inspect");
         assert_eq!(i.state, "fp8 (deepseek, 128x128 blocks)");
         let r = roles(&i);
-        assert_eq!(r["model.layers.0.mlp.up_proj.weight"], ROLE_FP8_WEIGHT);
-        assert_eq!(r["model.layers.0.mlp.up_proj.weight_scale_inv"], ROLE_SCALE);
-        assert_eq!(r["model.embed_tokens.weight"], ROLE_TENSOR);
+        assert_eq!(r["model.layers.0.mlp.up_proj.weight"], Role::Fp8Weight);
+        assert_eq!(r["model.layers.0.mlp.up_proj.weight_scale_inv"], Role::Scale);
+        assert_eq!(r["model.embed_tokens.weight"], Role::Tensor);
         assert_eq!(i.by_dtype["F8_E4M3"].tensors, 5);
         assert_eq!(i.by_dtype["F32"].tensors, 5);
         assert_eq!(i.quantization.as_ref().and_then(|q| q.get("quant_method")), Some(&serde_json::json!("fp8")));
@@ -235,7 +252,7 @@ mod tests {
         convert_with(&input, &out, OutputFormat::CompressedTensors);
         let i = inspect(&out).expect("inspect");
         assert_eq!(i.state, "fp8 (compressed-tensors)");
-        assert_eq!(roles(&i)["model.layers.0.mlp.up_proj.weight_scale"], ROLE_SCALE);
+        assert_eq!(roles(&i)["model.layers.0.mlp.up_proj.weight_scale"], Role::Scale);
     }
 
     #[test]
@@ -251,7 +268,7 @@ mod tests {
         let r = roles(&i);
         assert_eq!(
             (r["a.weight"], r["a.weight_scale_inv"], r["b.weight"]),
-            (ROLE_FP8_WEIGHT, ROLE_SCALE, ROLE_FP8_UNSCALED)
+            (Role::Fp8Weight, Role::Scale, Role::Fp8Unscaled)
         );
         assert_eq!(i.state, "mixed");
         let json = serde_json::to_value(&i).expect("serializes");

@@ -9,6 +9,7 @@ pub mod finite;
 pub mod fp8;
 pub mod inspect;
 pub mod plan;
+pub mod scheme;
 pub mod select;
 pub mod stats;
 pub mod verify;

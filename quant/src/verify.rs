@@ -19,11 +19,11 @@ use serde::Serialize;
 
 use crate::block::{BLOCK, dequantize_weight_into};
 use crate::convert::{ConvertError, Progress, TensorReport};
-use crate::dequant::{
-    Fp8Scheme, Fp8Weight, SUFFIX_SCALE, SUFFIX_SCALE_INV, ScaleLayout, code_lut, count_bad_codes, is_fp8_weight_dtype,
-    scales_to_f32,
-};
 use crate::fp8::E4M3_LUT;
+use crate::scheme::{
+    Fp8Scheme, Fp8Weight, SUFFIX_SCALE, SUFFIX_SCALE_INV, ScaleError, ScaleGeometry, Strictness, code_lut,
+    count_bad_codes, is_fp8_weight_dtype, scales_to_f32,
+};
 use crate::stats::{ErrorStats, compare};
 
 /// What `verify` found.
@@ -153,13 +153,9 @@ pub fn verify(dir: &Path, reference: Option<&Path>, progress: &dyn Progress) -> 
 
     // (b) structure, and (c) the comparison with the reference, tensor by tensor.
     let config_name = ckpt.root.join("config.json").display().to_string();
-    let scheme = Fp8Scheme::from_config(ckpt.config.as_ref()).unwrap_or_else(|reason| {
-        problems.push(format!("{config_name}: {reason}"));
-        Fp8Scheme::from_config(None).unwrap_or(Fp8Scheme {
-            method: None,
-            layout: ScaleLayout::Block([BLOCK, BLOCK]),
-            scale_suffixes: &[SUFFIX_SCALE_INV, SUFFIX_SCALE],
-        })
+    let scheme = Fp8Scheme::from_config(ckpt.config.as_ref()).unwrap_or_else(|e| {
+        problems.push(format!("{config_name}: {e}"));
+        Fp8Scheme::default_blocks()
     });
     let here = locate(&ckpt);
     let there = reference.as_ref().map(locate);
@@ -175,16 +171,20 @@ pub fn verify(dir: &Path, reference: Option<&Path>, progress: &dyn Progress) -> 
         _ => {}
     }
 
-    // Each FP8 weight claims its scale tensor, which is checked with it.
-    let mut scale_of: HashMap<&str, Loc<'_>> = HashMap::new();
+    // Each FP8 weight claims its scale tensor (by the names the config declares), which is
+    // checked with it: found and fitted, or why not.
+    let mut scale_of: HashMap<&str, ScaleOf<'_>> = HashMap::new();
+    let mut claimed: HashSet<&str> = HashSet::new();
     for s in &ckpt.shards {
         for t in s.file.header().tensors.iter().filter(|t| is_fp8_weight_dtype(t.dtype)) {
-            if let Some(l) = scheme.scale_suffixes.iter().find_map(|x| here.get(format!("{}{x}", t.name).as_str())) {
-                scale_of.insert(&t.name, *l);
-            }
+            let found = scheme.locate_scale(t, Strictness::Declared, |n| here.get(n).map(|l| (*l, l.info)));
+            match &found {
+                Ok((l, ..)) => claimed.insert(l.info.name.as_str()),
+                Err(e) => e.scale_tensor().and_then(|n| here.get_key_value(n)).is_some_and(|(k, _)| claimed.insert(k)),
+            };
+            scale_of.insert(&t.name, found.map(|(l, _, geom)| (l, geom)));
         }
     }
-    let claimed: HashSet<&str> = scale_of.values().map(|l| l.info.name.as_str()).collect();
     let tasks: Vec<Loc<'_>> = ckpt
         .shards
         .iter()
@@ -196,7 +196,10 @@ pub fn verify(dir: &Path, reference: Option<&Path>, progress: &dyn Progress) -> 
         .par_iter()
         .map(|l| {
             let o = if is_fp8_weight_dtype(l.info.dtype) { ctx.check_fp8(l) } else { ctx.check_plain(l) };
-            let scale_bytes = scale_of.get(l.info.name.as_str()).map_or(0, |s| s.info.nbytes() as u64);
+            let scale_bytes = match scale_of.get(l.info.name.as_str()) {
+                Some(Ok((s, _))) => s.info.nbytes() as u64,
+                _ => 0,
+            };
             progress.tensor_done(&l.info.name, l.info.nbytes() as u64 + scale_bytes);
             o
         })
@@ -238,8 +241,11 @@ struct Ctx<'a, 'r> {
     here: &'a HashMap<&'a str, Loc<'a>>,
     there: Option<&'a HashMap<&'r str, Loc<'r>>>,
     scheme: &'a Fp8Scheme,
-    scale_of: &'a HashMap<&'a str, Loc<'a>>,
+    scale_of: &'a HashMap<&'a str, ScaleOf<'a>>,
 }
+
+/// An FP8 weight's scale tensor, located and fitted, or why not.
+type ScaleOf<'a> = Result<(Loc<'a>, ScaleGeometry), ScaleError>;
 
 impl Ctx<'_, '_> {
     /// Checks a tensor that is not an FP8 weight: a scale tensor must belong to an FP8 weight, and
@@ -320,37 +326,29 @@ impl Ctx<'_, '_> {
             let what = if std::ptr::eq(lut, &E4M3_LUT) { "NaN codes (0x7F/0xFF)" } else { "NaN or infinite codes" };
             o.problems.push(format!("{shard}: tensor {name}: {bad} {what}, first at element {}", first.unwrap_or(0)));
         }
-        let Some(s) = self.scale_of.get(name.as_str()) else {
-            let wanted: Vec<String> = self.scheme.scale_suffixes.iter().map(|x| format!("{name}{x}")).collect();
-            o.problems
-                .push(format!("{shard}: tensor {name}: FP8 weight without its scale tensor {}", wanted.join(" or ")));
-            return o;
+        let (s, geom) = match self.scale_of.get(name.as_str()) {
+            Some(Ok((s, geom))) => (s, *geom),
+            Some(Err(e)) => {
+                let at = match e.scale_tensor().and_then(|n| self.here.get(n)) {
+                    Some(sl) => format!("{}: tensor {}", sl.shard, sl.info.name),
+                    None => format!("{shard}: tensor {name}"),
+                };
+                o.problems.push(format!("{at}: {e}"));
+                return o;
+            }
+            None => {
+                o.problems.push(format!("{shard}: tensor {name}: FP8 weight not checked for a scale tensor"));
+                return o;
+            }
         };
         let sname = &s.info.name;
-        match s.info.dtype {
-            Dtype::F32 => {}
-            Dtype::BF16 | Dtype::F16 | Dtype::F8_E8M0 => o.warnings.push(format!(
+        if s.info.dtype != Dtype::F32 {
+            o.warnings.push(format!(
                 "{}: tensor {sname}: {} scales (F32 expected; loaders widen them)",
                 s.shard,
                 dtype_name(s.info.dtype)
-            )),
-            d => {
-                o.problems.push(format!("{}: tensor {sname}: scale dtype {} is not F32", s.shard, dtype_name(d)));
-                return o;
-            }
-        }
-        let layout = self.scheme.layout;
-        let Some(geom) = layout.fit(&l.info.shape, &s.info.shape) else {
-            o.problems.push(format!(
-                "{}: tensor {sname}: shape {:?}, expected {:?} for weight {name} {:?} with {}",
-                s.shard,
-                s.info.shape,
-                layout.expected_shape(&l.info.shape),
-                l.info.shape,
-                layout.describe()
             ));
-            return o;
-        };
+        }
         let scales = scales_to_f32(s.info.dtype, s.data()).unwrap_or_default();
         s.release();
         let bad_scales: Vec<(usize, f32)> =

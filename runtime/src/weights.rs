@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 
 use fp8forge_formats::{Checkpoint, Dtype, TensorInfo};
 use fp8forge_quant::block::ScaleFormat;
-use fp8forge_quant::dequant::{
-    Fp8Scheme, Fp8Weight, SUFFIX_SCALE, SUFFIX_SCALE_INV, ScaleLayout, code_lut, is_fp8_weight_dtype, scales_to_f32,
-};
+use fp8forge_quant::scheme::{Fp8Scheme, Fp8Weight, Strictness, code_lut, is_fp8_weight_dtype, scales_to_f32};
 use serde_json::Value;
 
 use crate::error::{Result, RuntimeError};
@@ -43,7 +41,6 @@ pub struct Weights {
     ckpt: Checkpoint,
     index: HashMap<String, (usize, usize)>,
     scheme: Fp8Scheme,
-    suffixes: Vec<&'static str>,
     /// Activation quantization that the checkpoint's `quantization_config` asks for.
     pub act_scheme: ActScheme,
     /// One-line description of the storage (`"bf16"`, `"fp8 e4m3, 128x128 blocks, f32 scales"`).
@@ -62,19 +59,12 @@ impl Weights {
         }
         let config_file = ckpt.root.join("config.json");
         let scheme = Fp8Scheme::from_config(ckpt.config.as_ref())
-            .map_err(|reason| RuntimeError::Config { file: config_file.clone(), reason })?;
-        let mut suffixes: Vec<&'static str> = scheme.scale_suffixes.to_vec();
-        for s in [SUFFIX_SCALE_INV, SUFFIX_SCALE] {
-            if !suffixes.contains(&s) {
-                suffixes.push(s);
-            }
-        }
+            .map_err(|e| RuntimeError::Config { file: config_file.clone(), reason: e.to_string() })?;
         let mut w = Weights {
             root: ckpt.root.clone(),
             ckpt,
             index,
             scheme,
-            suffixes,
             act_scheme: ActScheme::None,
             description: String::new(),
         };
@@ -187,27 +177,16 @@ impl Weights {
     fn dequantize(&self, si: usize, t: &TensorInfo, codes: &[u8], out: &mut [f32], dtype: Dtype) -> Result<()> {
         let lut = code_lut(dtype)
             .ok_or_else(|| self.error(Some(si), &t.name, format!("FP8 dtype {dtype:?} is not supported")))?;
-        let names: Vec<String> = self.suffixes.iter().map(|x| format!("{}{x}", t.name)).collect();
-        let (ssi, st) = names.iter().find_map(|n| self.info(n)).ok_or_else(|| {
-            self.error(
-                Some(si),
-                &t.name,
-                format!("FP8 tensor without a scale tensor (looked for {})", names.join(", ")),
-            )
-        })?;
+        let (ssi, st, geom) =
+            self.scheme.locate_scale(t, Strictness::Lenient, |n| self.info(n)).map_err(|e| {
+                match e.scale_tensor().and_then(|n| self.info(n)) {
+                    Some((ssi, st)) => self.error(Some(ssi), &st.name, e.to_string()),
+                    None => self.error(Some(si), &t.name, e.to_string()),
+                }
+            })?;
         let sfile = &self.ckpt.shards[ssi].file;
         let scales = scales_to_f32(st.dtype, sfile.data(st))
             .ok_or_else(|| self.error(Some(ssi), &st.name, format!("scale dtype {:?} is not supported", st.dtype)))?;
-        let geom = [self.scheme.layout, ScaleLayout::Tensor, ScaleLayout::Channel]
-            .iter()
-            .find_map(|l| l.fit(&t.shape, &st.shape))
-            .ok_or_else(|| {
-                self.error(
-                    Some(ssi),
-                    &st.name,
-                    format!("scale shape {:?} does not fit weight {} of shape {:?}", st.shape, t.name, t.shape),
-                )
-            })?;
         let w = Fp8Weight { codes, lut, scales: &scales, geom };
         w.decode_rows(0, out, 1, |v, d: &mut [f32]| d[0] = v);
         Ok(())
