@@ -15,6 +15,7 @@ pub mod input;
 pub mod lock;
 pub mod manifest;
 pub mod outdir;
+pub mod pipeline;
 pub mod qconfig;
 pub mod reader;
 pub mod sigbus;

@@ -28,10 +28,11 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::atomic::{WrittenFile, copy_atomic, is_partial_name, sync_parent, write_atomic};
-use crate::checkpoint::pretty_json;
+use crate::checkpoint::{INDEX_NAME, pretty_json};
 use crate::error::{FormatError, Result};
 use crate::lock::DirLock;
 use crate::manifest::{MANIFEST_NAME, write_manifest};
+use crate::writer::PlannedTensor;
 
 /// Name of the state directory inside OUT while an output is unfinished.
 pub const STATE_DIR: &str = ".fp8forge";
@@ -200,15 +201,16 @@ pub struct OutputDir {
 impl OutputDir {
     /// Opens `out` for the output of `identity`: creates it if needed, takes the locks of `role`,
     /// then decides, under them, whether the output is finished, to be continued, to be started,
-    /// or not this run's to write. `ours` tells the names of the files a conversion writes into
-    /// OUT (removed by `--force`; every other file is kept).
+    /// or not this run's to write. `copies` names the files carried over from the input besides
+    /// the checkpoint's own (with those, what `--force` removes from OUT; every other file is
+    /// kept).
     ///
     /// # Errors
     ///
     /// [`FormatError::Output`] when OUT is another run's (locked), another conversion's, not
     /// empty, or a finished output that has been changed since; [`FormatError::InputChanged`]
     /// when an input file changed since the output was started or finished from it.
-    pub fn open(out: &Path, identity: Identity, role: Role, ours: &dyn Fn(&str) -> bool) -> Result<Opened> {
+    pub fn open(out: &Path, identity: Identity, role: Role, copies: &[String]) -> Result<Opened> {
         let refuse = |reason: &str| FormatError::Output { path: out.to_owned(), reason: reason.into() };
         if std::fs::symlink_metadata(out).is_ok() && !out.is_dir() {
             return Err(refuse("exists and is not a directory"));
@@ -228,7 +230,7 @@ impl OutputDir {
             ],
         };
         let dir = OutputDir { out: out.to_owned(), state: state.clone(), identity, role, _locks: locks };
-        let settled = dir.settle(ours);
+        let settled = dir.settle(copies);
         if settled.is_err() && matches!(role, Role::Whole { .. }) {
             // Refused: leave OUT as it was found, without the state folder this run created to
             // hold its lock (a state with anything but lock files in it is another run's).
@@ -238,7 +240,7 @@ impl OutputDir {
     }
 
     /// Under the locks: finishes an interrupted commit, then sorts OUT out.
-    fn settle(self, ours: &dyn Fn(&str) -> bool) -> Result<Opened> {
+    fn settle(self, copies: &[String]) -> Result<Opened> {
         let out = self.out.clone();
         let refuse = |reason: String| FormatError::Output { path: out.clone(), reason };
         let committing = self.state.join(COMMIT).exists();
@@ -249,7 +251,7 @@ impl OutputDir {
                     self.roll_forward()?;
                 }
                 self.clear_state()?;
-                self.remove_ours(ours)?;
+                self.remove_ours(copies)?;
                 return self.start();
             }
             Role::Job { .. } if committing => {
@@ -368,14 +370,18 @@ impl OutputDir {
         Ok(())
     }
 
-    /// Removes from OUT the files a conversion writes (`ours`, the manifest, the record and
-    /// temporary files); other files stay.
-    fn remove_ours(&self, ours: &dyn Fn(&str) -> bool) -> Result<()> {
+    /// Removes from OUT the files a conversion writes (weights, index, config, the carried
+    /// `copies`, the manifest, the record and temporary files); other files stay.
+    fn remove_ours(&self, copies: &[String]) -> Result<()> {
         for e in std::fs::read_dir(&self.out).map_err(FormatError::io(&self.out, "read_dir"))? {
             let e = e.map_err(FormatError::io(&self.out, "read_dir"))?;
             let name = e.file_name().to_string_lossy().into_owned();
             let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-            let mine = ours(&name) || name == MANIFEST_NAME || name == RECORD_NAME || is_partial_name(&name);
+            let mine = name.ends_with(".safetensors")
+                || name.ends_with(".safetensors.index.json")
+                || [CONFIG, MANIFEST_NAME, RECORD_NAME].contains(&name.as_str())
+                || copies.contains(&name)
+                || is_partial_name(&name);
             if mine && !is_dir {
                 std::fs::remove_file(e.path()).map_err(FormatError::io(e.path(), "remove"))?;
             }
@@ -429,6 +435,21 @@ impl OutputDir {
         let w = write_atomic(&self.staging(name), data)?;
         self.mark_done(name, &w)?;
         Ok(w)
+    }
+
+    /// Writes `model.safetensors.index.json` for the output files `files` (file name and its
+    /// tensors), as transformers writes it, and marks it complete.
+    pub fn write_index(&self, files: &[(String, Vec<PlannedTensor>)]) -> Result<WrittenFile> {
+        let mut weight_map = BTreeMap::new();
+        let mut total = 0u64;
+        for (file, tensors) in files {
+            for t in tensors {
+                total += t.nbytes();
+                weight_map.insert(t.name.clone(), file.clone());
+            }
+        }
+        let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+        self.write_file(INDEX_NAME, &pretty_json(&index, &self.staging(INDEX_NAME))?)
     }
 
     /// Copies `src` as output file `name` and marks it complete.
@@ -622,7 +643,7 @@ mod tests {
     }
 
     fn open(out: &Path, id: &Identity, role: Role) -> Result<Opened> {
-        OutputDir::open(out, id.clone(), role, &|n| n.ends_with(".safetensors") || n == CONFIG)
+        OutputDir::open(out, id.clone(), role, &[])
     }
 
     fn writing(o: Result<Opened>) -> OutputDir {

@@ -9,18 +9,18 @@
 //! nothing. Since every file is a deterministic function of the plan and the input, a resumed
 //! run's output is byte-identical to an uninterrupted one.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, PoisonError, mpsc};
 
 use fp8forge_formats::checkpoint::{INDEX_NAME, pretty_json};
 use fp8forge_formats::outdir::{Identity, Opened, OutputDir, Role, check_apart};
-use fp8forge_formats::{Checkpoint, Dtype, FormatError, PlannedTensor, ShardWriter, WrittenFile, qconfig};
+use fp8forge_formats::pipeline::{Piece, Producer, write_shard};
+use fp8forge_formats::{Checkpoint, Dtype, FormatError, PlannedTensor, WrittenFile, qconfig};
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::block::{QuantError, SrcDtype, quantize_weight_into};
-use crate::plan::{Action, ConvertOptions, OutFile, OutputFormat, Plan, PlanError, PlanSummary, make_plan};
+use crate::plan::{Action, ConvertOptions, Item, OutFile, OutputFormat, Plan, PlanError, PlanSummary, make_plan};
 use crate::stats::ErrorStats;
 
 pub use fp8forge_formats::outdir::STATE_DIR;
@@ -209,7 +209,7 @@ pub fn convert(
         already_complete,
         tensors,
     };
-    let dir = match OutputDir::open(out, identity, role, &|name| written_by_conversion(name, &plan))? {
+    let dir = match OutputDir::open(out, identity, role, &plan.copies)? {
         Opened::Complete => return Ok(report(0, true, vec![])),
         Opened::Writing(dir) => dir,
     };
@@ -248,14 +248,6 @@ fn input_files(ckpt: &Checkpoint, plan: &Plan, is_dir: bool) -> Vec<String> {
     files
 }
 
-/// True for the name of a file a conversion writes into OUT (what `--force` replaces).
-fn written_by_conversion(name: &str, plan: &Plan) -> bool {
-    name.ends_with(".safetensors")
-        || name.ends_with(".safetensors.index.json")
-        || name == "config.json"
-        || plan.copies.iter().any(|c| c == name)
-}
-
 fn src_dtype(d: Dtype) -> Option<SrcDtype> {
     match d {
         Dtype::BF16 => Some(SrcDtype::BF16),
@@ -270,67 +262,8 @@ fn src_dtype(d: Dtype) -> Option<SrcDtype> {
 /// (the bound of `bench/convert.sh`), while small tensors overlap quantization with writing.
 const IN_FLIGHT_BYTES: u64 = 256 << 20;
 
-/// A counter of output bytes in flight, waited on by the producer.
-struct Budget {
-    /// Bytes in flight, and whether the writer has stopped (then nothing waits any more).
-    used: Mutex<(u64, bool)>,
-    freed: Condvar,
-    /// A codes buffer the writer is done with, kept for the next tensor: reusing it saves
-    /// faulting in and zeroing fresh pages for every tensor.
-    spare: Mutex<Option<Vec<u8>>>,
-}
-
-impl Budget {
-    /// Waits until `bytes` fit in the budget (or nothing is in flight), then takes them.
-    fn take(&self, bytes: u64) {
-        let mut used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
-        while !used.1 && used.0 > 0 && used.0 + bytes > IN_FLIGHT_BYTES {
-            used = self.freed.wait(used).unwrap_or_else(PoisonError::into_inner);
-        }
-        used.0 += bytes;
-    }
-
-    /// Gives `bytes` back.
-    fn give(&self, bytes: u64) {
-        let mut used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
-        used.0 = used.0.saturating_sub(bytes);
-        self.freed.notify_all();
-    }
-
-    /// A buffer of `len` bytes for codes: the spare one if there is one (its old bytes are
-    /// left: the quantizer overwrites every code), else a new one.
-    fn buffer(&self, len: usize) -> Vec<u8> {
-        match self.spare.lock().unwrap_or_else(PoisonError::into_inner).take() {
-            Some(mut buf) => {
-                buf.resize(len, 0);
-                buf
-            }
-            None => vec![0u8; len],
-        }
-    }
-
-    /// Keeps `buf` as the spare codes buffer.
-    fn recycle(&self, buf: Vec<u8>) {
-        *self.spare.lock().unwrap_or_else(PoisonError::into_inner) = Some(buf);
-    }
-
-    /// The writer has stopped: wake the producer for good.
-    fn close(&self) {
-        self.used.lock().unwrap_or_else(PoisonError::into_inner).1 = true;
-        self.freed.notify_all();
-    }
-}
-
-/// The data of one input tensor on its way to the writer.
-enum Payload<'a> {
-    /// Bytes copied from the input map (released once written).
-    Copy(&'a [u8]),
-    /// Quantized codes and the scale grid as little-endian bytes.
-    Quantized(Vec<u8>, Vec<u8>),
-}
-
-/// Writes one output file. The calling thread quantizes (in parallel, with rayon) tensor after
-/// tensor while a writer thread hashes and writes the previous ones.
+/// Writes one output file: the calling thread quantizes (in parallel, with rayon) tensor after
+/// tensor while the shard writer's thread hashes and writes the previous ones.
 fn write_file(
     ckpt: &Checkpoint,
     file: &OutFile,
@@ -339,114 +272,73 @@ fn write_file(
     progress: &dyn Progress,
     reports: &mut Vec<TensorReport>,
 ) -> Result<WrittenFile, ConvertError> {
-    let writer = ShardWriter::create(path, file.tensors())?;
-    let budget = Budget { used: Mutex::new((0, false)), freed: Condvar::new(), spare: Mutex::new(None) };
-    let (tx, rx) = mpsc::channel::<(usize, Payload<'_>, u64)>();
-    std::thread::scope(|scope| {
-        let budget = &budget;
-        let handle = scope.spawn(move || {
-            let r = write_all(writer, file, ckpt, rx, budget, progress);
-            budget.close();
-            r
-        });
-        let produced = produce(ckpt, file, opts, budget, &tx, reports, progress);
-        drop(tx);
-        let written = handle.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-        // A producer error comes first: the writer then only saw its input end early.
-        produced.and(written)
+    write_shard(path, file.tensors(), IN_FLIGHT_BYTES, |out| {
+        for item in &file.items {
+            if progress.cancelled() {
+                return Err(ConvertError::Interrupted);
+            }
+            if !out.send(produce(ckpt, item, opts, out, reports, progress)?) {
+                // The writer stopped on an error; it reports it.
+                return Ok(());
+            }
+        }
+        Ok(())
     })
 }
 
-/// The writer thread: writes and hashes what the producer sends, in order.
-fn write_all<'a>(
-    mut w: ShardWriter,
-    file: &OutFile,
-    ckpt: &'a Checkpoint,
-    rx: mpsc::Receiver<(usize, Payload<'a>, u64)>,
-    budget: &Budget,
-    progress: &dyn Progress,
-) -> Result<WrittenFile, ConvertError> {
-    for (i, payload, bytes) in rx {
-        let item = &file.items[i];
-        let shard = &ckpt.shards[item.shard].file;
-        match &payload {
-            Payload::Copy(data) => w.write_tensor(&item.outputs[0].name, &[data])?,
-            Payload::Quantized(codes, scales) => {
-                w.write_tensor(&item.outputs[0].name, &[codes])?;
-                w.write_tensor(&item.outputs[1].name, &[scales])?;
-            }
-        }
-        if let (Payload::Copy(_), Some(info)) = (&payload, shard.header().get(&item.source)) {
-            shard.release(info);
-        }
-        if let Payload::Quantized(codes, _) = payload {
-            budget.recycle(codes);
-        }
-        budget.give(bytes);
-        progress.tensor_done(&item.source, item.bytes_in);
-    }
-    Ok(w.finish()?)
-}
-
-/// Quantizes the tensors of `file` in order and hands them to the writer through `tx`.
+/// The output tensors of one input tensor: its bytes (checked finite) when copied, its codes and
+/// scales when quantized.
 fn produce<'a>(
     ckpt: &'a Checkpoint,
-    file: &OutFile,
+    item: &Item,
     opts: &ConvertOptions,
-    budget: &Budget,
-    tx: &mpsc::Sender<(usize, Payload<'a>, u64)>,
+    out: &Producer<'_, 'a>,
     reports: &mut Vec<TensorReport>,
-    progress: &dyn Progress,
-) -> Result<(), ConvertError> {
-    for (i, item) in file.items.iter().enumerate() {
-        if progress.cancelled() {
-            return Err(ConvertError::Interrupted);
-        }
-        let shard = &ckpt.shards[item.shard].file;
-        let missing = || FormatError::BadTensor {
-            path: shard.path().to_owned(),
-            tensor: item.source.clone(),
-            reason: "vanished from the file since planning".into(),
-        };
-        let info = shard.header().get(&item.source).ok_or_else(missing)?;
-        let data = shard.data(info);
-        let (payload, bytes) = match &item.action {
-            Action::Copy { .. } => {
-                if let Some((at, value)) = crate::finite::first_non_finite(data, info.dtype) {
-                    return Err(ConvertError::NonFinite {
-                        path: shard.path().to_owned(),
-                        tensor: item.source.clone(),
-                        index: crate::finite::unravel(at, &info.shape),
-                        value,
-                    });
-                }
-                (Payload::Copy(data), 0)
-            }
-            Action::Quantize { rows, cols } => {
-                let (rows, cols) = (*rows, *cols);
-                let dtype = src_dtype(info.dtype).ok_or_else(missing)?;
-                let bytes = item.outputs.iter().map(PlannedTensor::nbytes).sum();
-                budget.take(bytes);
-                let mut codes = budget.buffer(rows * cols);
-                let mut scales = vec![0f32; rows.div_ceil(128) * cols.div_ceil(128)];
-                let stats = quantize_weight_into(data, dtype, rows, cols, opts.scale_format, &mut codes, &mut scales)
-                    .map_err(|source| ConvertError::Quant {
+    progress: &'a dyn Progress,
+) -> Result<Piece<'a>, ConvertError> {
+    let shard = &ckpt.shards[item.shard].file;
+    let missing = || FormatError::BadTensor {
+        path: shard.path().to_owned(),
+        tensor: item.source.clone(),
+        reason: "vanished from the file since planning".into(),
+    };
+    let info = shard.header().get(&item.source).ok_or_else(missing)?;
+    let data = shard.data(info);
+    let (source, bytes_in) = (item.source.clone(), item.bytes_in);
+    match &item.action {
+        Action::Copy { .. } => {
+            if let Some((at, value)) = crate::finite::first_non_finite(data, info.dtype) {
+                return Err(ConvertError::NonFinite {
                     path: shard.path().to_owned(),
                     tensor: item.source.clone(),
-                    source,
-                })?;
-                shard.release(info);
-                reports.push(TensorReport::new(&item.source, [rows, cols], &stats));
-                let scale_bytes = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
-                (Payload::Quantized(codes, scale_bytes), bytes)
+                    index: crate::finite::unravel(at, &info.shape),
+                    value,
+                });
             }
-        };
-        if tx.send((i, payload, bytes)).is_err() {
-            // The writer stopped on an error; it reports it.
-            return Ok(());
+            let done = move || {
+                shard.release(info);
+                progress.tensor_done(&source, bytes_in);
+            };
+            Ok(Piece { tensors: vec![Cow::Borrowed(data)], reserved: 0, done: Box::new(done) })
+        }
+        Action::Quantize { rows, cols } => {
+            let (rows, cols) = (*rows, *cols);
+            let dtype = src_dtype(info.dtype).ok_or_else(missing)?;
+            let reserved = item.outputs.iter().map(PlannedTensor::nbytes).sum();
+            out.reserve(reserved);
+            let mut codes = out.buffer(rows * cols);
+            let mut scales = vec![0f32; rows.div_ceil(128) * cols.div_ceil(128)];
+            let stats =
+                quantize_weight_into(data, dtype, rows, cols, opts.scale_format, &mut codes, &mut scales).map_err(
+                    |source| ConvertError::Quant { path: shard.path().to_owned(), tensor: item.source.clone(), source },
+                )?;
+            shard.release(info);
+            reports.push(TensorReport::new(&item.source, [rows, cols], &stats));
+            let scale_bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+            let done = move || progress.tensor_done(&source, bytes_in);
+            Ok(Piece { tensors: vec![Cow::Owned(codes), Cow::Owned(scale_bytes)], reserved, done: Box::new(done) })
         }
     }
-    Ok(())
 }
 
 /// Writes config.json (with its quantization_config), the carried-over files and the index into
@@ -468,16 +360,7 @@ fn finalize(ckpt: &Checkpoint, plan: &Plan, dir: &OutputDir) -> Result<Vec<Strin
         names.push(name.clone());
     }
     if plan.files.len() > 1 {
-        let mut weight_map = BTreeMap::new();
-        let mut total = 0u64;
-        for f in &plan.files {
-            for t in f.tensors() {
-                total += t.nbytes();
-                weight_map.insert(t.name.clone(), f.name.clone());
-            }
-        }
-        let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
-        dir.write_file(INDEX_NAME, &pretty_json(&index, &dir.staging(INDEX_NAME))?)?;
+        dir.write_index(&plan.files.iter().map(|f| (f.name.clone(), f.tensors())).collect::<Vec<_>>())?;
         names.push(INDEX_NAME.into());
     }
     Ok(names)

@@ -11,14 +11,14 @@
 //! and the runtime, so that they all agree on what a well-formed FP8 weight is.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 
 use fp8forge_formats::checkpoint::{INDEX_NAME, pretty_json};
 use fp8forge_formats::manifest::MANIFEST_NAME;
 use fp8forge_formats::outdir::{Identity, Opened, OutputDir, Role, check_apart};
-use fp8forge_formats::{Checkpoint, Dtype, FormatError, PlannedTensor, ShardWriter, TensorInfo, WrittenFile};
+use fp8forge_formats::pipeline::{Piece, write_shard};
+use fp8forge_formats::{Checkpoint, Dtype, FormatError, PlannedTensor, TensorInfo, WrittenFile};
 use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
@@ -50,9 +50,6 @@ pub struct DequantReport {
     /// True when OUT already held this finished output: nothing was written.
     pub already_complete: bool,
 }
-
-/// Output tensors on their way to the writer: (index in the file plan, bytes).
-type Batch<'a> = Vec<(usize, Cow<'a, [u8]>)>;
 
 /// A tensor located in a checkpoint: the shard index and its header entry.
 type Loc<'a> = (usize, &'a TensorInfo);
@@ -177,14 +174,6 @@ fn digest(ckpt: &Checkpoint, plans: &[FilePlan<'_>], copies: &[String]) -> Strin
     fp8forge_formats::atomic::hex(&h.finalize())
 }
 
-/// True for the name of a file a dequantization writes into OUT (what `--force` replaces).
-fn written_by_dequant(name: &str, ckpt: &Checkpoint) -> bool {
-    name.ends_with(".safetensors")
-        || name.ends_with(".safetensors.index.json")
-        || name == "config.json"
-        || ckpt.extra_files.iter().any(|c| c == name)
-}
-
 /// Dequantizes the FP8 checkpoint `input` (a directory or one `.safetensors` file) into a BF16
 /// checkpoint in `out`: one output file per input shard with the same name, FP8 weights as BF16,
 /// their scale tensors dropped, every other tensor byte-identical; config.json without its
@@ -220,7 +209,7 @@ pub fn dequant(input: &Path, out: &Path, force: bool, progress: &dyn Progress) -
         bytes_out: 0,
         already_complete: false,
     };
-    let dir = match OutputDir::open(out, identity, Role::Whole { force }, &|n| written_by_dequant(n, &ckpt))? {
+    let dir = match OutputDir::open(out, identity, Role::Whole { force }, &copies)? {
         Opened::Complete => return Ok(DequantReport { already_complete: true, ..report }),
         Opened::Writing(dir) => dir,
     };
@@ -248,16 +237,7 @@ pub fn dequant(input: &Path, out: &Path, force: bool, progress: &dyn Progress) -
         names.push(name.clone());
     }
     if plans.len() > 1 || had_index {
-        let mut weight_map = BTreeMap::new();
-        let mut total = 0u64;
-        for plan in &plans {
-            for t in plan.tensors() {
-                total += t.nbytes();
-                weight_map.insert(t.name, ckpt.shards[plan.shard].name.clone());
-            }
-        }
-        let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
-        dir.write_file(INDEX_NAME, &pretty_json(&index, &dir.staging(INDEX_NAME))?)?;
+        dir.write_index(&plans.iter().map(|p| (ckpt.shards[p.shard].name.clone(), p.tensors())).collect::<Vec<_>>())?;
         names.push(INDEX_NAME.into());
     }
     let now = Identity::stamp(digest, &ckpt.root, &inputs)?;
@@ -265,73 +245,63 @@ pub fn dequant(input: &Path, out: &Path, force: bool, progress: &dyn Progress) -
     Ok(report)
 }
 
-/// Writes one output file: the calling thread dequantizes batches of tensors in parallel while a
-/// writer thread writes the previous batch.
+/// Writes one output file: the calling thread dequantizes batches of tensors in parallel while the
+/// shard writer's thread writes the previous batch (one batch computed, one being written: at
+/// most twice [`BATCH_BYTES`] in flight).
 fn write_file(
     ckpt: &Checkpoint,
     plan: &FilePlan<'_>,
     path: &Path,
     progress: &dyn Progress,
 ) -> Result<WrittenFile, ConvertError> {
-    let mut writer = ShardWriter::create(path, plan.tensors())?;
     let shard = &ckpt.shards[plan.shard].file;
-    let (tx, rx) = mpsc::sync_channel::<Batch<'_>>(0);
-    std::thread::scope(|scope| {
-        let handle = scope.spawn(move || -> Result<WrittenFile, ConvertError> {
-            for batch in rx {
-                for (i, data) in batch {
-                    let e = &plan.entries[i];
-                    writer.write_tensor(&e.info.name, &[&data])?;
-                    if matches!(data, Cow::Borrowed(_)) {
+    write_shard(path, plan.tensors(), 2 * BATCH_BYTES, |out| {
+        let mut start = 0;
+        while start < plan.entries.len() {
+            if progress.cancelled() {
+                return Err(ConvertError::Interrupted);
+            }
+            let end = batch_end(plan, start);
+            let owned = |e: &Entry<'_>| if matches!(e.op, Op::Dequant { .. }) { 2 * e.info.numel() as u64 } else { 0 };
+            out.reserve(plan.entries[start..end].iter().map(owned).sum());
+            let batch = (start..end)
+                .into_par_iter()
+                .map(|i| tensor_data(ckpt, plan.shard, &plan.entries[i]))
+                .collect::<Result<Vec<_>, ConvertError>>()?;
+            for (e, data) in plan.entries[start..end].iter().zip(batch) {
+                let borrowed = matches!(data, Cow::Borrowed(_));
+                let done = move || {
+                    if borrowed {
                         shard.release(e.info);
                     }
                     progress.tensor_done(&e.info.name, e.bytes_in);
+                };
+                if !out.send(Piece { tensors: vec![data], reserved: owned(e), done: Box::new(done) }) {
+                    // The writer stopped on an error; it reports it.
+                    return Ok(());
                 }
             }
-            Ok(writer.finish()?)
-        });
-        let produced = produce(ckpt, plan, &tx, progress);
-        drop(tx);
-        let written = handle.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-        // A producer error comes first: the writer then only saw its input end early.
-        produced.and(written)
+            start = end;
+        }
+        Ok(())
     })
 }
 
-/// Dequantizes the tensors of `plan` in batches and sends them, in order, to the writer.
-fn produce<'a>(
-    ckpt: &'a Checkpoint,
-    plan: &FilePlan<'a>,
-    tx: &mpsc::SyncSender<Batch<'a>>,
-    progress: &dyn Progress,
-) -> Result<(), ConvertError> {
-    let mut start = 0;
-    while start < plan.entries.len() {
-        if progress.cancelled() {
-            return Err(ConvertError::Interrupted);
+/// The end of the batch starting at entry `start`: small tensors together up to about
+/// [`BATCH_BYTES`] of output, a larger one alone.
+fn batch_end(plan: &FilePlan<'_>, start: usize) -> usize {
+    let mut end = start;
+    let mut bytes = 0u64;
+    while end < plan.entries.len() {
+        let e = &plan.entries[end];
+        let b = if matches!(e.op, Op::Dequant { .. }) { 2 * e.info.numel() as u64 } else { 0 };
+        if end > start && bytes + b > BATCH_BYTES {
+            break;
         }
-        let mut end = start;
-        let mut bytes = 0u64;
-        while end < plan.entries.len() {
-            let e = &plan.entries[end];
-            let b = if matches!(e.op, Op::Dequant { .. }) { 2 * e.info.numel() as u64 } else { 0 };
-            if end > start && bytes + b > BATCH_BYTES {
-                break;
-            }
-            bytes += b;
-            end += 1;
-        }
-        let batch = (start..end)
-            .into_par_iter()
-            .map(|i| Ok((i, tensor_data(ckpt, plan.shard, &plan.entries[i])?)))
-            .collect::<Result<Vec<_>, ConvertError>>()?;
-        if tx.send(batch).is_err() {
-            // The writer stopped on an error; it reports it.
-            return Ok(());
-        }
-        start = end;
+        bytes += b;
+        end += 1;
     }
-    Ok(())
+    end
 }
 
 /// The output bytes of one tensor: borrowed from the input map when copied, the BF16 weight
