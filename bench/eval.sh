@@ -4,12 +4,12 @@
 #
 #   bench/eval.sh [MODEL_DIR] [N_TOKENS] [CTX]
 #
-# MODEL_DIR defaults to the bundled tiny MoE (runtime/assets/tiny-moe); the tokens are the first
+# MODEL_DIR defaults to the bundled tiny MoE (cli/assets/tiny-moe); the tokens are the first
 # N_TOKENS (default 32768) bytes of the held-out last 10% of ../shared/data/tinyshakespeare.txt
 # (byte-level ids). Needs a Python with torch and transformers: set PYTHON (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODEL=${1:-runtime/assets/tiny-moe}
+MODEL=${1:-cli/assets/tiny-moe}
 N=${2:-32768}
 CTX=${3:-256}
 PY=${PYTHON:-python3}

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train the tiny byte-level DeepSeek-V3-style MoE bundled as `runtime/assets/tiny-moe/`.
+"""Train the tiny byte-level DeepSeek-V3-style MoE bundled as `cli/assets/tiny-moe/`.
 
 What it does
   * reads ../shared/data/tinyshakespeare.txt (never copied into the repo); the FIRST 90% of its bytes
@@ -40,7 +40,7 @@ BATCH = 16
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
-DEFAULT_OUT = os.path.join(REPO, "runtime", "assets", "tiny-moe")
+DEFAULT_OUT = os.path.join(REPO, "cli", "assets", "tiny-moe")
 
 
 def make_config():

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use fp8forge_quant::block::ScaleFormat;
-use fp8forge_quant::convert::{self, ConvertReport, RunOptions};
+use fp8forge_quant::convert::{self, ConvertError, ConvertReport, RunOptions};
 use fp8forge_quant::plan::{ConvertOptions, OutputFormat};
 use fp8forge_runtime::eval::{ActQuant, EvalOptions, Input, evaluate};
 use serde::Serialize;
@@ -274,7 +274,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Failure> {
 }
 
 fn run_demo(a: DemoArgs) -> Result<ExitCode, Failure> {
-    use fp8forge_runtime::demo::{DemoOptions, run};
+    use crate::demo::{DemoOptions, run};
     let opts = DemoOptions { out: a.out, data: a.data, ctx: a.ctx, max_tokens: a.max_tokens };
     let bar = StepBar::new(a.quiet || a.json, "demo");
     let r = run(&opts, &bar);
@@ -404,9 +404,10 @@ fn run_convert(a: ConvertArgs) -> Result<ExitCode, Failure> {
                 summary: fp8forge_quant::plan::PlanSummary,
                 plan: &'a fp8forge_quant::plan::Plan,
             }
-            print_json(&DryRun { plan_digest: plan.digest(), summary: plan.summary(), plan: &plan })?;
+            let plan_digest = plan.digest().map_err(ConvertError::from)?;
+            print_json(&DryRun { plan_digest, summary: plan.summary(), plan: &plan })?;
         } else {
-            emit(&crate::output::render_plan(&plan))?;
+            emit(&crate::output::render_plan(&plan).map_err(ConvertError::from)?)?;
         }
         return Ok(ExitCode::SUCCESS);
     }

@@ -4,6 +4,7 @@
 mod autotune;
 mod bench;
 mod commands;
+mod demo;
 mod failure;
 mod output;
 

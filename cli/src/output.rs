@@ -7,6 +7,7 @@ use std::io::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use fp8forge_formats::manifest::FileStatus;
 use fp8forge_quant::convert::Progress;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
@@ -227,12 +228,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// The plan of `convert --dry-run`, for people.
-pub fn render_plan(plan: &fp8forge_quant::plan::Plan) -> String {
+pub fn render_plan(plan: &fp8forge_quant::plan::Plan) -> Result<String, fp8forge_quant::plan::PlanError> {
     use fp8forge_quant::plan::Action;
     let s = plan.summary();
     let mut out = format!(
         "plan {}: {} tensors ({} quantized, {} kept), {} -> {} in {} files\n",
-        &plan.digest()[..12],
+        &plan.digest()?[..12],
         s.tensors,
         s.quantized,
         s.copied,
@@ -260,7 +261,7 @@ pub fn render_plan(plan: &fp8forge_quant::plan::Plan) -> String {
     for c in &plan.not_copied {
         out += &format!("not copied: {}\n", esc(c));
     }
-    out
+    Ok(out)
 }
 
 /// `inspect` for people: a summary, then one line per tensor.
@@ -298,11 +299,11 @@ pub fn render_verify(r: &fp8forge_quant::verify::VerifyReport) -> String {
     let mut out = String::new();
     // Files the manifest lists are checked; unlisted ones are "not ok" only where the manifest
     // must list them (weights, index, config.json), and otherwise appear among the warnings.
-    let checked = r.files.iter().filter(|f| f.status != "unlisted").count();
+    let checked = r.files.iter().filter(|f| f.status != FileStatus::Unlisted).count();
     let bad = r.files.iter().filter(|f| f.problem).count();
     out += &format!("manifest: {checked} files checked, {bad} not ok\n");
     for f in r.files.iter().filter(|f| f.problem) {
-        out += &format!("  {}: {}\n", esc(&f.file), f.status);
+        out += &format!("  {}: {}\n", esc(&f.file), f.status.name());
     }
     for w in &r.warnings {
         out += &format!("warning: {}\n", esc(w));

@@ -35,13 +35,39 @@ pub fn read_manifest(dir: &Path) -> Result<BTreeMap<String, String>> {
     Ok(out)
 }
 
+/// What checking one file against a manifest found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileStatus {
+    /// Listed, present, and of the listed sha256.
+    Ok,
+    /// Listed and present, but of another sha256 (changed or corrupted).
+    Mismatch,
+    /// Listed but not there.
+    Missing,
+    /// There but not listed.
+    Unlisted,
+}
+
+impl FileStatus {
+    /// The status as `--json` writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            FileStatus::Ok => "ok",
+            FileStatus::Mismatch => "mismatch",
+            FileStatus::Missing => "missing",
+            FileStatus::Unlisted => "unlisted",
+        }
+    }
+}
+
 /// One file's result when checking a manifest.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct FileCheck {
     /// File name.
     pub file: String,
-    /// "ok", "mismatch", "missing" or "unlisted" (present but not in the manifest).
-    pub status: &'static str,
+    /// What was found.
+    pub status: FileStatus,
     /// True when the checkpoint is not as its manifest says: a mismatch, a missing file, or an
     /// unlisted file the manifest must cover ([`must_be_listed`]). Other unlisted files (a README
     /// added later) are not a problem.
@@ -63,14 +89,14 @@ pub fn check_manifest(dir: &Path, mut progress: impl FnMut(u64)) -> Result<Vec<F
     for (name, expected) in &entries {
         let p = dir.join(name);
         let status = match stat_input(&p) {
-            Err(FormatError::Missing { .. }) => "missing",
+            Err(FormatError::Missing { .. }) => FileStatus::Missing,
             Err(e) => return Err(e),
             Ok(m) if !m.is_file() => return Err(FormatError::NotRegularFile { path: p, kind: "directory" }),
-            Ok(_) if sha256_file(&p)? == *expected => "ok",
-            Ok(_) => "mismatch",
+            Ok(_) if sha256_file(&p)? == *expected => FileStatus::Ok,
+            Ok(_) => FileStatus::Mismatch,
         };
         progress(std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0));
-        out.push(FileCheck { file: name.clone(), status, problem: status != "ok" });
+        out.push(FileCheck { file: name.clone(), status, problem: status != FileStatus::Ok });
     }
     let mut unlisted = Vec::new();
     for e in std::fs::read_dir(dir).map_err(FormatError::io(dir, "read_dir"))? {
@@ -78,7 +104,7 @@ pub fn check_manifest(dir: &Path, mut progress: impl FnMut(u64)) -> Result<Vec<F
         let name = e.file_name().to_string_lossy().into_owned();
         if name != MANIFEST_NAME && !name.starts_with('.') && e.path().is_file() && !entries.contains_key(&name) {
             let problem = must_be_listed(&name);
-            unlisted.push(FileCheck { file: name, status: "unlisted", problem });
+            unlisted.push(FileCheck { file: name, status: FileStatus::Unlisted, problem });
         }
     }
     unlisted.sort_by(|a, b| a.file.cmp(&b.file));

@@ -126,8 +126,7 @@ where
 fn write_all<'a>(w: &mut ShardWriter, rx: mpsc::Receiver<Piece<'a>>, budget: &Budget) -> Result<(), FormatError> {
     for piece in rx {
         for data in &piece.tensors {
-            let name = w.next_tensor().map(|t| t.name.clone()).unwrap_or_default();
-            w.write_tensor(&name, &[data])?;
+            w.write_next(&[data])?;
         }
         let largest = piece.tensors.into_iter().filter_map(|d| match d {
             Cow::Owned(v) => Some(v),

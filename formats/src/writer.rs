@@ -79,6 +79,20 @@ impl ShardWriter {
         Ok(())
     }
 
+    /// Writes the data of the next planned tensor, whatever its name.
+    pub fn write_next(&mut self, parts: &[&[u8]]) -> Result<()> {
+        let name = match self.tensors.get(self.next) {
+            Some(t) => t.name.clone(),
+            None => {
+                return Err(FormatError::Output {
+                    path: self.file.path().to_owned(),
+                    reason: "a tensor written past the end of the planned shard".into(),
+                });
+            }
+        };
+        self.write_tensor(&name, parts)
+    }
+
     /// Commits the file (fsync, rename); every planned tensor must have been written.
     pub fn finish(self) -> Result<WrittenFile> {
         if let Some(t) = self.tensors.get(self.next) {

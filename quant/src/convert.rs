@@ -153,7 +153,7 @@ impl ConvertError {
     pub fn is_bad_input(&self) -> bool {
         match self {
             ConvertError::Format(e) => e.is_bad_input(),
-            ConvertError::Interrupted => false,
+            ConvertError::Interrupted | ConvertError::Plan(PlanError::Digest(_)) => false,
             _ => true,
         }
     }
@@ -178,7 +178,7 @@ pub fn convert(
 ) -> Result<ConvertReport, ConvertError> {
     let ckpt = Checkpoint::open(input)?;
     let plan = make_plan(&ckpt, opts)?;
-    let digest = plan.digest();
+    let digest = plan.digest()?;
     let inputs = input_files(&ckpt, &plan, input.is_dir());
     let paths: Vec<PathBuf> = inputs.iter().map(|f| ckpt.root.join(f)).collect();
     check_apart(&ckpt.root, &paths, out)?;

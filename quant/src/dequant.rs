@@ -313,7 +313,8 @@ fn tensor_data<'a>(ckpt: &'a Checkpoint, shard: usize, e: &Entry<'a>) -> Result<
         return Ok(Cow::Borrowed(codes));
     };
     let sfile = &ckpt.shards[*ss].file;
-    let scales = scales_to_f32(st.dtype, sfile.data(st)).unwrap_or_default();
+    let scales = scales_to_f32(st.dtype, sfile.data(st))
+        .ok_or_else(|| bad_tensor(sfile.path(), &st.name, format!("scale dtype {:?} is not supported", st.dtype)))?;
     sfile.release(st);
     if let Some((i, s)) = scales.iter().enumerate().find(|(_, s)| !s.is_finite()) {
         return Err(bad_tensor(sfile.path(), &st.name, format!("scale {i} is {s}, not finite")));
@@ -574,7 +575,7 @@ mod tests {
         let index: Value = serde_json::from_slice(&std::fs::read(back.join(INDEX_NAME)).expect("index")).expect("j");
         assert_eq!(index["metadata"]["total_size"].as_u64(), Some(b.total_tensor_bytes()));
         let checks = fp8forge_formats::manifest::check_manifest(&back, |_| {}).expect("manifest");
-        assert!(checks.iter().all(|c| c.status == "ok"), "{checks:?}");
+        assert!(checks.iter().all(|c| c.status == fp8forge_formats::manifest::FileStatus::Ok), "{checks:?}");
         assert!(!back.join(fp8forge_formats::outdir::STATE_DIR).exists(), "state directory left behind");
     }
 

@@ -153,6 +153,9 @@ pub enum PlanError {
         /// What shows it.
         what: String,
     },
+    /// The plan could not be serialized for its digest.
+    #[error("cannot serialize the plan for its digest: {0}")]
+    Digest(#[source] serde_json::Error),
     /// An input tensor has the name of the scale that quantizing another tensor would write.
     #[error(
         "{path}: tensor {tensor}: the input already holds it, and quantizing {weight} would write a scale of that name \
@@ -290,10 +293,15 @@ fn check_names(ckpt: &Checkpoint, items: &[Vec<Item>]) -> Result<(), PlanError> 
 }
 
 impl Plan {
-    /// A digest identifying the plan: equal digests mean identical output.
-    pub fn digest(&self) -> String {
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        fp8forge_formats::atomic::hex(&Sha256::digest(&json))
+    /// A digest identifying the plan: equal digests mean identical output. It guards `--resume`,
+    /// so it is never computed over a default in place of the plan.
+    ///
+    /// # Errors
+    ///
+    /// [`PlanError::Digest`] if the plan cannot be serialized (it always can: plain data).
+    pub fn digest(&self) -> Result<String, PlanError> {
+        let json = serde_json::to_vec(self).map_err(PlanError::Digest)?;
+        Ok(fp8forge_formats::atomic::hex(&Sha256::digest(&json)))
     }
 
     /// Summary numbers.

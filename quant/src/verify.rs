@@ -12,7 +12,7 @@ use std::path::Path;
 
 use fp8forge_formats::header::dtype_name;
 use fp8forge_formats::input::stat_input;
-use fp8forge_formats::manifest::{FileCheck, MANIFEST_NAME, check_manifest, read_manifest};
+use fp8forge_formats::manifest::{FileCheck, FileStatus, MANIFEST_NAME, check_manifest, read_manifest};
 use fp8forge_formats::{Checkpoint, Dtype, FormatError, SafetensorsFile, TensorInfo};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -115,7 +115,7 @@ pub fn verify(dir: &Path, reference: Option<&Path>, progress: &dyn Progress) -> 
         match check_manifest(dir, |b| progress.tensor_done(MANIFEST_NAME, b)) {
             Ok(checks) => {
                 files = checks;
-                if files.iter().all(|f| f.status == "unlisted") {
+                if files.iter().all(|f| f.status == FileStatus::Unlisted) {
                     problems.push(format!("{}: lists no files", manifest.display()));
                 }
             }
@@ -124,17 +124,16 @@ pub fn verify(dir: &Path, reference: Option<&Path>, progress: &dyn Progress) -> 
         }
         for f in &files {
             match (f.status, f.problem) {
-                ("ok", _) => {}
-                ("mismatch", _) => {
+                (FileStatus::Ok, _) => {}
+                (FileStatus::Mismatch, _) => {
                     problems.push(format!("{}: sha256 differs from SHA256SUMS (changed or corrupted)", f.file))
                 }
-                ("missing", _) => problems.push(format!("{}: listed in SHA256SUMS but missing", f.file)),
-                ("unlisted", true) => problems.push(format!(
+                (FileStatus::Missing, _) => problems.push(format!("{}: listed in SHA256SUMS but missing", f.file)),
+                (FileStatus::Unlisted, true) => problems.push(format!(
                     "{}: not listed in SHA256SUMS (weights, their index and config.json must be)",
                     f.file
                 )),
-                ("unlisted", false) => warnings.push(format!("{}: not listed in SHA256SUMS", f.file)),
-                (other, _) => problems.push(format!("{}: manifest status {other}", f.file)),
+                (FileStatus::Unlisted, false) => warnings.push(format!("{}: not listed in SHA256SUMS", f.file)),
             }
         }
     }
@@ -349,7 +348,10 @@ impl Ctx<'_, '_> {
                 dtype_name(s.info.dtype)
             ));
         }
-        let scales = scales_to_f32(s.info.dtype, s.data()).unwrap_or_default();
+        let Some(scales) = scales_to_f32(s.info.dtype, s.data()) else {
+            o.problems.push(format!("{}: tensor {sname}: scale dtype {:?} is not supported", s.shard, s.info.dtype));
+            return o;
+        };
         s.release();
         let bad_scales: Vec<(usize, f32)> =
             scales.iter().copied().enumerate().filter(|(_, v)| !(v.is_finite() && *v > 0.0)).collect();
@@ -649,7 +651,7 @@ mod tests {
         let (_d, _input, out) = converted();
         let r = verify(&out, None, &NoProgress).expect("verify");
         assert!(r.ok, "{:?}", r.problems);
-        assert!(r.files.iter().all(|f| f.status == "ok") && r.files.len() >= 5, "{:?}", r.files);
+        assert!(r.files.iter().all(|f| f.status == FileStatus::Ok) && r.files.len() >= 5, "{:?}", r.files);
         assert!(r.tensors.is_empty() && r.worst.is_none());
     }
 
@@ -664,7 +666,7 @@ mod tests {
         let r = verify(&out, None, &NoProgress).expect("verify");
         assert!(!r.ok);
         assert!(problems_mention(&r, &[SHARD2, "sha256"]), "{:?}", r.problems);
-        assert_eq!(r.files.iter().find(|f| f.file == SHARD2).map(|f| f.status), Some("mismatch"));
+        assert_eq!(r.files.iter().find(|f| f.file == SHARD2).map(|f| f.status), Some(FileStatus::Mismatch));
     }
 
     #[test]

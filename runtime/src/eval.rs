@@ -13,7 +13,7 @@ use fp8forge_quant::block::ScaleFormat;
 use fp8forge_quant::stats::compare;
 
 use crate::error::{Result, RuntimeError};
-use crate::metrics::{Comparison, EvalResult, Histogram, LayerStats, TensorError};
+use crate::metrics::{ActivationQuant, Comparison, EvalResult, Histogram, LayerStats, TensorError};
 use crate::model::{Layer, Model, Routing};
 use crate::ops::log_sum_exp;
 use crate::tokens::{read_token_file, tokenize_file, windows};
@@ -489,9 +489,9 @@ impl Accumulators {
             model_type: f.m.model.cfg.model_type.clone(),
             weights: f.m.model.weights.description.clone(),
             act_quant: match f.m.act {
-                None => "none".into(),
-                Some(ScaleFormat::F32) => "fp8".into(),
-                Some(ScaleFormat::Ue8m0) => "fp8 (ue8m0 scales)".into(),
+                None => ActivationQuant::None,
+                Some(ScaleFormat::F32) => ActivationQuant::Fp8,
+                Some(ScaleFormat::Ue8m0) => ActivationQuant::Fp8Ue8m0,
             },
             ctx: f.ctx,
             windows: f.windows,

@@ -5,7 +5,6 @@
 //! baseline: perplexity, KL divergence, top-1 and expert-routing agreement.
 
 pub mod config;
-pub mod demo;
 pub mod error;
 pub mod eval;
 pub mod metrics;

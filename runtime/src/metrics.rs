@@ -3,6 +3,31 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The activation quantization an evaluation applied to the inputs of quantized linear layers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActivationQuant {
+    /// None: activations stay f32 (weight-only numerics).
+    #[default]
+    #[serde(rename = "none")]
+    None,
+    /// Dynamic 1×128 FP8 groups with f32 scales.
+    #[serde(rename = "fp8")]
+    Fp8,
+    /// Dynamic 1×128 FP8 groups with power-of-two scales.
+    #[serde(rename = "fp8 (ue8m0 scales)")]
+    Fp8Ue8m0,
+}
+
+impl std::fmt::Display for ActivationQuant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ActivationQuant::None => "none",
+            ActivationQuant::Fp8 => "fp8",
+            ActivationQuant::Fp8Ue8m0 => "fp8 (ue8m0 scales)",
+        })
+    }
+}
+
 /// The result of evaluating one model, optionally against a baseline.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct EvalResult {
@@ -12,8 +37,8 @@ pub struct EvalResult {
     pub model_type: String,
     /// How its weights are stored: `"bf16"`, `"fp8 (fp8, f32 scales)"`, ...
     pub weights: String,
-    /// Activation quantization applied to the inputs of quantized linear layers: `"none"` or `"fp8"`.
-    pub act_quant: String,
+    /// Activation quantization applied to the inputs of quantized linear layers.
+    pub act_quant: ActivationQuant,
     /// Window length in tokens.
     pub ctx: usize,
     /// Number of windows evaluated.

@@ -171,7 +171,7 @@ fn headline_table(r: &EvalResult) -> String {
     }
     rows.push(("Model type", escape_html(&r.model_type)));
     rows.push(("Weights", escape_html(&r.weights)));
-    rows.push(("Activation quantization", escape_html(&r.act_quant)));
+    rows.push(("Activation quantization", escape_html(&r.act_quant.to_string())));
     rows.push(("Context", format!("{} tokens × {} windows", fmt_count(r.ctx), fmt_count(r.windows))));
     rows.push(("Tokens scored", format!("{} of {}", fmt_count(r.tokens_scored), fmt_count(r.tokens))));
     rows.push(("Perplexity (model)", fmt_plus_minus(r.perplexity, r.perplexity_stderr)));
@@ -1226,7 +1226,7 @@ mod tests {
             model: "/models/DeepSeek-V3-fp8".to_string(),
             model_type: "deepseek_v3".to_string(),
             weights: "fp8 (fp8, f32 scales)".to_string(),
-            act_quant: "fp8".to_string(),
+            act_quant: crate::metrics::ActivationQuant::Fp8,
             ctx: 512,
             windows: 8,
             tokens: 4096,

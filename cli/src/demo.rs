@@ -10,9 +10,12 @@ use fp8forge_quant::convert::{self, NoProgress as NoConvertProgress, RunOptions}
 use fp8forge_quant::plan::ConvertOptions;
 use serde::Serialize;
 
-use crate::error::{Result, RuntimeError};
-use crate::eval::{ActQuant, EvalOptions, EvalProgress, Input, evaluate};
-use crate::metrics::EvalResult;
+use fp8forge_runtime::RuntimeError;
+use fp8forge_runtime::eval::{ActQuant, EvalOptions, EvalProgress, Input, evaluate};
+use fp8forge_runtime::metrics::EvalResult;
+
+/// Result of the demo.
+type Result<T> = std::result::Result<T, RuntimeError>;
 
 /// The bundled model: a tiny DeepSeek-V3-architecture MoE trained on the first 90% of
 /// tinyshakespeare (byte-level tokens), as transformers saved it (see assets/tiny-moe/TRAINING.md).
@@ -84,7 +87,7 @@ pub fn run(opts: &DemoOptions, progress: &dyn EvalProgress) -> Result<DemoResult
         &RunOptions { force: true, ..RunOptions::default() },
         &NoConvertProgress,
     )?;
-    let mut ids = crate::tokens::tokenize(&text, &bf16.join("tokenizer.json"))?;
+    let mut ids = fp8forge_runtime::tokens::tokenize(&text, &bf16.join("tokenizer.json"))?;
     if let Some(n) = opts.max_tokens {
         ids.truncate(n);
     }
@@ -95,11 +98,12 @@ pub fn run(opts: &DemoOptions, progress: &dyn EvalProgress) -> Result<DemoResult
     let w8a8 = eval(ActQuant::Fp8)?;
     let weight_only = eval(ActQuant::None)?;
     let report = opts.out.join("report.html");
-    let html = crate::report::render_html(&w8a8);
+    let html = fp8forge_runtime::report::render_html(&w8a8);
     write_atomic(&report, html.as_bytes()).map_err(RuntimeError::Format)?;
     let result = DemoResult { bf16, fp8, data, report, w8a8, weight_only };
-    let json = serde_json::to_vec_pretty(&result).unwrap_or_default();
-    write_atomic(&opts.out.join("demo.json"), &json).map_err(RuntimeError::Format)?;
+    let path = opts.out.join("demo.json");
+    let json = fp8forge_formats::checkpoint::pretty_json(&result, &path)?;
+    write_atomic(&path, &json).map_err(RuntimeError::Format)?;
     Ok(result)
 }
 
