@@ -1,6 +1,8 @@
 //! The one error path of the CLI: every command returns a [`Failure`] (a message and an exit
 //! code), which `main` prints as one escaped line.
 
+use fp8forge_formats::FormatError;
+use fp8forge_formats::error::Refusal;
 use fp8forge_quant::convert::ConvertError;
 use fp8forge_runtime::RuntimeError;
 
@@ -22,7 +24,33 @@ impl Failure {
 
 impl From<RuntimeError> for Failure {
     fn from(e: RuntimeError) -> Self {
-        Failure { code: if e.is_bad_input() { 2 } else { 1 }, message: e.to_string() }
+        let hint = match &e {
+            RuntimeError::Format(f) => remedy(f),
+            RuntimeError::Convert(ConvertError::Format(f)) => remedy(f),
+            _ => None,
+        };
+        Failure { code: if e.is_bad_input() { 2 } else { 1 }, message: with_hint(e.to_string(), hint) }
+    }
+}
+
+/// The flag that gets past a refusal of the libraries, in the CLI's words.
+fn remedy(e: &FormatError) -> Option<&'static str> {
+    match e {
+        FormatError::Refused { why, .. } => Some(match why {
+            Refusal::OtherUnfinished { .. } | Refusal::UnusableState { .. } => "use --force to start over",
+            Refusal::OtherFinished { .. } | Refusal::UnrecordedCheckpoint => "use --force to overwrite it",
+            Refusal::NotEmpty => "use --force to write into it (files a conversion writes are replaced, others kept)",
+            Refusal::ChangedSince { .. } => "use --force to convert again",
+        }),
+        FormatError::InputChanged { .. } => Some("use --force to start over from the current input"),
+        _ => None,
+    }
+}
+
+fn with_hint(message: String, hint: Option<&str>) -> String {
+    match hint {
+        Some(h) => format!("{message}; {h}"),
+        None => message,
     }
 }
 
@@ -33,6 +61,15 @@ impl From<ConvertError> for Failure {
             let name = if sig == signal_hook::consts::SIGTERM as usize { "SIGTERM" } else { "SIGINT" };
             return Failure { code: 128 + (sig as u8 & 0x7f), message: format!("{name}: {e}") };
         }
-        Failure { code: if e.is_bad_input() { 2 } else { 1 }, message: e.to_string() }
+        let message = match &e {
+            ConvertError::ForceInJob { path } => format!(
+                "{}: --force cannot be combined with --shard (one job would delete the others' files); \
+                 start over with one run of --force, or remove OUT first",
+                path.display()
+            ),
+            ConvertError::Format(f) => with_hint(e.to_string(), remedy(f)),
+            _ => e.to_string(),
+        };
+        Failure { code: if e.is_bad_input() { 2 } else { 1 }, message }
     }
 }

@@ -81,8 +81,17 @@ pub enum FormatError {
         /// What is wrong.
         reason: String,
     },
+    /// The output directory holds something this run must not write over: another conversion, a
+    /// checkpoint of its own, other files. Starting over is the user's call (the CLI says how).
+    #[error("{}: {why}", EscPath(.path))]
+    Refused {
+        /// The output directory.
+        path: PathBuf,
+        /// What it holds.
+        why: Refusal,
+    },
     /// An input file is not what it was when the output was started or finished from it.
-    #[error("{path}: changed since {since} ({what}); use --force to convert again from the current input")]
+    #[error("{}: changed since {since} ({what}); converting again from the current input means starting over", EscPath(.path))]
     InputChanged {
         /// The input file.
         path: PathBuf,
@@ -100,6 +109,45 @@ pub enum FormatError {
         expected: String,
         /// The digest of the file.
         actual: String,
+    },
+}
+
+/// What an output directory holds that a run must not write over.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// An unfinished conversion of other input or options (plan digests, shortened).
+    #[error("holds an unfinished conversion of other input or options (plan {there} there, {now} now)")]
+    OtherUnfinished {
+        /// The plan recorded in OUT.
+        there: String,
+        /// This run's plan.
+        now: String,
+    },
+    /// A finished conversion of other input or options.
+    #[error("holds a finished conversion of other input or options (plan {there} there, {now} now)")]
+    OtherFinished {
+        /// The plan recorded in OUT.
+        there: String,
+        /// This run's plan.
+        now: String,
+    },
+    /// A finished checkpoint (with a manifest) that fp8forge did not record.
+    #[error("already holds a finished checkpoint (SHA256SUMS present) that fp8forge did not record")]
+    UnrecordedCheckpoint,
+    /// Files of other origin.
+    #[error("exists and is not empty")]
+    NotEmpty,
+    /// A finished output whose files changed since it was finished.
+    #[error("is a finished output that was changed since ({what})")]
+    ChangedSince {
+        /// The first file that differs.
+        what: String,
+    },
+    /// State files (journal, record, commit) that fp8forge did not write or cannot read.
+    #[error("holds fp8forge state it cannot use: {what}")]
+    UnusableState {
+        /// Which file, and why.
+        what: String,
     },
 }
 

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::atomic::{WrittenFile, copy_atomic, is_partial_name, sync_parent, write_atomic};
 use crate::checkpoint::{INDEX_NAME, pretty_json};
-use crate::error::{FormatError, Result};
+use crate::error::{FormatError, Refusal, Result};
 use crate::lock::DirLock;
 use crate::manifest::{MANIFEST_NAME, write_manifest};
 use crate::writer::PlannedTensor;
@@ -90,18 +90,12 @@ impl Identity {
     /// file is named.
     fn check_same(&self, recorded: &Identity, out: &Path, since: Since) -> Result<()> {
         if recorded.plan != self.plan {
-            let (what, then) = match since {
-                Since::Started => ("an unfinished", "start over"),
-                Since::Finished => ("a finished", "overwrite it"),
+            let (there, now) = (short(&recorded.plan).to_owned(), short(&self.plan).to_owned());
+            let why = match since {
+                Since::Started => Refusal::OtherUnfinished { there, now },
+                Since::Finished => Refusal::OtherFinished { there, now },
             };
-            return Err(FormatError::Output {
-                path: out.to_owned(),
-                reason: format!(
-                    "holds {what} conversion of other input or options (plan {} there, {} now); use --force to {then}",
-                    short(&recorded.plan),
-                    short(&self.plan)
-                ),
-            });
+            return Err(FormatError::Refused { path: out.to_owned(), why });
         }
         for now in &self.inputs {
             let path = self.root.join(&now.file);
@@ -242,9 +236,9 @@ impl OutputDir {
     /// Under the locks: finishes an interrupted commit, then sorts OUT out.
     fn settle(self, copies: &[String]) -> Result<Opened> {
         let out = self.out.clone();
-        let refuse = |reason: String| FormatError::Output { path: out.clone(), reason };
+        let refuse = |why: Refusal| FormatError::Refused { path: out.clone(), why };
         let committing = self.state.join(COMMIT).exists();
-        let journal: Option<Identity> = read_json(&self.state.join(JOURNAL))?;
+        let journal: Option<Identity> = read_json(&self.out, &self.state.join(JOURNAL))?;
         match self.role {
             Role::Whole { force: true } => {
                 if committing {
@@ -256,14 +250,15 @@ impl OutputDir {
             }
             Role::Job { .. } if committing => {
                 // Past the commit point: the output exists, the next whole run moves it in.
-                let j = journal.ok_or_else(|| refuse("holds a commit without a journal; use --force".into()))?;
+                let j = journal
+                    .ok_or_else(|| refuse(Refusal::UnusableState { what: "a commit without a journal".into() }))?;
                 self.identity.check_same(&j, &out, Since::Started)?;
                 return Ok(Opened::Complete);
             }
             Role::Whole { force: false } if committing => self.roll_forward()?,
             _ => {}
         }
-        if let Some(j) = read_json::<Identity>(&self.state.join(JOURNAL))? {
+        if let Some(j) = read_json::<Identity>(&self.out, &self.state.join(JOURNAL))? {
             self.identity.check_same(&j, &out, Since::Started)?;
             if matches!(self.role, Role::Whole { .. }) {
                 remove_partials(&self.state.join(FILES))?;
@@ -299,26 +294,21 @@ impl OutputDir {
             return Err(self.record_mismatch()?);
         }
         if others.iter().any(|n| n == MANIFEST_NAME) {
-            return Err(refuse(format!(
-                "already holds a finished checkpoint ({MANIFEST_NAME} present) that fp8forge did not record; use --force to overwrite it"
-            )));
+            return Err(refuse(Refusal::UnrecordedCheckpoint));
         }
-        Err(refuse("exists and is not empty; use --force to write into it (files a conversion writes are replaced, others kept)".into()))
+        Err(refuse(Refusal::NotEmpty))
     }
 
     /// Why the record in OUT is not this output's (or the output was changed since).
     fn record_mismatch(&self) -> Result<FormatError> {
-        let Some(r) = read_json::<Record>(&self.out.join(RECORD_NAME))? else {
-            return Ok(FormatError::Output { path: self.out.clone(), reason: "record vanished".into() });
+        let refused = |why| FormatError::Refused { path: self.out.clone(), why };
+        let Some(r) = read_json::<Record>(&self.out, &self.out.join(RECORD_NAME))? else {
+            return Ok(refused(Refusal::UnusableState { what: format!("{RECORD_NAME} vanished") }));
         };
         if let Err(e) = self.identity.check_same(&r.identity, &self.out, Since::Finished) {
             return Ok(e);
         }
-        let what = changed_file(&self.out, &r).unwrap_or_default();
-        Ok(FormatError::Output {
-            path: self.out.clone(),
-            reason: format!("is a finished output that was changed since ({what}); use --force to convert again"),
-        })
+        Ok(refused(Refusal::ChangedSince { what: changed_file(&self.out, &r).unwrap_or_default() }))
     }
 
     /// Records the journal and creates the state's folders: this run starts the output.
@@ -334,7 +324,7 @@ impl OutputDir {
                 // Jobs of one array may start together: the first journal wins, the others must
                 // agree with it.
                 if !create_new(&path, &json)? {
-                    let theirs: Option<Identity> = read_json(&path)?;
+                    let theirs: Option<Identity> = read_json(&self.out, &path)?;
                     if let Some(j) = theirs {
                         self.identity.check_same(&j, &self.out, Since::Started)?;
                     }
@@ -392,7 +382,7 @@ impl OutputDir {
     /// Moves the files named by the commit journal into OUT (those still staged), then empties the
     /// state directory: the end of an interrupted commit.
     fn roll_forward(&self) -> Result<()> {
-        let moves: Vec<String> = read_json(&self.state.join(COMMIT))?.unwrap_or_default();
+        let moves: Vec<String> = read_json(&self.out, &self.state.join(COMMIT))?.unwrap_or_default();
         let staging = self.state.join(FILES);
         for name in &moves {
             let from = staging.join(name);
@@ -512,7 +502,7 @@ impl OutputDir {
 /// True when OUT holds the finished output of `identity`, every file of its record present with
 /// its size.
 fn finished(out: &Path, identity: &Identity) -> Result<bool> {
-    let Some(r) = read_json::<Record>(&out.join(RECORD_NAME))? else { return Ok(false) };
+    let Some(r) = read_json::<Record>(out, &out.join(RECORD_NAME))? else { return Ok(false) };
     Ok(identity.check_same(&r.identity, out, Since::Finished).is_ok() && changed_file(out, &r).is_none())
 }
 
@@ -547,11 +537,16 @@ fn remove_partials(dir: &Path) -> Result<()> {
 }
 
 /// Reads a JSON file of ours; `None` when it does not exist.
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+fn read_json<T: serde::de::DeserializeOwned>(out: &Path, path: &Path) -> Result<Option<T>> {
     match std::fs::read(path) {
-        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| FormatError::BadJson {
-            path: path.to_owned(),
-            reason: format!("not a file fp8forge wrote ({e}); use --force to start over"),
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| FormatError::Refused {
+            path: out.to_owned(),
+            why: Refusal::UnusableState {
+                what: format!(
+                    "{} is not a file fp8forge wrote ({e})",
+                    path.strip_prefix(out).unwrap_or(path).display()
+                ),
+            },
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(FormatError::Io { path: path.to_owned(), op: "read", source: e }),

@@ -142,6 +142,12 @@ pub enum ConvertError {
         /// Why.
         reason: String,
     },
+    /// Starting over was asked of one job of an array: it would delete the other jobs' files.
+    #[error("{path}: a job of an array cannot start the output over (it would delete the other jobs' files)")]
+    ForceInJob {
+        /// The output directory.
+        path: PathBuf,
+    },
     /// The run was interrupted (SIGINT, SIGTERM) and stopped cleanly: its temporary files are
     /// removed, the files it finished are kept for the next run.
     #[error("interrupted; finished files are kept: run the same command again to continue")]
@@ -183,14 +189,7 @@ pub fn convert(
     let paths: Vec<PathBuf> = inputs.iter().map(|f| ckpt.root.join(f)).collect();
     check_apart(&ckpt.root, &paths, out)?;
     let role = match run.shard {
-        Some(_) if run.force => {
-            return Err(ConvertError::Output {
-                path: out.to_owned(),
-                reason: "--force cannot be combined with --shard (one job would delete the others' files); \
-                         start over with one run of --force, or remove OUT first"
-                    .into(),
-            });
-        }
+        Some(_) if run.force => return Err(ConvertError::ForceInJob { path: out.to_owned() }),
         Some((index, count)) => Role::Job { index, count },
         None => Role::Whole { force: run.force },
     };

@@ -587,8 +587,15 @@ mod tests {
         convert_default(&input, &fp8);
         std::fs::create_dir_all(&back).expect("mkdir");
         std::fs::write(back.join("stale.safetensors"), b"junk").expect("junk");
-        let e = dequant(&fp8, &back, false, &NoProgress).expect_err("non-empty").to_string();
-        assert!(e.contains("not empty") && e.contains("--force"), "{e}");
+        let e = dequant(&fp8, &back, false, &NoProgress).expect_err("non-empty");
+        assert!(
+            matches!(
+                &e,
+                ConvertError::Format(FormatError::Refused { why: fp8forge_formats::error::Refusal::NotEmpty, .. })
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("not empty"), "{e}");
         dequant(&fp8, &back, true, &NoProgress).expect("with force");
         assert!(!back.join("stale.safetensors").exists(), "force leaves stale shards");
         Checkpoint::open(&back).expect("output opens");
