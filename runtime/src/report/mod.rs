@@ -1,8 +1,11 @@
 //! The HTML report of `fp8forge eval`: one self-contained page (inline CSS and SVG, no scripts, no
-//! external resources) with the headline figures, plots of the per-layer, per-expert, per-token and
-//! per-tensor figures, the worst tensors, and the result itself as embedded JSON.
+//! external resources) with the verdict first (what the model costs in perplexity against a budget
+//! of +1% over its baseline, with top-1 agreement and KL divergence), then plots of the per-layer,
+//! per-expert, per-token and per-tensor figures, the worst tensors, every figure in a table, and
+//! the result itself as embedded JSON.
 //!
 //! - [`page`]: the page as maud templates, which escape every string they interpolate;
+//! - [`verdict`]: the verdict and its budget;
 //! - [`plots`]: the report's plots, each from figures to an SVG;
 //! - [`svg`]: the SVG writer and chart furniture (frame, axes, legends), and why it is not plotters;
 //! - [`axis`]: tick arithmetic of linear, index and logarithmic axes;
@@ -13,15 +16,16 @@ mod format;
 mod page;
 mod plots;
 mod svg;
+mod verdict;
 
 use crate::metrics::EvalResult;
 
-/// Renders the result of `fp8forge eval` as one self-contained HTML page: a headline table, inline
-/// SVG plots (per-layer hidden-state error and routing agreement, expert load, the distribution of
-/// the KL divergence, per-tensor weight error), the worst tensors, and `r` itself as JSON in a
-/// `<script type="application/json" id="fp8forge-result">` element.
+/// Renders the result of `fp8forge eval` as one self-contained HTML page: the verdict, inline SVG
+/// plots (per-layer hidden-state error and routing agreement, expert load, the distribution of the
+/// KL divergence, per-tensor weight error), the worst tensors, a table of every figure, and `r`
+/// itself as JSON in a `<script type="application/json" id="fp8forge-result">` element.
 ///
-/// Without a baseline only the model's own figures and its expert load are shown.
+/// Without a baseline the page says so and shows the model's own figures and its expert load.
 /// Non-finite values are shown as "n/a" and left out of the plots.
 pub fn render_html(r: &EvalResult) -> String {
     page::page(r)
@@ -240,6 +244,71 @@ mod tests {
         assert_eq!(count(&html, ", expert "), 24);
         assert!(!html.contains(">baseline</text>"));
         assert!(embedded(&html).baseline.is_none());
+    }
+
+    /// Where `needle` first occurs in `html`, failing with its name when it does not.
+    fn position(html: &str, needle: &str) -> usize {
+        html.find(needle).unwrap_or_else(|| panic!("missing {needle:?}"))
+    }
+
+    #[test]
+    fn verdict_over_budget_comes_first_then_the_sections_in_order() {
+        let html = render_html(&sample());
+        for expected in [
+            "<section class=\"verdict over\">",
+            "over budget</span>FP8 costs +2.06% perplexity (6.0000 → 6.1234)",
+            "Budget: at most +1.0% perplexity over the baseline. Exceeded by 1.06 percentage points.",
+            "97.31%</span><span class=\"label\">top-1 agreement",
+            "0.00412 nats</span><span class=\"label\">KL divergence, mean per token",
+        ] {
+            assert!(html.contains(expected), "missing {expected:?}");
+        }
+        let order = [
+            "<section class=\"verdict",
+            "<h2>Hidden-state error per layer",
+            "<h2>Routing agreement per layer",
+            "<h2>Expert load",
+            "<h2>KL divergence per token",
+            "<h2>Weight error per tensor",
+            "<h2>All figures",
+            "id=\"fp8forge-result\"",
+        ];
+        for pair in order.windows(2) {
+            assert!(position(&html, pair[0]) < position(&html, pair[1]), "{:?} not before {:?}", pair[0], pair[1]);
+        }
+        assert!(position(&html, "</section>") < position(&html, "<svg"));
+    }
+
+    #[test]
+    fn verdict_within_budget_and_when_perplexity_falls() {
+        let mut r = sample();
+        r.perplexity = 6.03;
+        let html = render_html(&r);
+        assert!(html.contains("<section class=\"verdict within\">"));
+        assert!(html.contains("within budget</span>FP8 costs +0.50% perplexity (6.0000 → 6.0300)"));
+        assert!(html.contains("0.50 percentage points to spare."));
+        r.perplexity = 5.97;
+        let html = render_html(&r);
+        assert!(html.contains("within budget</span>FP8 costs no perplexity: -0.50% (6.0000 → 5.9700)"));
+        r.weights = "bf16".to_string();
+        r.act_quant = "none".to_string();
+        assert!(render_html(&r).contains("</span>The model costs no perplexity"));
+    }
+
+    #[test]
+    fn verdict_without_baseline_or_without_a_number() {
+        let html = render_html(&without_baseline(3, 8));
+        assert!(html.contains("<section class=\"verdict unknown\">"));
+        assert!(html.contains("no verdict</span>No baseline was given"));
+        assert!(html.contains("Perplexity 6.1234 ± 0.0456 on 4,088 tokens."));
+        assert!(html.contains("(+1.0% perplexity)") && html.contains("--baseline BF16_DIR"));
+        assert!(!html.contains("budget</span>"));
+
+        let mut r = sample();
+        r.perplexity = f64::NAN;
+        let html = render_html(&r);
+        assert!(html.contains("not judged</span>The change of perplexity could not be computed (model n/a"));
+        assert!(html.contains("97.31%"));
     }
 
     #[test]

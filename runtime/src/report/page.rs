@@ -1,5 +1,7 @@
-//! The page, as maud templates (which escape every string they interpolate): the headline
-//! table, the sections with their plots, the worst tensors, and the result as JSON.
+//! The page, as maud templates (which escape every string they interpolate): the verdict first,
+//! then the sections in the order a reader asks their questions (where the error grows, whether
+//! routing changed, how the token distributions differ, which tensors are worst), then every
+//! figure in a table and the result as JSON.
 
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
@@ -8,6 +10,7 @@ use super::plots::{
     TENSOR_BARS, expert_load_plot, hidden_error_plot, kld_histogram_plot, routing_agreement_plot, sorted_tensor_errors,
     tensor_error_plot,
 };
+use super::verdict::{PERPLEXITY_BUDGET_PERCENT, Verdict, subject};
 use crate::metrics::{Comparison, EvalResult, LayerStats, TensorError};
 
 /// Rows of the table of the worst tensors.
@@ -19,6 +22,16 @@ body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:#
   max-width:780px;margin:24px auto;padding:0 12px}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 6px;border-bottom:1px solid #ddd;padding-bottom:3px}
 p.sub{color:#555;margin:0 0 14px;word-break:break-all}p.note{color:#555;font-style:italic}
+.verdict{border:1px solid;border-left-width:6px;border-radius:4px;padding:10px 14px;margin:14px 0 8px}
+.verdict.within{border-color:#2b8a3e;background:#f1faf3}.verdict.over{border-color:#c92a2a;background:#fff4f4}
+.verdict.unknown{border-color:#868e96;background:#f6f7f8}.verdict p{margin:4px 0}
+.verdict p.claim{font-size:19px;font-weight:600}.verdict code{overflow-wrap:anywhere}
+.badge{display:inline-block;font-size:12px;font-weight:700;text-transform:uppercase;letter-spacing:.04em;
+  padding:1px 7px;border-radius:3px;color:#fff;margin-right:8px;vertical-align:2px}
+.within .badge{background:#2b8a3e}.over .badge{background:#c92a2a}.unknown .badge{background:#868e96}
+.figures{display:flex;flex-wrap:wrap;gap:6px 32px;margin:10px 0 2px}
+.figures .value{font-size:18px;font-weight:600;font-variant-numeric:tabular-nums}
+.figures .label{display:block;color:#555;font-size:12.5px}
 table{border-collapse:collapse;margin:8px 0}
 td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
 th{background:#f4f4f4;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
@@ -44,20 +57,18 @@ pub(super) fn page(r: &EvalResult) -> String {
                 p.sub {
                     (r.model)
                     @if let Some(c) = &r.baseline { " compared with " (c.baseline_model) }
+                    br;
+                    "weights: " (r.weights) " · activation quantization: " (r.act_quant)
                 }
-                (figures_table(r))
-                @match &r.baseline {
-                    Some(c) => {
-                        (layer_sections(&r.layers))
-                        (kld_section(c))
-                        (tensor_section(c))
-                    }
-                    None => p.note {
-                        "No baseline was given, so there is no comparison: no KL divergence, agreement, \
-                         hidden-state or weight error plots."
-                    },
-                }
+                (verdict_box(r))
+                @if r.baseline.is_some() { (layer_sections(&r.layers)) }
                 (expert_load_section(&r.layers))
+                @if let Some(c) = &r.baseline {
+                    (kld_section(c))
+                    (tensor_section(c))
+                }
+                h2 { "All figures" }
+                (figures_table(r))
                 (embedded_json(r))
             }
         }
@@ -65,6 +76,85 @@ pub(super) fn page(r: &EvalResult) -> String {
     let mut page = markup.into_string();
     page.push('\n');
     page
+}
+
+/// The box at the top: what the model costs in perplexity against the budget, and the agreement
+/// figures; without a baseline, that there is nothing to compare and the model's own perplexity.
+fn verdict_box(r: &EvalResult) -> Markup {
+    let verdict = Verdict::of(r);
+    let budget = format!("+{PERPLEXITY_BUDGET_PERCENT:.1}% perplexity");
+    html! {
+        section class=(verdict.class()) {
+            @match (verdict, &r.baseline) {
+                (Verdict::Within { change_percent } | Verdict::Over { change_percent }, Some(c)) => {
+                    p.claim {
+                        span.badge { (verdict.badge()) }
+                        (cost_claim(subject(r), change_percent, r.perplexity, c.baseline_perplexity))
+                    }
+                    p { "Budget: at most " (budget) " over the baseline. " (change_against_budget(change_percent)) }
+                    (key_figures(c))
+                }
+                (_, Some(c)) => {
+                    p.claim {
+                        span.badge { (verdict.badge()) }
+                        "The change of perplexity could not be computed (model "
+                        (fmt_fixed(r.perplexity, 4)) ", baseline " (fmt_fixed(c.baseline_perplexity, 4)) ")."
+                    }
+                    p { "Budget: at most " (budget) " over the baseline." }
+                    (key_figures(c))
+                }
+                (_, None) => {
+                    p.claim { span.badge { (verdict.badge()) } "No baseline was given, so nothing is compared." }
+                    p {
+                        "Perplexity " (fmt_plus_minus(r.perplexity, r.perplexity_stderr)) " on "
+                        (fmt_count(r.tokens_scored)) " tokens. To measure what FP8 costs against the budget ("
+                        (budget) "), evaluate with the BF16 original: "
+                        code { "fp8forge eval MODEL --baseline BF16_DIR --report FILE.html" } "."
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// "FP8 costs +2.06% perplexity (6.0000 → 6.1234)", or "costs no perplexity" when it fell.
+fn cost_claim(subject: &str, change_percent: f64, perplexity: f64, baseline: f64) -> Markup {
+    let change = fmt_relative_change(perplexity, baseline);
+    let from_to = format!("({} → {})", fmt_fixed(baseline, 4), fmt_fixed(perplexity, 4));
+    html! {
+        @if change_percent > 0.0 {
+            (subject) " costs " (change) " perplexity " (from_to)
+        } @else {
+            (subject) " costs no perplexity: " (change) " " (from_to)
+        }
+    }
+}
+
+/// How far the change is from the budget, in percentage points.
+fn change_against_budget(change_percent: f64) -> String {
+    let margin = PERPLEXITY_BUDGET_PERCENT - change_percent;
+    if margin >= 0.0 {
+        format!("{} percentage points to spare.", fmt_fixed(margin, 2))
+    } else {
+        format!("Exceeded by {} percentage points.", fmt_fixed(-margin, 2))
+    }
+}
+
+/// Top-1 agreement, KL divergence and routing agreement, large.
+fn key_figures(c: &Comparison) -> Markup {
+    let figures = [
+        (fmt_percent(c.top1_agreement), "top-1 agreement"),
+        (format!("{} nats", fmt_sig(c.kld_mean, 3)), "KL divergence, mean per token"),
+        (format!("{} nats", fmt_sig(c.kld_p99, 3)), "KL divergence, 99th percentile"),
+        (fmt_percent(c.routing_agreement), "routing agreement"),
+    ];
+    html! {
+        div.figures {
+            @for (value, label) in figures {
+                div { span.value { (value) } span.label { (label) } }
+            }
+        }
+    }
 }
 
 /// Hidden-state error and routing agreement per layer.
@@ -86,7 +176,10 @@ fn layer_sections(layers: &[LayerStats]) -> Markup {
 fn expert_load_section(layers: &[LayerStats]) -> Markup {
     html! {
         h2 { "Expert load" }
-        (plot_or_note(expert_load_plot(layers), "No MoE layer with routing figures."))
+        @match expert_load_plot(layers) {
+            Some(plot) => { p { (plot.reading) } (plot.svg) }
+            None => p.note { "No MoE layer with routing figures." },
+        }
     }
 }
 
@@ -108,7 +201,7 @@ fn kld_section(c: &Comparison) -> Markup {
     }
 }
 
-/// The largest errors as bars, then the worst tensors as a table.
+/// The worst tensors as a table, then the largest errors as bars.
 fn tensor_section(c: &Comparison) -> Markup {
     let sorted = sorted_tensor_errors(&c.tensor_errors);
     html! {
@@ -117,11 +210,14 @@ fn tensor_section(c: &Comparison) -> Markup {
             Some(svg) => {
                 p {
                     "Relative RMS error " code { "‖w − w" sub { "ref" } "‖ / ‖w" sub { "ref" } "‖" }
-                    ", largest first: the " (fmt_count(sorted.len().min(TENSOR_BARS))) " largest of "
-                    (fmt_count(sorted.len())) " tensors that differ (hover a bar for its name)."
+                    " of the weights that differ from the baseline's, the worst first:"
+                }
+                (worst_tensor_table(&sorted))
+                p {
+                    "Relative RMS error of the " (fmt_count(sorted.len().min(TENSOR_BARS))) " largest of "
+                    (fmt_count(sorted.len())) " tensors that differ, largest first (hover a bar for its name):"
                 }
                 (svg)
-                (worst_tensor_table(&sorted))
             }
             None => p.note { "No per-tensor weight errors were recorded." },
         }
@@ -138,7 +234,7 @@ fn plot_or_note(svg: Option<Markup>, note: &str) -> Markup {
     }
 }
 
-/// The table of the headline figures.
+/// The table of every figure of the run, in the order of the old headline table.
 fn figures_table(r: &EvalResult) -> Markup {
     html! {
         table.headline {

@@ -146,19 +146,43 @@ fn moe_layers(layers: &[LayerStats]) -> Vec<&LayerStats> {
     layers.iter().filter(|l| l.moe && !l.expert_load.is_empty()).collect()
 }
 
+/// An expert load plot with a sentence saying how to read it.
+pub(super) struct ExpertLoadPlot {
+    /// The plot.
+    pub(super) svg: Markup,
+    /// How to read it, for the text above it.
+    pub(super) reading: &'static str,
+}
+
 /// The expert load plot: grouped bars per expert and layer for a few small layers, a per-layer
 /// imbalance summary and a heat strip otherwise. `None` without MoE layers.
-pub(super) fn expert_load_plot(layers: &[LayerStats]) -> Option<Markup> {
+pub(super) fn expert_load_plot(layers: &[LayerStats]) -> Option<ExpertLoadPlot> {
     let moe = moe_layers(layers);
     if moe.is_empty() {
         return None;
     }
     let experts = moe.iter().map(|l| expert_count(l)).max().unwrap_or(0);
-    if moe.len() <= DETAILED_MAX_LAYERS && experts <= DETAILED_MAX_EXPERTS {
-        Some(expert_load_bars(&moe, experts))
+    let has_baseline = moe.iter().any(|l| l.baseline_expert_load.is_some());
+    let plot = if moe.len() <= DETAILED_MAX_LAYERS && experts <= DETAILED_MAX_EXPERTS {
+        let reading = if has_baseline {
+            "Tokens routed to each expert of each MoE layer, the baseline's bar beside the model's."
+        } else {
+            "Tokens routed to each expert of each MoE layer."
+        };
+        ExpertLoadPlot { svg: expert_load_bars(&moe, experts), reading }
     } else {
-        Some(expert_load_summary(&moe, experts))
-    }
+        let reading = if has_baseline {
+            "Top: per MoE layer, the busiest expert's load over the mean load (1 would be perfectly even). \
+             Below, one row per layer: each expert's load in the model over its load in the baseline, red \
+             where the model routes more tokens to the expert, blue where fewer."
+        } else {
+            "Top: per MoE layer, the busiest expert's load over the mean load (1 would be perfectly even). \
+             Below, one row per layer: each expert's load over the layer's mean load, red for busier \
+             experts, blue for idler ones."
+        };
+        ExpertLoadPlot { svg: expert_load_summary(&moe, experts), reading }
+    };
+    Some(plot)
 }
 
 /// Experts of a layer: the longer of the model's and the baseline's load vectors.
