@@ -309,6 +309,10 @@ mod tests {
         let html = render_html(&r);
         assert!(html.contains("not judged</span>The change of perplexity could not be computed (model n/a"));
         assert!(html.contains("97.31%"));
+        if let Some(c) = r.baseline.as_mut() {
+            c.kld_mean = f64::NAN;
+        }
+        assert!(render_html(&r).contains("<span class=\"value\">n/a</span><span class=\"label\">KL divergence, mean"));
     }
 
     #[test]

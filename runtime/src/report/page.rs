@@ -108,8 +108,8 @@ fn verdict_box(r: &EvalResult) -> Markup {
                     p {
                         "Perplexity " (fmt_plus_minus(r.perplexity, r.perplexity_stderr)) " on "
                         (fmt_count(r.tokens_scored)) " tokens. To measure what FP8 costs against the budget ("
-                        (budget) "), evaluate with the BF16 original: "
-                        code { "fp8forge eval MODEL --baseline BF16_DIR --report FILE.html" } "."
+                        (budget) "), run the same " code { "fp8forge eval" } " again with "
+                        code { "--baseline BF16_DIR" } ", the BF16 original."
                     }
                 }
             }
@@ -144,8 +144,8 @@ fn change_against_budget(change_percent: f64) -> String {
 fn key_figures(c: &Comparison) -> Markup {
     let figures = [
         (fmt_percent(c.top1_agreement), "top-1 agreement"),
-        (format!("{} nats", fmt_sig(c.kld_mean, 3)), "KL divergence, mean per token"),
-        (format!("{} nats", fmt_sig(c.kld_p99, 3)), "KL divergence, 99th percentile"),
+        (nats(c.kld_mean), "KL divergence, mean per token"),
+        (nats(c.kld_p99), "KL divergence, 99th percentile"),
         (fmt_percent(c.routing_agreement), "routing agreement"),
     ];
     html! {
@@ -155,6 +155,11 @@ fn key_figures(c: &Comparison) -> Markup {
             }
         }
     }
+}
+
+/// A KL divergence with three significant digits and its unit ("n/a" alone when not finite).
+fn nats(kld: f64) -> String {
+    if kld.is_finite() { format!("{} nats", fmt_sig(kld, 3)) } else { fmt_sig(kld, 3) }
 }
 
 /// Hidden-state error and routing agreement per layer.
