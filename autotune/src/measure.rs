@@ -4,10 +4,10 @@
 
 use std::collections::HashSet;
 
-use fp8forge_kernels::bench::{BenchOptions, BenchRow, ShapeBench};
+use fp8forge_kernels::bench::{BenchOptions, BenchRow, Implementation, ShapeBench};
 use fp8forge_kernels::cuda::Device;
 use fp8forge_kernels::gemm::GemmKernel;
-use fp8forge_kernels::{Arch, GemmConfig, KernelError};
+use fp8forge_kernels::{GemmConfig, GpuArch, KernelError};
 
 use crate::gpu::{GpuSpec, identify};
 use crate::table::{Device as TableDevice, Problem};
@@ -17,7 +17,7 @@ use crate::tune::{Measure, Timing, TuneError};
 /// of one problem share their operands and reference.
 pub struct GpuMeasure<'d> {
     dev: &'d Device,
-    arch: Arch,
+    arch: GpuArch,
     opts: BenchOptions,
     current: Option<(Problem, ShapeBench<'d>)>,
     compiled: HashSet<(GemmConfig, bool)>,
@@ -91,7 +91,7 @@ fn timings(configs: &[GemmConfig], compile_errors: &[(GemmConfig, String)], rows
                 return Err(format!("compile: {why}"));
             }
             let id = c.id();
-            match rows.iter().find(|r| r.config == id && r.implementation == "fp8forge") {
+            match rows.iter().find(|r| r.config == id && r.implementation == Implementation::Fp8forge) {
                 Some(r) if r.ok => r.us.ok_or_else(|| "no time".to_string()),
                 Some(r) => Err(r.error.clone().unwrap_or_else(|| "failed its check".into())),
                 None => Err("not measured".into()),
@@ -137,7 +137,7 @@ mod tests {
             n: 4096,
             k: 7168,
             groups: 1,
-            implementation: "fp8forge".into(),
+            implementation: Implementation::Fp8forge,
             config: config.id(),
             us,
             tflops: None,

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use fp8forge_kernels::{Arch, GemmConfig, GemmShape, is_legal, search_space, source_hash};
+use fp8forge_kernels::{GemmConfig, GemmShape, GpuArch, is_legal, search_space, source_hash};
 use serde::{Deserialize, Serialize};
 
 use crate::gpu::GpuSpec;
@@ -258,12 +258,12 @@ pub fn choose(
     {
         return Some(c);
     }
-    rank(gpu, &shape, &search_space(Arch::Sm90a)).first().map(|(c, _)| *c)
+    rank(gpu, &shape, &search_space(GpuArch::Sm90a)).first().map(|(c, _)| *c)
 }
 
 /// Fills a table from the cost model alone (`--simulate`): every problem, the model's best.
 pub fn simulate(gpu: &GpuSpec, problems: &[Problem]) -> Table {
-    let space = search_space(Arch::Sm90a);
+    let space = search_space(GpuArch::Sm90a);
     let mut t = Table::new(gpu);
     for p in problems {
         if let Some((c, pred)) = rank(gpu, &p.shape(), &space).into_iter().next() {

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use fp8forge_kernels::{Arch, GemmConfig, KernelKind, Multicast, search_space};
+use fp8forge_kernels::{GemmConfig, GpuArch, KernelKind, Multicast, search_space};
 use serde::Serialize;
 
 use crate::gpu::GpuSpec;
@@ -242,7 +242,7 @@ pub fn tune_problem(
     opts: &TuneOptions,
 ) -> Result<Outcome, TuneError> {
     let shape = problem.shape();
-    let space = search_space(Arch::Sm90a);
+    let space = search_space(GpuArch::Sm90a);
     let ranked: Vec<GemmConfig> = rank(gpu, &shape, &space).into_iter().map(|(c, _)| c).collect();
     let Some(&model_pick) = ranked.first() else { return Err(TuneError::NoCandidate(problem.to_string())) };
     let budget = ((opts.budget * ranked.len() as f64).floor() as usize).max(MIN_TIMED).min(ranked.len());

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use fp8forge_autotune::measure::identify_device;
 use fp8forge_autotune::table::{Table, choose};
-use fp8forge_kernels::bench::{BenchOptions, BenchRow, bench_shape, deepseek_v3_shapes};
+use fp8forge_kernels::bench::{BenchOptions, BenchRow, Implementation, bench_shape, deepseek_v3_shapes};
 use fp8forge_kernels::config::{GemmConfig, GemmShape, is_legal, search_space};
 use fp8forge_kernels::cublaslt::CublasLt;
 use fp8forge_kernels::cuda::Device;
@@ -195,7 +195,7 @@ fn run_gemm(a: &GemmArgs) -> Result<ExitCode, (u8, String)> {
     } else {
         emit(&render(&dev, arch, &rows)).map_err(|f| (f.code, f.message))?;
     }
-    let failed = rows.iter().any(|r| r.implementation == "fp8forge" && !r.ok);
+    let failed = rows.iter().any(|r| r.implementation == Implementation::Fp8forge && !r.ok);
     Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
@@ -205,7 +205,7 @@ fn opt(v: Option<f64>, prec: usize) -> String {
 
 /// The table: one line per implementation and shape, then per shape our best against each
 /// baseline.
-fn render(dev: &Device, arch: fp8forge_kernels::Arch, rows: &[BenchRow]) -> String {
+fn render(dev: &Device, arch: fp8forge_kernels::GpuArch, rows: &[BenchRow]) -> String {
     let mut out = format!(
         "device: {} ({arch}, {} SMs, driver {}), kernels {}\n",
         dev.info.name,
@@ -244,7 +244,7 @@ fn render(dev: &Device, arch: fp8forge_kernels::Arch, rows: &[BenchRow]) -> Stri
     for (m, n, k, e) in shapes {
         let best = |imp: &str| {
             rows.iter()
-                .filter(|r| (r.m, r.n, r.k, r.groups) == (m, n, k, e) && r.implementation == imp)
+                .filter(|r| (r.m, r.n, r.k, r.groups) == (m, n, k, e) && r.implementation.name() == imp)
                 .filter_map(|r| r.tflops)
                 .fold(None, |a: Option<f64>, t| Some(a.map_or(t, |a| a.max(t))))
         };
