@@ -1,6 +1,7 @@
 //! The one error path of the CLI: every command returns a [`Failure`] (a message and an exit
 //! code), which `main` prints as one escaped line.
 
+use fp8forge_autotune::tune::TuneError;
 use fp8forge_quant::convert::ConvertError;
 use fp8forge_runtime::RuntimeError;
 
@@ -33,6 +34,12 @@ impl From<ConvertError> for Failure {
             let name = if sig == signal_hook::consts::SIGTERM as usize { "SIGTERM" } else { "SIGINT" };
             return Failure { code: 128 + (sig as u8 & 0x7f), message: format!("{name}: {e}") };
         }
+        Failure { code: if e.is_bad_input() { 2 } else { 1 }, message: e.to_string() }
+    }
+}
+
+impl From<TuneError> for Failure {
+    fn from(e: TuneError) -> Self {
         Failure { code: if e.is_bad_input() { 2 } else { 1 }, message: e.to_string() }
     }
 }
