@@ -69,7 +69,7 @@ table)
 {"model_type": "deepseek_v3", "hidden_size": 7168, "num_attention_heads": 128, "num_hidden_layers": 61,
  "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128,
  "intermediate_size": 18432, "moe_intermediate_size": 2048, "n_routed_experts": 256, "n_shared_experts": 1,
- "first_k_dense_replace": 3, "vocab_size": 129280}
+ "first_k_dense_replace": 3, "vocab_size": 129280, "num_experts_per_tok": 8}
 JSON
     start=$(date +%s)
     "$BIN" autotune --model "$cfg" --out "$OUT/deepseek_v3.yaml" --json > "$OUT/table.json" 2> "$OUT/table.err"

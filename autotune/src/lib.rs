@@ -2,11 +2,16 @@
 //! of a model ([`shapes`]), the analytic cost model that ranks the legal search space of the
 //! kernels ([`model`]), and the per-GPU YAML tables with lookup and merging ([`table`]).
 //! Measured tuning ([`tune`]) times the candidates on the GPU with the kernels' benchmark
-//! harness ([`measure`]).
+//! harness ([`measure`]). The `autotune` and `bench gemm` commands are one call each:
+//! [`run::autotune`] and [`bench::bench_gemm`].
 
+#![deny(missing_docs)]
+
+pub mod bench;
 pub mod gpu;
 pub mod measure;
 pub mod model;
+pub mod run;
 pub mod shapes;
 pub mod table;
 pub mod tune;

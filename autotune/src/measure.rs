@@ -4,20 +4,20 @@
 
 use std::collections::HashSet;
 
-use fp8forge_kernels::bench::{BenchOptions, BenchRow, ShapeBench};
+use fp8forge_kernels::bench::{BenchOptions, BenchRow, Implementation, ShapeBench};
 use fp8forge_kernels::cuda::Device;
 use fp8forge_kernels::gemm::GemmKernel;
-use fp8forge_kernels::{Arch, GemmConfig, KernelError};
+use fp8forge_kernels::{GemmConfig, GpuArch, KernelError};
 
 use crate::gpu::{GpuSpec, identify};
-use crate::table::{Device as TableDevice, Problem};
-use crate::tune::{Measure, Timing, TuneError};
+use crate::table::{Problem, TableGpu};
+use crate::tune::{Measure, Timing, TuneError, Untimed};
 
 /// Times candidates on `dev`. The problem of the last call stays on the device, so the batches
 /// of one problem share their operands and reference.
 pub struct GpuMeasure<'d> {
     dev: &'d Device,
-    arch: Arch,
+    arch: GpuArch,
     opts: BenchOptions,
     current: Option<(Problem, ShapeBench<'d>)>,
     compiled: HashSet<(GemmConfig, bool)>,
@@ -28,14 +28,10 @@ impl<'d> GpuMeasure<'d> {
     ///
     /// # Errors
     ///
-    /// [`TuneError::Device`] when the GPU is not one the kernels run on.
+    /// [`TuneError::Device`] ([`KernelError::UnsupportedGpu`]) when the GPU is not one the
+    /// kernels run on.
     pub fn new(dev: &'d Device, opts: BenchOptions) -> Result<Self, TuneError> {
-        let arch = dev.arch().ok_or_else(|| {
-            TuneError::Device(format!(
-                "{} (compute capability {}.{}) is not an sm_89/sm_90 GPU",
-                dev.info.name, dev.info.compute_capability.0, dev.info.compute_capability.1
-            ))
-        })?;
+        let arch = dev.gpu_arch()?;
         Ok(GpuMeasure {
             dev,
             arch,
@@ -44,10 +40,6 @@ impl<'d> GpuMeasure<'d> {
             compiled: HashSet::new(),
         })
     }
-}
-
-fn device_error(e: KernelError) -> TuneError {
-    TuneError::Device(e.to_string())
 }
 
 impl Measure for GpuMeasure<'_> {
@@ -63,38 +55,44 @@ impl Measure for GpuMeasure<'_> {
                 Ok(()) => {
                     self.compiled.insert((*c, grouped));
                 }
-                Err(e) => compile_errors.push((*c, e.to_string())),
+                Err(e) => compile_errors.push((*c, e)),
             }
         }
-        if self.current.as_ref().is_none_or(|(p, _)| p != problem) {
-            self.current = None; // free the last problem's device memory first
-            let opts =
-                BenchOptions { tokens_per_expert: (problem.experts > 1).then_some(problem.m), ..self.opts.clone() };
-            let bench = ShapeBench::new(self.dev, &shape, &opts).map_err(device_error)?;
-            self.current = Some((problem.clone(), bench));
-        }
-        let Some((_, bench)) = &self.current else { return Err(TuneError::Device("no problem on the device".into())) };
+        let current = match self.current.take() {
+            Some(current) if current.0 == *problem => current,
+            last => {
+                drop(last); // free the last problem's device memory first
+                let opts =
+                    BenchOptions { tokens_per_expert: (problem.experts > 1).then_some(problem.m), ..self.opts.clone() };
+                (problem.clone(), ShapeBench::new(self.dev, &shape, &opts)?)
+            }
+        };
+        let (_, bench) = self.current.insert(current);
         let runnable: Vec<GemmConfig> =
             configs.iter().copied().filter(|c| !compile_errors.iter().any(|(x, _)| x == c)).collect();
-        let rows = bench.run(None, &runnable).map_err(device_error)?;
-        Ok(timings(configs, &compile_errors, &rows))
+        let rows = bench.run(None, &runnable)?;
+        Ok(timings(configs, compile_errors, &rows))
     }
 }
 
 /// One [`Timing`] per configuration, in order, from the harness's rows (which come in its own
 /// order: failures first) and the compile errors.
-fn timings(configs: &[GemmConfig], compile_errors: &[(GemmConfig, String)], rows: &[BenchRow]) -> Vec<Timing> {
+fn timings(
+    configs: &[GemmConfig],
+    mut compile_errors: Vec<(GemmConfig, KernelError)>,
+    rows: &[BenchRow],
+) -> Vec<Timing> {
     configs
         .iter()
         .map(|c| {
-            if let Some((_, why)) = compile_errors.iter().find(|(x, _)| x == c) {
-                return Err(format!("compile: {why}"));
+            if let Some(i) = compile_errors.iter().position(|(x, _)| x == c) {
+                return Err(Untimed::Compile(compile_errors.swap_remove(i).1));
             }
             let id = c.id();
-            match rows.iter().find(|r| r.config == id && r.implementation == "fp8forge") {
-                Some(r) if r.ok => r.us.ok_or_else(|| "no time".to_string()),
-                Some(r) => Err(r.error.clone().unwrap_or_else(|| "failed its check".into())),
-                None => Err("not measured".into()),
+            match rows.iter().find(|r| r.config == id && r.implementation == Implementation::Fp8forge) {
+                Some(r) if r.ok => r.us.ok_or(Untimed::NoTime),
+                Some(r) => Err(Untimed::Failed(r.error.clone().unwrap_or_else(|| "failed its check".into()))),
+                None => Err(Untimed::NotMeasured),
             }
         })
         .collect()
@@ -106,23 +104,18 @@ fn timings(configs: &[GemmConfig], compile_errors: &[(GemmConfig, String)], rows
 ///
 /// # Errors
 ///
-/// [`TuneError::Device`] naming what was found.
-pub fn identify_device(dev: &Device) -> Result<(&'static GpuSpec, TableDevice), TuneError> {
+/// [`TuneError::UnknownGpu`] naming what was found.
+pub fn identify_device(dev: &Device) -> Result<(&'static GpuSpec, TableGpu), TuneError> {
     let (major, minor) = dev.info.compute_capability;
     let cc = (major.max(0) as u32, minor.max(0) as u32);
-    let spec = identify(&dev.info.name, dev.info.sms, cc).ok_or_else(|| {
-        TuneError::Device(format!(
-            "{} ({} SMs, compute capability {major}.{minor}) is not in the GPU table \
-             (h100-sxm, h100-pcie, h800-sxm, h800-pcie, h200, h20); use --simulate --gpu ID",
-            dev.info.name, dev.info.sms
-        ))
-    })?;
-    let device = TableDevice {
-        id: spec.id.into(),
+    let spec = identify(&dev.info.name, dev.info.sms, cc).ok_or_else(|| TuneError::UnknownGpu {
         name: dev.info.name.clone(),
         sms: dev.info.sms,
-        cc: format!("{major}.{minor}"),
-    };
+        major,
+        minor,
+    })?;
+    let device =
+        TableGpu { id: spec.id.into(), name: dev.info.name.clone(), sms: dev.info.sms, cc: format!("{major}.{minor}") };
     Ok((spec, device))
 }
 
@@ -137,7 +130,7 @@ mod tests {
             n: 4096,
             k: 7168,
             groups: 1,
-            implementation: "fp8forge".into(),
+            implementation: Implementation::Fp8forge,
             config: config.id(),
             us,
             tflops: None,
@@ -155,10 +148,12 @@ mod tests {
         // The harness lists failures first, then the timed rows.
         let rows =
             vec![row(&c[2], None, false, Some("check failed: relative error 1e0")), row(&c[0], Some(5.0), true, None)];
-        let t = timings(&c, &[(c[1], "spill".into())], &rows);
-        assert_eq!(t[0], Ok(5.0));
-        assert_eq!(t[1], Err("compile: spill".into()));
-        assert_eq!(t[2], Err("check failed: relative error 1e0".into()));
-        assert_eq!(t[3], Err("not measured".into()));
+        let spill =
+            KernelError::Spill { kernel: c[1].id(), arch: "sm_90a".into(), spill_stores: 8, spill_loads: 8, stack: 0 };
+        let t = timings(&c, vec![(c[1], spill)], &rows);
+        assert!(matches!(t[0], Ok(5.0)), "{:?}", t[0]);
+        assert!(matches!(&t[1], Err(Untimed::Compile(KernelError::Spill { .. }))), "{:?}", t[1]);
+        assert!(matches!(&t[2], Err(Untimed::Failed(why)) if why == "check failed: relative error 1e0"), "{:?}", t[2]);
+        assert!(matches!(t[3], Err(Untimed::NotMeasured)), "{:?}", t[3]);
     }
 }

@@ -120,7 +120,7 @@ pub fn rank(gpu: &GpuSpec, shape: &GemmShape, space: &[GemmConfig]) -> Vec<(Gemm
 mod tests {
     use super::*;
     use crate::gpu::by_id;
-    use fp8forge_kernels::{Arch, search_space};
+    use fp8forge_kernels::{GpuArch, search_space};
 
     fn h100() -> &'static GpuSpec {
         by_id("h100-sxm").expect("h100 in table")
@@ -174,7 +174,7 @@ mod tests {
             (128, [363.0, 512.0, 418.0, 583.0, 485.0, 408.0]),
             (4096, [1153.0, 1263.0, 950.0, 1280.0, 1417.0, 1256.0]),
         ];
-        let space = search_space(Arch::Sm90a);
+        let space = search_space(GpuArch::Sm90a);
         for (m, figures) in measured {
             let mut log_ratio = 0.0;
             for ((n, k), want) in nk.into_iter().zip(figures) {
@@ -190,7 +190,7 @@ mod tests {
 
     #[test]
     fn ranking_is_legal_deterministic_and_prefers_big_tiles_at_large_m() {
-        let space = search_space(Arch::Sm90a);
+        let space = search_space(GpuArch::Sm90a);
         let shape = GemmShape::dense(4096, 7168, 2048);
         let r1 = rank(h100(), &shape, &space);
         let r2 = rank(h100(), &shape, &space);

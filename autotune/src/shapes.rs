@@ -1,12 +1,14 @@
-//! The GEMM shapes of a model, read from its `config.json` the way serving engines lay the
-//! layers out (fused QKV / q_a+kv_a projections, fused gate+up projections, experts grouped).
+//! The weight GEMM shapes of a model, the way serving engines lay the layers out (fused QKV /
+//! q_a+kv_a projections, fused gate+up projections, experts grouped).
+//!
+//! The model's dimensions come in as [`ModelDims`], filled from a validated config by the caller
+//! (the CLI reads `config.json` with the runtime's parser): this crate does not parse configs.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 /// One weight GEMM: `D[M, N] = A[M, K] · B[N, K]ᵀ`, for every M the model sees.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct GemmShape {
+pub struct WeightShape {
     /// Output features.
     pub n: usize,
     /// Input features.
@@ -17,47 +19,80 @@ pub struct GemmShape {
     pub what: String,
 }
 
-/// Why a config cannot be read for shapes.
-#[derive(Debug, thiserror::Error)]
-pub enum ShapeError {
-    /// A field is missing or not a positive integer.
-    #[error("config.json: field {0} is missing or not a positive integer")]
-    Field(String),
-    /// The architecture is not one the runtime and kernels know.
-    #[error("config.json: model_type {0:?} is not supported (deepseek_v3, kimi_k2, mixtral, qwen3_moe)")]
-    ModelType(String),
+/// The dimensions of a model that fix its weight GEMMs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelDims {
+    /// Model width.
+    pub hidden: usize,
+    /// The attention block (the same in every layer).
+    pub attention: AttentionDims,
+    /// The feed-forward block of each decoder layer, in layer order.
+    pub layers: Vec<FfnDims>,
 }
 
-fn field(c: &Value, k: &str) -> Result<usize, ShapeError> {
-    opt(c, k).ok_or_else(|| ShapeError::Field(k.into()))
+/// The attention block's dimensions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AttentionDims {
+    /// Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2).
+    Mla {
+        /// Query heads.
+        heads: usize,
+        /// Rank of the query compression (`None`: a plain `q_proj`).
+        q_lora_rank: Option<usize>,
+        /// Rank of the key/value compression.
+        kv_lora_rank: usize,
+        /// Per-head query/key dims without position encoding.
+        qk_nope_head_dim: usize,
+        /// Per-head query/key dims with RoPE.
+        qk_rope_head_dim: usize,
+        /// Per-head value dims.
+        v_head_dim: usize,
+    },
+    /// Grouped-query attention (Mixtral, Qwen3-MoE).
+    Gqa {
+        /// Query heads.
+        heads: usize,
+        /// Key/value heads.
+        kv_heads: usize,
+        /// Dims per head.
+        head_dim: usize,
+    },
 }
 
-fn opt(c: &Value, k: &str) -> Option<usize> {
-    c.get(k).and_then(Value::as_u64).filter(|&v| v > 0).map(|v| v as usize)
+/// One decoder layer's feed-forward block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FfnDims {
+    /// A dense SwiGLU MLP.
+    Dense {
+        /// Its intermediate size.
+        intermediate: usize,
+    },
+    /// A mixture of experts.
+    Moe {
+        /// Routed experts.
+        experts: usize,
+        /// Intermediate size of each routed expert.
+        intermediate: usize,
+        /// Intermediate size of the shared expert MLP (`None`: no shared expert).
+        shared_intermediate: Option<usize>,
+    },
 }
 
-fn first(c: &Value, ks: &[&str]) -> Result<usize, ShapeError> {
-    ks.iter().find_map(|k| opt(c, k)).ok_or_else(|| ShapeError::Field(ks.join(" or ")))
-}
-
-/// Every distinct weight GEMM of the model described by `config` (a parsed config.json).
-pub fn model_shapes(config: &Value) -> Result<Vec<GemmShape>, ShapeError> {
-    let mt = config.get("model_type").and_then(Value::as_str).unwrap_or("");
-    let h = field(config, "hidden_size")?;
-    let heads = field(config, "num_attention_heads")?;
-    let mut v: Vec<GemmShape> = Vec::new();
+/// Every distinct weight GEMM of the model: the attention projections, then the feed-forward
+/// blocks in the order the layers first use them (a dense MLP, or the routed experts and then
+/// the shared expert). Shapes are distinct by (N, K, groups); the first name given a shape stays.
+pub fn model_shapes(dims: &ModelDims) -> Vec<WeightShape> {
+    let h = dims.hidden;
+    let mut v: Vec<WeightShape> = Vec::new();
     let mut add = |n: usize, k: usize, groups: usize, what: &str| {
         if !v.iter().any(|s| s.n == n && s.k == k && s.groups == groups) {
-            v.push(GemmShape { n, k, groups, what: what.into() });
+            v.push(WeightShape { n, k, groups, what: what.into() });
         }
     };
-    match mt {
-        "deepseek_v3" | "kimi_k2" => {
-            let rope = field(config, "qk_rope_head_dim")?;
-            let nope = field(config, "qk_nope_head_dim")?;
-            let vd = field(config, "v_head_dim")?;
-            let kvr = field(config, "kv_lora_rank")?;
-            match opt(config, "q_lora_rank") {
+    match dims.attention {
+        AttentionDims::Mla { heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim } => {
+            let (kvr, nope, rope) = (kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim);
+            match q_lora_rank.filter(|&r| r > 0) {
                 Some(qr) => {
                     add(qr + kvr + rope, h, 1, "q_a+kv_a");
                     add(heads * (nope + rope), qr, 1, "q_b");
@@ -67,61 +102,60 @@ pub fn model_shapes(config: &Value) -> Result<Vec<GemmShape>, ShapeError> {
                     add(kvr + rope, h, 1, "kv_a");
                 }
             }
-            add(heads * (nope + vd), kvr, 1, "kv_b");
-            add(h, heads * vd, 1, "o");
-            let layers = field(config, "num_hidden_layers")?;
-            if opt(config, "first_k_dense_replace").unwrap_or(0).min(layers) > 0 {
-                let i = field(config, "intermediate_size")?;
-                add(2 * i, h, 1, "mlp.gate_up");
-                add(h, i, 1, "mlp.down");
-            }
-            let e = first(config, &["n_routed_experts", "num_local_experts"])?;
-            let mi = field(config, "moe_intermediate_size")?;
-            add(2 * mi, h, e, "experts.gate_up");
-            add(h, mi, e, "experts.down");
-            if let Some(s) = opt(config, "n_shared_experts") {
-                add(2 * mi * s, h, 1, "shared_experts.gate_up");
-                add(h, mi * s, 1, "shared_experts.down");
-            }
+            add(heads * (nope + v_head_dim), kvr, 1, "kv_b");
+            add(h, heads * v_head_dim, 1, "o");
         }
-        "mixtral" | "qwen3_moe" => {
-            let kvh = opt(config, "num_key_value_heads").unwrap_or(heads);
-            let hd = opt(config, "head_dim").unwrap_or(h / heads);
-            add((heads + 2 * kvh) * hd, h, 1, "qkv");
-            add(h, heads * hd, 1, "o");
-            let e = first(config, &["num_local_experts", "num_experts"])?;
-            let inter = if mt == "mixtral" {
-                field(config, "intermediate_size")?
-            } else {
-                field(config, "moe_intermediate_size")?
-            };
-            add(2 * inter, h, e, "experts.gate_up");
-            add(h, inter, e, "experts.down");
-            let dense_layers = config.get("mlp_only_layers").and_then(Value::as_array).is_some_and(|a| !a.is_empty());
-            if mt == "qwen3_moe" && dense_layers {
-                let i = field(config, "intermediate_size")?;
-                add(2 * i, h, 1, "mlp.gate_up");
-                add(h, i, 1, "mlp.down");
-            }
+        AttentionDims::Gqa { heads, kv_heads, head_dim } => {
+            add((heads + 2 * kv_heads) * head_dim, h, 1, "qkv");
+            add(h, heads * head_dim, 1, "o");
         }
-        other => return Err(ShapeError::ModelType(other.into())),
     }
-    Ok(v)
+    for layer in &dims.layers {
+        match *layer {
+            FfnDims::Dense { intermediate: i } => {
+                add(2 * i, h, 1, "mlp.gate_up");
+                add(h, i, 1, "mlp.down");
+            }
+            FfnDims::Moe { experts, intermediate: mi, shared_intermediate } => {
+                add(2 * mi, h, experts, "experts.gate_up");
+                add(h, mi, experts, "experts.down");
+                if let Some(si) = shared_intermediate {
+                    add(2 * si, h, 1, "shared_experts.gate_up");
+                    add(h, si, 1, "shared_experts.down");
+                }
+            }
+        }
+    }
+    v
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// DeepSeek-V3's dimensions (the hub's config.json): MLA with q_lora_rank 1536, 3 dense
+    /// layers then 58 MoE layers of 256 experts and one shared expert.
+    pub(crate) fn deepseek_v3() -> ModelDims {
+        let moe = FfnDims::Moe { experts: 256, intermediate: 2048, shared_intermediate: Some(2048) };
+        let mut layers = vec![FfnDims::Dense { intermediate: 18432 }; 3];
+        layers.extend(std::iter::repeat_n(moe, 58));
+        ModelDims {
+            hidden: 7168,
+            attention: AttentionDims::Mla {
+                heads: 128,
+                q_lora_rank: Some(1536),
+                kv_lora_rank: 512,
+                qk_nope_head_dim: 128,
+                qk_rope_head_dim: 64,
+                v_head_dim: 128,
+            },
+            layers,
+        }
+    }
 
     #[test]
     fn deepseek_v3_config_gives_the_bench_targets_shapes() {
-        let c = serde_json::json!({
-            "model_type": "deepseek_v3", "hidden_size": 7168, "num_attention_heads": 128, "num_hidden_layers": 61,
-            "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
-            "v_head_dim": 128, "intermediate_size": 18432, "moe_intermediate_size": 2048,
-            "n_routed_experts": 256, "n_shared_experts": 1, "first_k_dense_replace": 3
-        });
-        let s = model_shapes(&c).expect("shapes");
+        let s = model_shapes(&deepseek_v3());
         let nk: Vec<(usize, usize, usize)> = s.iter().map(|s| (s.n, s.k, s.groups)).collect();
         // The dense shapes of ../shared/BENCH_TARGETS.md, then the MLP and expert shapes.
         for want in
@@ -135,15 +169,34 @@ mod tests {
     }
 
     #[test]
-    fn mixtral_and_unknown_models() {
-        let c = serde_json::json!({
-            "model_type": "mixtral", "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8,
-            "intermediate_size": 14336, "num_local_experts": 8
-        });
-        let s = model_shapes(&c).expect("shapes");
-        let nk: Vec<(usize, usize, usize)> = s.iter().map(|s| (s.n, s.k, s.groups)).collect();
+    fn mixtral_shapes() {
+        let moe = FfnDims::Moe { experts: 8, intermediate: 14336, shared_intermediate: None };
+        let dims = ModelDims {
+            hidden: 4096,
+            attention: AttentionDims::Gqa { heads: 32, kv_heads: 8, head_dim: 128 },
+            layers: vec![moe; 32],
+        };
+        let nk: Vec<(usize, usize, usize)> = model_shapes(&dims).iter().map(|s| (s.n, s.k, s.groups)).collect();
         assert_eq!(nk, vec![(6144, 4096, 1), (4096, 4096, 1), (28672, 4096, 8), (4096, 14336, 8)]);
-        let bad = serde_json::json!({"model_type": "llama", "hidden_size": 1, "num_attention_heads": 1});
-        assert!(matches!(model_shapes(&bad), Err(ShapeError::ModelType(_))));
+    }
+
+    #[test]
+    fn qwen3_moe_shapes_and_a_plain_q_projection() {
+        // Qwen3-30B-A3B: 32 query heads of 128 over a 2048 width, 4 KV heads, 128 experts of 768.
+        let moe = FfnDims::Moe { experts: 128, intermediate: 768, shared_intermediate: None };
+        let dims = ModelDims {
+            hidden: 2048,
+            attention: AttentionDims::Gqa { heads: 32, kv_heads: 4, head_dim: 128 },
+            layers: vec![moe; 48],
+        };
+        let nk: Vec<(usize, usize, usize)> = model_shapes(&dims).iter().map(|s| (s.n, s.k, s.groups)).collect();
+        assert_eq!(nk, vec![(5120, 2048, 1), (2048, 4096, 1), (1536, 2048, 128), (2048, 768, 128)]);
+        // MLA without a query compression (DeepSeek-V2-Lite) has q and kv_a instead of q_a+kv_a.
+        let mut lite = deepseek_v3();
+        if let AttentionDims::Mla { q_lora_rank, .. } = &mut lite.attention {
+            *q_lora_rank = None;
+        }
+        let what: Vec<String> = model_shapes(&lite).into_iter().map(|s| s.what).collect();
+        assert_eq!(what[..4], ["q", "kv_a", "kv_b", "o"]);
     }
 }

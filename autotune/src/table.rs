@@ -1,14 +1,15 @@
 //! Tuning tables: per GPU and kernel source, the chosen configuration for each (N, K, experts,
 //! M bucket), measured or predicted, as YAML; merging, lookup for any M, stale-hash detection.
 
-use std::path::Path;
+use std::fmt;
+use std::path::{Path, PathBuf};
 
-use fp8forge_kernels::{Arch, GemmConfig, GemmShape, is_legal, search_space, source_hash};
+use fp8forge_kernels::{GemmConfig, GemmShape, GpuArch, Why, is_legal, search_space, source_hash};
 use serde::{Deserialize, Serialize};
 
 use crate::gpu::GpuSpec;
 use crate::model::rank;
-use crate::shapes::GemmShape as ModelShape;
+use crate::shapes::WeightShape;
 
 /// Experts per grouped launch when tuning MoE shapes (one GPU's share under expert parallelism).
 pub const SIM_EXPERTS: usize = 8;
@@ -18,9 +19,9 @@ pub fn default_m() -> Vec<usize> {
     (0..=12).map(|i| 1usize << i).collect()
 }
 
-/// Which GPU a table is for.
+/// Which GPU a table is for (the table's `device`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Device {
+pub struct TableGpu {
     /// Spec id (`h100-sxm`, ...).
     pub id: String,
     /// Name (the driver's name when measured, the table's when predicted).
@@ -41,6 +42,15 @@ pub enum Source {
     Predicted,
 }
 
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Source::Measured => "measured",
+            Source::Predicted => "predicted",
+        })
+    }
+}
+
 /// One tuned shape and M bucket.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
@@ -52,8 +62,9 @@ pub struct Entry {
     pub experts: usize,
     /// Rows (per expert for a grouped launch).
     pub m: usize,
-    /// The chosen configuration's id (`wgmma_bm128_bn128_s4_mcA2_sw128`).
-    pub config: String,
+    /// The chosen configuration, written as its id (`wgmma_bm128_bn128_s4_mcA2_sw128`).
+    #[serde(with = "config_id")]
+    pub config: GemmConfig,
     /// Its time in microseconds.
     pub us: f64,
     /// Its TFLOP/s.
@@ -73,6 +84,31 @@ pub struct Entry {
 
 fn is_zero(v: &usize) -> bool {
     *v == 0
+}
+
+/// A configuration in a table or a report: its id, parsed back when read.
+pub mod config_id {
+    use fp8forge_kernels::GemmConfig;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes the configuration's id.
+    pub fn serialize<S: Serializer>(c: &GemmConfig, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&c.id())
+    }
+
+    /// Writes the configuration's id, or nothing (`null`).
+    pub fn serialize_option<S: Serializer>(c: &Option<GemmConfig>, s: S) -> Result<S::Ok, S::Error> {
+        match c {
+            Some(c) => s.serialize_some(&c.id()),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Reads an id; one that does not parse is an error naming it.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<GemmConfig, D::Error> {
+        let id = String::deserialize(d)?;
+        id.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// One tuning problem: a weight shape at one M bucket.
@@ -98,8 +134,8 @@ impl Problem {
     }
 }
 
-impl std::fmt::Display for Problem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "M={} {}x{}", self.m, self.n, self.k)?;
         if self.experts > 1 {
             write!(f, " x{} experts", self.experts)?;
@@ -111,18 +147,37 @@ impl std::fmt::Display for Problem {
     }
 }
 
+/// A weight shape no kernel can run, left out of the problems.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SkippedShape {
+    /// The shape.
+    pub shape: WeightShape,
+    /// Why no kernel runs it.
+    pub why: Why,
+}
+
+impl fmt::Display for SkippedShape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.shape;
+        if !s.what.is_empty() {
+            write!(f, "{} ", s.what)?;
+        }
+        write!(f, "{}x{}: {}", s.n, s.k, self.why)
+    }
+}
+
 /// Every shape at every M, as tuning problems (grouped shapes with at most [`SIM_EXPERTS`]
 /// experts per launch). Shapes the kernels cannot run (K not a multiple of 128) are returned as
 /// skipped, with the reason.
-pub fn problems(shapes: &[ModelShape], ms: &[usize]) -> (Vec<Problem>, Vec<String>) {
+pub fn problems(shapes: &[WeightShape], ms: &[usize]) -> (Vec<Problem>, Vec<SkippedShape>) {
     let mut out = Vec::new();
     let mut skipped = Vec::new();
     for s in shapes {
         let experts = if s.groups > 1 { s.groups.min(SIM_EXPERTS) } else { 1 };
         for &m in ms {
             let p = Problem { n: s.n, k: s.k, experts, m, what: s.what.clone() };
-            if let Err(e) = p.shape().validate() {
-                skipped.push(format!("{} {}x{}: {e}", s.what, s.n, s.k));
+            if let Err(why) = p.shape().validate() {
+                skipped.push(SkippedShape { shape: s.clone(), why });
                 break;
             }
             out.push(p);
@@ -135,43 +190,102 @@ pub fn problems(shapes: &[ModelShape], ms: &[usize]) -> (Vec<Problem>, Vec<Strin
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Table {
     /// The GPU.
-    pub device: Device,
+    pub device: TableGpu,
     /// `source_hash()` of the kernels the entries were tuned for.
     pub kernel_hash: String,
     /// Entries sorted by (N, K, experts, M).
     pub entries: Vec<Entry>,
 }
 
-/// Table errors.
+/// Why a table cannot be read, merged or written.
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
-    /// Reading or writing failed.
-    #[error("{file}: {reason}")]
-    Io {
+    /// The table file is not there (or a directory on its path is not one).
+    #[error("{}: {source}", .file.display())]
+    Missing {
         /// The file.
-        file: String,
-        /// What failed.
-        reason: String,
+        file: PathBuf,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The table file is there but cannot be read (permission denied, an I/O error, ...).
+    #[error("{}: {source}", .file.display())]
+    Unreadable {
+        /// The file.
+        file: PathBuf,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a tuning table (YAML that does not parse as one, an unknown configuration id).
+    #[error("{}: not a tuning table: {source}", .file.display())]
+    Malformed {
+        /// The file.
+        file: PathBuf,
+        /// What the YAML parser said.
+        #[source]
+        source: serde_yaml::Error,
+    },
+    /// The table in the file is another GPU's, so a run for this one cannot extend it.
+    #[error("{}: a table for {found}, not {wanted}", .file.display())]
+    OtherGpu {
+        /// The file.
+        file: PathBuf,
+        /// The GPU id of its table.
+        found: String,
+        /// The GPU id of the run.
+        wanted: String,
     },
     /// Two tables of different GPUs or kernel sources cannot merge.
-    #[error("cannot merge a table for {0} into one for {1}")]
-    Mismatch(String, String),
+    #[error("cannot merge a table for {from} into one for {into}")]
+    Mismatch {
+        /// The GPU and kernels of the table merged in.
+        from: String,
+        /// The GPU and kernels of the table merged into.
+        into: String,
+    },
+    /// The table could not be written as YAML.
+    #[error("cannot write the table as YAML: {0}")]
+    Serialize(#[source] serde_yaml::Error),
+}
+
+impl TableError {
+    /// True when the user's input is at fault (a missing or malformed file, another GPU's
+    /// table), as opposed to the system (a file that cannot be read): the CLI exits 2 for these,
+    /// 1 otherwise.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            TableError::Missing { .. }
+            | TableError::Malformed { .. }
+            | TableError::OtherGpu { .. }
+            | TableError::Mismatch { .. } => true,
+            TableError::Unreadable { .. } | TableError::Serialize(_) => false,
+        }
+    }
+}
+
+/// What [`Table::load_for`] found in the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Existing {
+    /// No table: the new one is written alone.
+    Absent,
+    /// A table of the same GPU and kernels: the new entries were merged into it.
+    Merged,
+    /// A table tuned for other kernels (stale hash): it is replaced.
+    ReplacedStale,
 }
 
 /// The GEMM problem of an entry (grouped: `experts` blocks of `m` rows each, aligned to 128).
 pub fn problem(n: usize, k: usize, experts: usize, m: usize) -> GemmShape {
-    if experts > 1 {
-        GemmShape::grouped(experts * m.div_ceil(128) * 128, n, k, experts)
-    } else {
-        GemmShape::dense(m, n, k)
-    }
+    if experts > 1 { GemmShape::grouped_tokens(m, n, k, experts) } else { GemmShape::dense(m, n, k) }
 }
 
 impl Table {
     /// An empty table for `gpu`.
     pub fn new(gpu: &GpuSpec) -> Self {
         Table {
-            device: Device {
+            device: TableGpu {
                 id: gpu.id.into(),
                 name: gpu.name.into(),
                 sms: gpu.sms,
@@ -200,12 +314,16 @@ impl Table {
     }
 
     /// Merges `other` (same GPU and kernel source) into this table.
+    ///
+    /// # Errors
+    ///
+    /// [`TableError::Mismatch`] for a table of another GPU or other kernels.
     pub fn merge(&mut self, other: Table) -> Result<(), TableError> {
         if other.device.id != self.device.id || other.kernel_hash != self.kernel_hash {
-            return Err(TableError::Mismatch(
-                format!("{} (kernels {})", other.device.id, short(&other.kernel_hash)),
-                format!("{} (kernels {})", self.device.id, short(&self.kernel_hash)),
-            ));
+            return Err(TableError::Mismatch {
+                from: format!("{} (kernels {})", other.device.id, short(&other.kernel_hash)),
+                into: format!("{} (kernels {})", self.device.id, short(&self.kernel_hash)),
+            });
         }
         for e in other.entries {
             self.insert(e);
@@ -224,15 +342,51 @@ impl Table {
     }
 
     /// Reads a YAML table.
+    ///
+    /// # Errors
+    ///
+    /// [`TableError::Missing`], [`TableError::Unreadable`], [`TableError::Malformed`].
     pub fn load(path: &Path) -> Result<Self, TableError> {
-        let io = |reason: String| TableError::Io { file: path.display().to_string(), reason };
-        let text = std::fs::read_to_string(path).map_err(|e| io(e.to_string()))?;
-        serde_yaml::from_str(&text).map_err(|e| io(format!("not a tuning table: {e}")))
+        let file = path.to_path_buf();
+        let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory => TableError::Missing { file, source },
+            _ => TableError::Unreadable { file, source },
+        })?;
+        serde_yaml::from_str(&text).map_err(|source| TableError::Malformed { file: path.to_path_buf(), source })
+    }
+
+    /// The table to write to `path` for a run that made `new`: the table already there with
+    /// `new` merged in when it is for the same GPU and kernels; `new` alone when there is none,
+    /// or when the one there was tuned for other kernels (it is replaced). The second value says
+    /// which.
+    ///
+    /// # Errors
+    ///
+    /// [`TableError::OtherGpu`] when the file holds another GPU's table (it is never written
+    /// over), or the file cannot be read or is not a table.
+    pub fn load_for(path: &Path, new: Table) -> Result<(Table, Existing), TableError> {
+        let mut old = match Table::load(path) {
+            Ok(old) => old,
+            Err(TableError::Missing { .. }) => return Ok((new, Existing::Absent)),
+            Err(e) => return Err(e),
+        };
+        if old.is_stale() {
+            return Ok((new, Existing::ReplacedStale));
+        }
+        if old.device.id != new.device.id {
+            return Err(TableError::OtherGpu { file: path.to_path_buf(), found: old.device.id, wanted: new.device.id });
+        }
+        old.merge(new)?;
+        Ok((old, Existing::Merged))
     }
 
     /// The table as YAML.
-    pub fn to_yaml(&self) -> String {
-        serde_yaml::to_string(self).unwrap_or_default()
+    ///
+    /// # Errors
+    ///
+    /// [`TableError::Serialize`] (not expected of a table, but never an empty file instead).
+    pub fn to_yaml(&self) -> Result<String, TableError> {
+        serde_yaml::to_string(self).map_err(TableError::Serialize)
     }
 }
 
@@ -253,17 +407,16 @@ pub fn choose(
 ) -> Option<GemmConfig> {
     let shape = problem(n, k, experts, m);
     if let Some(e) = table.filter(|t| !t.is_stale()).and_then(|t| t.lookup(n, k, experts, m))
-        && let Ok(c) = e.config.parse::<GemmConfig>()
-        && is_legal(&c, &shape).is_ok()
+        && is_legal(&e.config, &shape).is_ok()
     {
-        return Some(c);
+        return Some(e.config);
     }
-    rank(gpu, &shape, &search_space(Arch::Sm90a)).first().map(|(c, _)| *c)
+    rank(gpu, &shape, &search_space(GpuArch::Sm90a)).first().map(|(c, _)| *c)
 }
 
 /// Fills a table from the cost model alone (`--simulate`): every problem, the model's best.
 pub fn simulate(gpu: &GpuSpec, problems: &[Problem]) -> Table {
-    let space = search_space(Arch::Sm90a);
+    let space = search_space(GpuArch::Sm90a);
     let mut t = Table::new(gpu);
     for p in problems {
         if let Some((c, pred)) = rank(gpu, &p.shape(), &space).into_iter().next() {
@@ -272,7 +425,7 @@ pub fn simulate(gpu: &GpuSpec, problems: &[Problem]) -> Table {
                 k: p.k,
                 experts: p.experts,
                 m: p.m,
-                config: c.id(),
+                config: c,
                 us: pred.us,
                 tflops: pred.tflops,
                 source: Source::Predicted,
@@ -290,15 +443,10 @@ mod tests {
     use super::*;
     use crate::gpu::by_id;
     use crate::shapes::model_shapes;
+    use crate::shapes::tests::deepseek_v3;
 
-    fn deepseek() -> Vec<ModelShape> {
-        let c = serde_json::json!({
-            "model_type": "deepseek_v3", "hidden_size": 7168, "num_attention_heads": 128, "num_hidden_layers": 61,
-            "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
-            "v_head_dim": 128, "intermediate_size": 18432, "moe_intermediate_size": 2048,
-            "n_routed_experts": 256, "n_shared_experts": 1, "first_k_dense_replace": 3
-        });
-        model_shapes(&c).expect("shapes")
+    fn deepseek() -> Vec<WeightShape> {
+        model_shapes(&deepseek_v3())
     }
 
     #[test]
@@ -310,14 +458,14 @@ mod tests {
             let t = simulate(g, &list);
             assert_eq!(t.entries.len(), 10 * 13);
             for e in &t.entries {
-                let c: GemmConfig = e.config.parse().expect("config id parses");
-                assert_eq!(is_legal(&c, &problem(e.n, e.k, e.experts, e.m)), Ok(()), "{e:?}");
+                assert_eq!(is_legal(&e.config, &problem(e.n, e.k, e.experts, e.m)), Ok(()), "{e:?}");
                 assert_eq!(e.source, Source::Predicted);
                 assert!(e.us > 0.0 && e.tflops > 0.0 && e.tflops < g.fp8_tflops);
             }
             let again = simulate(g, &list);
-            assert_eq!(t.to_yaml(), again.to_yaml(), "{gpu}: not deterministic");
-            let back: Table = serde_yaml::from_str(&t.to_yaml()).expect("yaml parses");
+            let yaml = t.to_yaml().expect("yaml");
+            assert_eq!(yaml, again.to_yaml().expect("yaml"), "{gpu}: not deterministic");
+            let back: Table = serde_yaml::from_str(&yaml).expect("yaml parses");
             assert_eq!(back, t);
         }
     }
@@ -331,7 +479,7 @@ mod tests {
             k: 7168,
             experts: 1,
             m,
-            config: "wgmma_bm128_bn128_s4_mc1_sw128".into(),
+            config: "wgmma_bm128_bn128_s4_mc1_sw128".parse().expect("id"),
             us,
             tflops: 1.0,
             source,
@@ -359,11 +507,107 @@ mod tests {
         // The table's entry is used where it is legal, and not where it is not: multicast B pairs
         // M tiles, so at M = 192 (three 64-row tiles) the bucket's choice cannot run.
         let mut mc = Table::new(g);
-        mc.insert(Entry { config: "wgmma_bm64_bn128_s4_mcB2_sw128".into(), ..e(128, Source::Measured, 10.0) });
+        mc.insert(Entry {
+            config: "wgmma_bm64_bn128_s4_mcB2_sw128".parse().expect("id"),
+            ..e(128, Source::Measured, 10.0)
+        });
         let c = choose(Some(&mc), g, 4096, 7168, 1, 128).expect("config");
         assert_eq!(c.id(), "wgmma_bm64_bn128_s4_mcB2_sw128");
         let c = choose(Some(&mc), g, 4096, 7168, 1, 192).expect("config");
         assert_ne!(c.id(), "wgmma_bm64_bn128_s4_mcB2_sw128");
         assert_eq!(is_legal(&c, &problem(4096, 7168, 1, 192)), Ok(()));
+    }
+
+    /// A fresh directory for one test (removed when dropped).
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(test: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("fp8forge-autotune-{test}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).expect("temp dir");
+            TempDir(p)
+        }
+
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn entry(m: usize, source: Source) -> Entry {
+        Entry {
+            n: 4096,
+            k: 7168,
+            experts: 1,
+            m,
+            config: GemmConfig::wgmma(128, 128, 4, fp8forge_kernels::Multicast::A),
+            us: 10.5,
+            tflops: 1.0,
+            source,
+            what: "o".into(),
+            timed: 3,
+            candidates: 20,
+        }
+    }
+
+    #[test]
+    fn yaml_writes_the_configuration_as_its_id() {
+        let mut t = Table::new(by_id("h100-sxm").expect("gpu"));
+        t.kernel_hash = "abc".into();
+        t.insert(entry(64, Source::Measured));
+        let want = "device:\n  id: h100-sxm\n  name: H100 SXM5 80GB\n  sms: 132\n  cc: '9.0'\nkernel_hash: abc\n\
+                    entries:\n- n: 4096\n  k: 7168\n  experts: 1\n  m: 64\n  config: wgmma_bm128_bn128_s4_mcA2_sw128\n\
+                    \x20 us: 10.5\n  tflops: 1.0\n  source: measured\n  what: o\n  timed: 3\n  candidates: 20\n";
+        assert_eq!(t.to_yaml().expect("yaml"), want);
+        let bad = want.replace("mcA2", "mcC2");
+        let e = serde_yaml::from_str::<Table>(&bad).expect_err("an unknown id is refused");
+        assert!(e.to_string().contains("mcC2"), "{e}");
+    }
+
+    #[test]
+    fn load_tells_a_missing_or_malformed_file_from_an_unreadable_one() {
+        let d = TempDir::new("load");
+        let missing = Table::load(&d.path().join("missing.yaml")).expect_err("missing");
+        assert!(matches!(missing, TableError::Missing { .. }) && missing.is_bad_input(), "{missing}");
+        let bad = d.path().join("bad.yaml");
+        std::fs::write(&bad, "not: [a table").expect("write");
+        let malformed = Table::load(&bad).expect_err("malformed");
+        assert!(matches!(malformed, TableError::Malformed { .. }) && malformed.is_bad_input(), "{malformed}");
+        // A directory cannot be read as a file: the system's failure, not a malformed table.
+        let unreadable = Table::load(d.path()).expect_err("a directory");
+        assert!(matches!(unreadable, TableError::Unreadable { .. }) && !unreadable.is_bad_input(), "{unreadable}");
+    }
+
+    #[test]
+    fn load_for_merges_same_gpu_replaces_stale_and_refuses_another_gpu() {
+        let d = TempDir::new("load-for");
+        let path = d.path().join("t.yaml");
+        let h100 = by_id("h100-sxm").expect("gpu");
+        let with = |gpu: &GpuSpec, m: usize| {
+            let mut t = Table::new(gpu);
+            t.insert(entry(m, Source::Predicted));
+            t
+        };
+        let (t, existing) = Table::load_for(&path, with(h100, 64)).expect("no file");
+        assert_eq!((existing, t.entries.len()), (Existing::Absent, 1));
+        std::fs::write(&path, t.to_yaml().expect("yaml")).expect("write");
+        let (t, existing) = Table::load_for(&path, with(h100, 128)).expect("same GPU");
+        assert_eq!((existing, t.entries.len()), (Existing::Merged, 2));
+        let e = Table::load_for(&path, with(by_id("h800").expect("gpu"), 64)).expect_err("another GPU");
+        assert!(
+            matches!(&e, TableError::OtherGpu { found, wanted, .. } if found == "h100-sxm" && wanted == "h800-sxm")
+        );
+        assert!(e.is_bad_input());
+        let mut stale = t.clone();
+        stale.kernel_hash = "0".repeat(64);
+        std::fs::write(&path, stale.to_yaml().expect("yaml")).expect("write");
+        let (t, existing) = Table::load_for(&path, with(by_id("h800").expect("gpu"), 64)).expect("stale");
+        assert_eq!((existing, t.device.id.as_str(), t.entries.len()), (Existing::ReplacedStale, "h800-sxm", 1));
     }
 }

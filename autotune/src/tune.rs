@@ -7,17 +7,53 @@
 //! the model alone would have chosen, re-timed among the same finalists.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt;
 
-use fp8forge_kernels::{Arch, GemmConfig, KernelKind, Multicast, search_space};
-use serde::Serialize;
+use fp8forge_kernels::{GemmConfig, GemmShape, GpuArch, KernelError, KernelKind, Multicast, Why, search_space};
+use serde::{Serialize, Serializer};
 
 use crate::gpu::GpuSpec;
 use crate::model::rank;
-use crate::table::{Entry, Problem, Source, Table};
+use crate::table::{Entry, Problem, SkippedShape, Source, Table, TableError, config_id};
 
-/// The time of one configuration in microseconds, or why it has none (failed its check, did not
-/// compile or load).
-pub type Timing = Result<f64, String>;
+/// The time of one configuration in microseconds, or why it has none.
+pub type Timing = Result<f64, Untimed>;
+
+/// Why a candidate configuration has no time.
+#[derive(Debug, thiserror::Error)]
+pub enum Untimed {
+    /// It could not be compiled (or loaded) for the GPU.
+    #[error("compile: {0}")]
+    Compile(KernelError),
+    /// It ran and failed its check against the CPU reference, or could not run; the harness's
+    /// reason.
+    #[error("{0}")]
+    Failed(String),
+    /// The harness passed it but reported no time.
+    #[error("no time")]
+    NoTime,
+    /// The harness returned no row for it.
+    #[error("not measured")]
+    NotMeasured,
+    /// The measurer returned fewer results than it was given configurations.
+    #[error("no result")]
+    NoResult,
+    /// A time that is not a positive finite number.
+    #[error("invalid time {0}")]
+    InvalidTime(f64),
+    /// Replaying an exhaustive sweep for the pruned search: the candidate failed in the sweep.
+    #[error("failed in the sweep")]
+    FailedInSweep,
+    /// A finalist that had a time in the search and none when re-timed (a race shows up so).
+    #[error("re-timing: {0}")]
+    Retiming(Box<Untimed>),
+}
+
+impl Serialize for Untimed {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
 
 /// What the tuner needs from a GPU.
 pub trait Measure {
@@ -30,12 +66,40 @@ pub trait Measure {
     fn measure(&mut self, problem: &Problem, configs: &[GemmConfig]) -> Result<Vec<Timing>, TuneError>;
 }
 
-/// Why tuning stopped.
+/// Why tuning (or a benchmark) stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum TuneError {
-    /// The GPU or its driver failed.
-    #[error("{0}")]
-    Device(String),
+    /// The GPU could not be opened (no CUDA driver, no device).
+    #[error(transparent)]
+    OpenDevice(KernelError),
+    /// The GPU, its driver or a kernel library failed, or the GPU is not one the kernels run on.
+    #[error(transparent)]
+    Device(#[from] KernelError),
+    /// The GPU present is not in the spec table, whose figures the cost model needs.
+    #[error(
+        "{name} ({sms} SMs, compute capability {major}.{minor}) is not in the GPU table \
+         (h100-sxm, h100-pcie, h800-sxm, h800-pcie, h200, h20)"
+    )]
+    UnknownGpu {
+        /// The driver's name of the device.
+        name: String,
+        /// Its multiprocessors.
+        sms: u32,
+        /// Compute capability, major.
+        major: i32,
+        /// Compute capability, minor.
+        minor: i32,
+    },
+    /// A table for one GPU was asked of a measured run on another.
+    #[error("asked for {asked} but the GPU here is {found} ({name})")]
+    OtherGpu {
+        /// The GPU id asked for.
+        asked: String,
+        /// The GPU id present.
+        found: String,
+        /// The driver's name of the device present.
+        name: String,
+    },
     /// Every candidate failed its check or could not run.
     #[error("{problem}: no configuration passed its check ({failures} failed; first: {first})")]
     NothingPassed {
@@ -49,9 +113,73 @@ pub enum TuneError {
     /// The search space has nothing legal for the problem.
     #[error("{0}: no legal configuration")]
     NoCandidate(String),
-    /// Saving the table failed.
+    /// None of the shapes asked for is one any kernel can run.
+    #[error(
+        "nothing to tune: none of the {shapes} shape(s) is legal for any kernel{}; no table written",
+        first_skipped(.skipped)
+    )]
+    NothingToTune {
+        /// The shapes asked for.
+        shapes: usize,
+        /// Why each was left out.
+        skipped: Vec<SkippedShape>,
+    },
+    /// The cost model found no legal configuration for any problem on the GPU.
+    #[error("nothing to tune: no kernel configuration is legal for these shapes on {gpu}; no table written")]
+    NoLegalConfiguration {
+        /// The GPU id.
+        gpu: String,
+    },
+    /// The share of candidates to time is not in (0, 1].
+    #[error("budget {0} must be in (0, 1]")]
+    Budget(f64),
+    /// An M bucket of zero rows.
+    #[error("M values must be positive")]
+    ZeroM,
+    /// A shape to benchmark that no kernel can run.
+    #[error("shape {shape}: {why}")]
+    Shape {
+        /// The shape.
+        shape: GemmShape,
+        /// Why.
+        why: Why,
+    },
+    /// A tuning table could not be read, merged or written.
+    #[error(transparent)]
+    Table(#[from] TableError),
+    /// Saving the table failed (the caller's error, kept whole).
     #[error("{0}")]
-    Save(String),
+    Save(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// `" (first reason, ...)"` for [`TuneError::NothingToTune`], or nothing.
+fn first_skipped(skipped: &[SkippedShape]) -> String {
+    match skipped {
+        [] => String::new(),
+        [one] => format!(" ({one})"),
+        [first, ..] => format!(" ({first}, ...)"),
+    }
+}
+
+impl TuneError {
+    /// True when the user's input is at fault (an option, a shape, a table, the GPU asked for):
+    /// the CLI exits 2 for these, 1 for a failure of the machine.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            TuneError::OpenDevice(e) | TuneError::Device(e) => e.is_bad_input(),
+            TuneError::Table(e) => e.is_bad_input(),
+            TuneError::OtherGpu { .. }
+            | TuneError::NothingToTune { .. }
+            | TuneError::NoLegalConfiguration { .. }
+            | TuneError::Budget(_)
+            | TuneError::ZeroM
+            | TuneError::Shape { .. } => true,
+            TuneError::UnknownGpu { .. }
+            | TuneError::NothingPassed { .. }
+            | TuneError::NoCandidate(_)
+            | TuneError::Save(_) => false,
+        }
+    }
 }
 
 /// How much to time.
@@ -78,22 +206,45 @@ impl Default for TuneOptions {
     }
 }
 
+impl TuneOptions {
+    /// Checks the options: the budget is a share in (0, 1].
+    ///
+    /// # Errors
+    ///
+    /// [`TuneError::Budget`].
+    pub fn validate(&self) -> Result<(), TuneError> {
+        if self.budget > 0.0 && self.budget <= 1.0 { Ok(()) } else { Err(TuneError::Budget(self.budget)) }
+    }
+}
+
 /// One configuration's time.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Timed {
-    /// Configuration id.
-    pub config: String,
+    /// The configuration.
+    #[serde(with = "config_id")]
+    pub config: GemmConfig,
     /// Microseconds.
     pub us: f64,
 }
 
+/// A candidate with no time, and why (in JSON: `[id, why]`).
+#[derive(Debug, Serialize)]
+pub struct CandidateFailure(#[serde(with = "config_id")] pub GemmConfig, pub Untimed);
+
+impl fmt::Display for CandidateFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.0, self.1)
+    }
+}
+
 /// What tuning one problem found.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Debug, Serialize)]
 pub struct Outcome {
     /// The problem.
     pub problem: Problem,
     /// The chosen configuration.
-    pub config: String,
+    #[serde(with = "config_id")]
+    pub config: GemmConfig,
     /// Its time in the finalists' round, microseconds.
     pub us: f64,
     /// Its TFLOP/s.
@@ -103,16 +254,18 @@ pub struct Outcome {
     /// Candidates timed by the search (the finalists' re-timing not counted again).
     pub timed: usize,
     /// The cost model's first choice and its time in the finalists' round (none when it failed).
-    pub model_pick: String,
+    #[serde(with = "config_id")]
+    pub model_pick: GemmConfig,
     /// See `model_pick`.
     pub model_pick_us: Option<f64>,
     /// Exhaustive runs: what the pruned search picks from the same timings, and its time in the
     /// finalists' round.
-    pub pruned_pick: Option<String>,
+    #[serde(serialize_with = "config_id::serialize_option")]
+    pub pruned_pick: Option<GemmConfig>,
     /// See `pruned_pick`.
     pub pruned_pick_us: Option<f64>,
     /// Candidates with no time, and why.
-    pub failures: Vec<(String, String)>,
+    pub failures: Vec<CandidateFailure>,
     /// The finalists' round.
     pub finalists: Vec<Timed>,
     /// Every time the search took, fastest first.
@@ -124,7 +277,7 @@ pub struct Outcome {
 struct Log {
     tried: HashSet<GemmConfig>,
     times: HashMap<GemmConfig, f64>,
-    failures: Vec<(GemmConfig, String)>,
+    failures: Vec<CandidateFailure>,
 }
 
 impl Log {
@@ -133,12 +286,12 @@ impl Log {
         for c in configs {
             // Every candidate counts as tried, even one a faulty measurer gave no result for.
             self.tried.insert(*c);
-            match timings.next().unwrap_or_else(|| Err("no result".into())) {
+            match timings.next().unwrap_or(Err(Untimed::NoResult)) {
                 Ok(us) if us.is_finite() && us > 0.0 => {
                     self.times.insert(*c, us);
                 }
-                Ok(us) => self.failures.push((*c, format!("invalid time {us}"))),
-                Err(why) => self.failures.push((*c, why)),
+                Ok(us) => self.failures.push(CandidateFailure(*c, Untimed::InvalidTime(us))),
+                Err(why) => self.failures.push(CandidateFailure(*c, why)),
             }
         }
     }
@@ -148,6 +301,16 @@ impl Log {
         let mut v: Vec<(GemmConfig, f64)> = self.times.iter().map(|(c, t)| (*c, *t)).collect();
         v.sort_by(|a, b| a.1.total_cmp(&b.1).then_with(|| a.0.id().cmp(&b.0.id())));
         v
+    }
+
+    /// [`TuneError::NothingPassed`] for `problem`, naming the `last` or the first failure.
+    fn nothing_passed(&self, problem: &Problem, last: bool) -> TuneError {
+        let named = if last { self.failures.last() } else { self.failures.first() };
+        TuneError::NothingPassed {
+            problem: problem.to_string(),
+            failures: self.failures.len(),
+            first: named.map(|f| f.to_string()).unwrap_or_default(),
+        }
     }
 }
 
@@ -230,7 +393,54 @@ fn search(ranked: &[GemmConfig], budget: usize, batch: usize, time: &mut TimeFn<
     Ok(log)
 }
 
-/// Tunes one problem on `gpu`'s search space with `measure`.
+/// Times every one of `ranked` (`--exhaustive`), then replays those timings through the pruned
+/// search to learn what it would have picked.
+fn sweep(
+    ranked: &[GemmConfig],
+    budget: usize,
+    batch: usize,
+    time: &mut TimeFn<'_>,
+) -> Result<(Log, Option<GemmConfig>), TuneError> {
+    let mut log = Log::default();
+    for chunk in ranked.chunks(batch.max(1) * 4) {
+        let t = time(chunk)?;
+        log.record(chunk, t);
+    }
+    let mut replay = |configs: &[GemmConfig]| -> Result<Vec<Timing>, TuneError> {
+        Ok(configs.iter().map(|c| log.times.get(c).copied().ok_or(Untimed::FailedInSweep)).collect())
+    };
+    let pruned = search(ranked, budget, batch, &mut replay)?;
+    let pick = pruned.fastest().first().map(|(c, _)| *c);
+    Ok((log, pick))
+}
+
+/// The finalists' round: `finalists` re-timed side by side, fastest first. A finalist with no
+/// time now (a race shows up this way) is logged as a failure and never chosen.
+fn retime(
+    problem: &Problem,
+    finalists: &[GemmConfig],
+    time: &mut TimeFn<'_>,
+    log: &mut Log,
+) -> Result<Vec<(GemmConfig, f64)>, TuneError> {
+    let again = time(finalists)?;
+    let mut round: Vec<(GemmConfig, f64)> = Vec::new();
+    let mut again = again.into_iter();
+    for c in finalists {
+        match again.next().unwrap_or(Err(Untimed::NoResult)) {
+            Ok(us) if us.is_finite() && us > 0.0 => round.push((*c, us)),
+            Ok(us) => log.failures.push(CandidateFailure(*c, Untimed::Retiming(Box::new(Untimed::InvalidTime(us))))),
+            Err(why) => log.failures.push(CandidateFailure(*c, Untimed::Retiming(Box::new(why)))),
+        }
+    }
+    if round.is_empty() {
+        return Err(log.nothing_passed(problem, true));
+    }
+    round.sort_by(|a, b| a.1.total_cmp(&b.1).then_with(|| a.0.id().cmp(&b.0.id())));
+    Ok(round)
+}
+
+/// Tunes one problem on `gpu`'s search space with `measure`: rank, search (or sweep), re-time
+/// the finalists, choose.
 ///
 /// # Errors
 ///
@@ -242,77 +452,46 @@ pub fn tune_problem(
     opts: &TuneOptions,
 ) -> Result<Outcome, TuneError> {
     let shape = problem.shape();
-    let space = search_space(Arch::Sm90a);
+    let space = search_space(GpuArch::Sm90a);
     let ranked: Vec<GemmConfig> = rank(gpu, &shape, &space).into_iter().map(|(c, _)| c).collect();
     let Some(&model_pick) = ranked.first() else { return Err(TuneError::NoCandidate(problem.to_string())) };
     let budget = ((opts.budget * ranked.len() as f64).floor() as usize).max(MIN_TIMED).min(ranked.len());
 
     let mut time = |configs: &[GemmConfig]| measure.measure(problem, configs);
-    let (log, pruned_pick) = if opts.exhaustive {
-        let mut log = Log::default();
-        for chunk in ranked.chunks(opts.batch.max(1) * 4) {
-            let t = time(chunk)?;
-            log.record(chunk, t);
-        }
-        // What the pruned search would pick, replaying these timings.
-        let mut replay = |configs: &[GemmConfig]| -> Result<Vec<Timing>, TuneError> {
-            Ok(configs
-                .iter()
-                .map(|c| log.times.get(c).copied().ok_or_else(|| "failed in the sweep".to_string()))
-                .collect())
-        };
-        let pruned = search(&ranked, budget, opts.batch, &mut replay)?;
-        let pick = pruned.fastest().first().map(|(c, _)| *c);
-        (log, pick)
+    let (mut log, pruned_pick) = if opts.exhaustive {
+        sweep(&ranked, budget, opts.batch, &mut time)?
     } else {
         (search(&ranked, budget, opts.batch, &mut time)?, None)
     };
     let fastest = log.fastest();
     if fastest.is_empty() {
-        let first = log.failures.first().map(|(c, why)| format!("{c}: {why}")).unwrap_or_default();
-        return Err(TuneError::NothingPassed { problem: problem.to_string(), failures: log.failures.len(), first });
+        return Err(log.nothing_passed(problem, false));
     }
-
-    // Finalists: the fastest few, the model's pick and the pruned pick, re-timed side by side.
+    // Finalists: the fastest few, the model's pick and the pruned pick.
     let mut finalists: Vec<GemmConfig> = fastest.iter().take(opts.finalists.max(1)).map(|(c, _)| *c).collect();
     for c in [Some(model_pick), pruned_pick].into_iter().flatten() {
         if log.times.contains_key(&c) && !finalists.contains(&c) {
             finalists.push(c);
         }
     }
-    let again = time(&finalists)?;
-    let mut log = log;
-    let mut round: Vec<(GemmConfig, f64)> = Vec::new();
-    for (c, t) in finalists.iter().zip(again.into_iter().chain(std::iter::repeat_with(|| Err("no result".into())))) {
-        match t {
-            Ok(us) if us.is_finite() && us > 0.0 => round.push((*c, us)),
-            // A finalist that fails its second check (a race shows up this way) is never chosen.
-            Ok(us) => log.failures.push((*c, format!("re-timing: invalid time {us}"))),
-            Err(why) => log.failures.push((*c, format!("re-timing: {why}"))),
-        }
-    }
-    if round.is_empty() {
-        let first = log.failures.last().map(|(c, why)| format!("{c}: {why}")).unwrap_or_default();
-        return Err(TuneError::NothingPassed { problem: problem.to_string(), failures: log.failures.len(), first });
-    }
-    round.sort_by(|a, b| a.1.total_cmp(&b.1).then_with(|| a.0.id().cmp(&b.0.id())));
+    let round = retime(problem, &finalists, &mut time, &mut log)?;
     let (best, us) = round[0];
     let in_round = |c: GemmConfig| round.iter().find(|(x, _)| *x == c).map(|(_, t)| *t);
-    let timed = |v: &[(GemmConfig, f64)]| v.iter().map(|(c, us)| Timed { config: c.id(), us: *us }).collect();
+    let timed = |v: &[(GemmConfig, f64)]| v.iter().map(|&(config, us)| Timed { config, us }).collect();
     Ok(Outcome {
         problem: problem.clone(),
-        config: best.id(),
+        config: best,
         us,
         tflops: shape.flops() / (us * 1e-6) / 1e12,
         candidates: ranked.len(),
         timed: log.tried.len(),
-        model_pick: model_pick.id(),
+        model_pick,
         model_pick_us: in_round(model_pick),
-        pruned_pick: pruned_pick.map(|c| c.id()),
+        pruned_pick,
         pruned_pick_us: pruned_pick.and_then(in_round),
-        failures: log.failures.iter().map(|(c, why)| (c.id(), why.clone())).collect(),
         finalists: timed(&round),
         timings: timed(&fastest),
+        failures: log.failures,
     })
 }
 
@@ -364,7 +543,7 @@ pub fn tune_all(
             k: p.k,
             experts: p.experts,
             m: p.m,
-            config: o.config.clone(),
+            config: o.config,
             us: o.us,
             tflops: o.tflops,
             source: Source::Measured,
@@ -385,7 +564,6 @@ mod tests {
     use crate::gpu::by_id;
     use crate::model::predict;
     use crate::table::problems;
-    use fp8forge_kernels::GemmShape;
 
     /// A GPU that is not the model: the model's time, off by what a model misses on real
     /// hardware: a bias per kernel family (−8% to +15%) and an idiosyncratic error per
@@ -430,7 +608,9 @@ mod tests {
             let shape = p.shape();
             Ok(configs
                 .iter()
-                .map(|c| if (self.fail)(c) { Err("check failed".into()) } else { Ok(self.truth(&shape, c)) })
+                .map(|c| {
+                    if (self.fail)(c) { Err(Untimed::Failed("check failed".into())) } else { Ok(self.truth(&shape, c)) }
+                })
                 .collect())
         }
     }
@@ -463,7 +643,7 @@ mod tests {
                     .expect("exhaustive");
                 assert_eq!(ex.timed, ex.candidates);
                 assert!(o.timed * 100 <= 15 * o.candidates, "{p}: timed {} of {}", o.timed, o.candidates);
-                let (pick, best) = (o.config.as_str(), ex.config.as_str());
+                let (pick, best) = (o.config, ex.config);
                 assert!(
                     ex.us / o.us >= 0.98,
                     "{p} ({salt}): pruned {pick} {:.2} us vs exhaustive {best} {:.2} us",
@@ -471,7 +651,7 @@ mod tests {
                     ex.us
                 );
                 // The replayed pruned pick of the exhaustive run is the pruned run's pick.
-                assert_eq!(ex.pruned_pick.as_deref(), Some(o.config.as_str()), "{p}");
+                assert_eq!(ex.pruned_pick, Some(o.config), "{p}");
                 // Every candidate the synthetic GPU timed, the search counted (plus the finalists).
                 assert_eq!(pruned.timed, o.timed + o.finalists.len(), "{p}");
             }
@@ -484,10 +664,9 @@ mod tests {
         let p = Problem { n: 4096, k: 7168, experts: 1, m: 4096, what: String::new() };
         let fails = |c: &GemmConfig| c.multicast != Multicast::None;
         let o = tune_problem(gpu, &p, &mut Synthetic::new(fails), &TuneOptions::default()).expect("tune");
-        let chosen: GemmConfig = o.config.parse().expect("id");
-        assert_eq!(chosen.multicast, Multicast::None);
+        assert_eq!(o.config.multicast, Multicast::None);
         assert!(!o.failures.is_empty());
-        assert!(o.failures.iter().all(|(id, _)| id.contains("mcA") || id.contains("mcB")));
+        assert!(o.failures.iter().all(|f| f.0.multicast != Multicast::None && matches!(f.1, Untimed::Failed(_))));
         let err = tune_problem(gpu, &p, &mut Synthetic::new(|_| true), &TuneOptions::default()).unwrap_err();
         assert!(matches!(err, TuneError::NothingPassed { .. }), "{err}");
     }
@@ -507,7 +686,7 @@ mod tests {
             let round = configs.iter().all(|c| self.seen.contains(c));
             self.seen.extend(configs.iter().copied());
             if round && !self.short {
-                t[0] = Err("check failed: relative error 3e-1".into());
+                t[0] = Err(Untimed::Failed("check failed: relative error 3e-1".into()));
                 self.failed = Some(configs[0]);
             }
             if self.short {
@@ -524,23 +703,27 @@ mod tests {
         let mut m = Flaky { inner: Synthetic::new(|_| false), seen: HashSet::new(), short: false, failed: None };
         let o = tune_problem(gpu, &p, &mut m, &TuneOptions::default()).expect("tune");
         let failed = m.failed.expect("a finalists' round");
-        assert_ne!(o.config, failed.id());
-        assert_eq!(o.timings[0].config, failed.id(), "the fastest in the search was the one that failed");
-        assert!(o.failures.iter().any(|(id, why)| *id == failed.id() && why.starts_with("re-timing")));
+        assert_ne!(o.config, failed);
+        assert_eq!(o.timings[0].config, failed, "the fastest in the search was the one that failed");
+        assert!(o.failures.iter().any(|f| f.0 == failed && matches!(f.1, Untimed::Retiming(_))));
         // A measurer that answers for only half of each batch still ends (every candidate counts
         // as tried) and never chooses one it gave no time for.
         let mut m = Flaky { inner: Synthetic::new(|_| false), seen: HashSet::new(), short: true, failed: None };
         let o = tune_problem(gpu, &p, &mut m, &TuneOptions::default()).expect("tune");
         assert!(o.timed * 100 <= 15 * o.candidates);
-        assert!(o.failures.iter().any(|(_, why)| why == "no result"));
+        assert!(o.failures.iter().any(|f| matches!(f.1, Untimed::NoResult)));
         assert!(o.timings.iter().any(|t| t.config == o.config));
-        assert!(!o.failures.iter().any(|(id, why)| *id == o.config && why.contains("no result")));
+        let no_result = |u: &Untimed| match u {
+            Untimed::Retiming(u) => matches!(**u, Untimed::NoResult),
+            u => matches!(u, Untimed::NoResult),
+        };
+        assert!(!o.failures.iter().any(|f| f.0 == o.config && no_result(&f.1)));
     }
 
     #[test]
     fn tune_all_saves_after_each_problem_and_resume_skips_what_is_measured() {
         let gpu = by_id("h100-sxm").expect("gpu");
-        let shapes = vec![crate::shapes::GemmShape { n: 4096, k: 7168, groups: 1, what: "o_proj".into() }];
+        let shapes = vec![crate::shapes::WeightShape { n: 4096, k: 7168, groups: 1, what: "o_proj".into() }];
         let (list, skipped) = problems(&shapes, &[64, 128, 256]);
         assert!(skipped.is_empty());
         let mut table = Table::new(gpu);

@@ -1,17 +1,17 @@
 //! `fp8forge autotune`: parsing, the progress bar and printing; the method is
-//! `fp8forge_autotune::tune` (measured) and `fp8forge_autotune::table::simulate` (predicted).
+//! `fp8forge_autotune::run::autotune` (measured with `fp8forge_autotune::tune`, predicted with
+//! `fp8forge_autotune::table::simulate`). The model's shapes come from the runtime's validated
+//! config.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
 
-use fp8forge_autotune::gpu::{self, GpuSpec};
-use fp8forge_autotune::measure::{GpuMeasure, identify_device};
-use fp8forge_autotune::shapes::{self, GemmShape};
-use fp8forge_autotune::table::{self, Problem, Table};
-use fp8forge_autotune::tune::{Outcome, TuneError, TuneOptions, TuneProgress, tune_all};
-use fp8forge_kernels::bench::BenchOptions;
-use fp8forge_kernels::cuda::Device;
+use fp8forge_autotune::gpu;
+use fp8forge_autotune::run::{AutotuneReport, AutotuneRequest, AutotuneWarning, Mode, autotune};
+use fp8forge_autotune::shapes::{AttentionDims, FfnDims, ModelDims, WeightShape, model_shapes};
+use fp8forge_autotune::table::{self, Table, TableError};
+use fp8forge_autotune::tune::{Outcome, TuneError, TuneOptions, TuneProgress};
+use fp8forge_runtime::config::{AttnConfig, MlpConfig, ModelConfig};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
@@ -71,93 +71,112 @@ fn usage(message: String) -> Failure {
     Failure { message, code: 2 }
 }
 
-/// Runs `autotune`.
-pub fn run(a: AutotuneArgs) -> Result<ExitCode, Failure> {
-    let mut list: Vec<GemmShape> =
-        a.shape.iter().map(|&(n, k, groups)| GemmShape { n, k, groups, what: String::new() }).collect();
+/// The GEMM dimensions of a model, from its validated config.
+fn model_dims(c: &ModelConfig) -> ModelDims {
+    let attention = match c.attn {
+        AttnConfig::Mla { heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim } => {
+            AttentionDims::Mla { heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim }
+        }
+        AttnConfig::Gqa { heads, kv_heads, head_dim, .. } => AttentionDims::Gqa { heads, kv_heads, head_dim },
+    };
+    let layers = c
+        .layers
+        .iter()
+        .map(|l| match l {
+            MlpConfig::Dense(intermediate) => FfnDims::Dense { intermediate: *intermediate },
+            MlpConfig::Moe(m) => FfnDims::Moe {
+                experts: m.experts,
+                intermediate: m.intermediate,
+                shared_intermediate: m.shared_intermediate,
+            },
+        })
+        .collect();
+    ModelDims { hidden: c.hidden, attention, layers }
+}
+
+/// The library's request for the arguments.
+fn request(a: &AutotuneArgs) -> Result<AutotuneRequest, Failure> {
+    let mut shapes: Vec<WeightShape> =
+        a.shape.iter().map(|&(n, k, groups)| WeightShape { n, k, groups, what: String::new() }).collect();
     if let Some(dir) = &a.model {
-        let file = dir.join("config.json");
-        let v = fp8forge_formats::checkpoint::read_json(&file).map_err(|e| usage(e.to_string()))?;
-        list.extend(shapes::model_shapes(&v).map_err(|e| usage(format!("{}: {e}", dir.display())))?);
-    }
-    if a.m.contains(&0) {
-        return Err(usage("--m values must be positive".into()));
-    }
-    if !(a.budget > 0.0 && a.budget <= 1.0) {
-        return Err(usage(format!("--budget {} must be in (0, 1]", a.budget)));
-    }
-    let (problems, skipped) = table::problems(&list, &a.m);
-    if problems.is_empty() {
-        let why = skipped.first().map(|s| format!(" ({}{})", s.trim(), if skipped.len() > 1 { ", ..." } else { "" }));
-        return Err(usage(format!(
-            "nothing to tune: none of the {} shape(s) is legal for any kernel{}; no table written",
-            list.len(),
-            why.unwrap_or_default()
-        )));
-    }
-    for s in &skipped {
-        note(&format!("fp8forge: skipped {}", s.trim()));
+        let config = ModelConfig::load(&dir.join("config.json"))?;
+        shapes.extend(model_shapes(&model_dims(&config)));
     }
     let asked = match a.gpu.as_str() {
         "auto" => None,
         id => Some(gpu::by_id(id).ok_or_else(|| usage(format!("unknown --gpu {id:?}")))?),
     };
-    if a.simulate {
-        let g = asked.ok_or_else(|| {
+    let mode = if a.simulate {
+        Mode::Simulate(asked.ok_or_else(|| {
             usage("--simulate needs --gpu ID (h100-sxm, h100-pcie, h800-sxm, h800-pcie, h200, h20)".into())
-        })?;
-        let new = table::simulate(g, &problems);
-        if new.entries.is_empty() {
-            return Err(usage(format!(
-                "nothing to tune: no kernel configuration is legal for these shapes on {}; no table written",
-                g.id
-            )));
-        }
-        let t = merge_into_existing(&a.out, new)?;
-        save(&a.out, &t)?;
-        if a.json {
-            print_json(&t)?;
-        } else {
-            emit(&format!(
-                "{} entries for {} ({}, predicted) -> {}\n{}",
-                t.entries.len(),
-                g.name,
-                g.id,
-                esc_path(&a.out),
-                render_entries(&t)
-            ))?;
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    measured(&a, asked, &problems)
+        })?)
+    } else {
+        let options =
+            TuneOptions { budget: a.budget, exhaustive: a.exhaustive, resume: a.resume, ..TuneOptions::default() };
+        Mode::Measure { expect: asked, options }
+    };
+    Ok(AutotuneRequest { shapes, ms: a.m.clone(), out: a.out.clone(), mode })
 }
 
-/// The table at `out` when it is for the same GPU and kernels, with `t` merged in; else `t`.
-fn merge_into_existing(out: &Path, t: Table) -> Result<Table, Failure> {
-    if !out.exists() {
-        return Ok(t);
-    }
-    let mut old = Table::load(out).map_err(|e| usage(e.to_string()))?;
-    if old.is_stale() {
-        note(&format!("fp8forge: note: {} was tuned for other kernels (stale hash); replacing it", out.display()));
-        return Ok(t);
-    }
-    if old.device.id != t.device.id {
-        return Err(usage(format!(
-            "{}: a table for {}, not {}; choose another --out",
-            out.display(),
-            old.device.id,
-            t.device.id
-        )));
-    }
-    old.merge(t).map_err(|e| usage(e.to_string()))?;
-    Ok(old)
+/// A failure of the library in the user's words: where a flag would fix it, which one.
+fn failure(e: TuneError) -> Failure {
+    let code = if e.is_bad_input() { 2 } else { 1 };
+    let message = match &e {
+        TuneError::ZeroM => "--m values must be positive".to_string(),
+        TuneError::Budget(b) => format!("--budget {b} must be in (0, 1]"),
+        TuneError::OpenDevice(_) => {
+            format!("{e}; measuring needs the GPU (use --simulate --gpu ID to predict a table without one)")
+        }
+        TuneError::UnknownGpu { .. } => format!("{e}; use --simulate --gpu ID"),
+        TuneError::OtherGpu { asked, found, name } => {
+            format!("--gpu {asked} but the GPU here is {found} ({name}); measure it, or --simulate --gpu {asked}")
+        }
+        TuneError::Table(TableError::OtherGpu { .. }) => format!("{e}; choose another --out"),
+        _ => return Failure::from(e),
+    };
+    Failure { message, code }
 }
 
-fn save(out: &Path, t: &Table) -> Result<(), Failure> {
-    fp8forge_formats::atomic::write_atomic(out, t.to_yaml().as_bytes())
-        .map(|_| ())
-        .map_err(|e| Failure { code: 1, message: e.to_string() })
+/// Runs `autotune`.
+pub fn run(a: AutotuneArgs) -> Result<ExitCode, Failure> {
+    let req = request(&a)?;
+    let bar = TuneBar::new(a.quiet || a.json || a.simulate);
+    let r = autotune(&req, &bar, &mut |t| save(&a.out, t));
+    bar.finish();
+    let r = r.map_err(failure)?;
+    for w in &r.warnings {
+        match w {
+            AutotuneWarning::Skipped(_) => note(&format!("fp8forge: {w}")),
+            AutotuneWarning::ReplacedStale { .. } => note(&format!("fp8forge: note: {w}")),
+        }
+    }
+    if a.simulate {
+        print_predicted(&a, &r)?
+    } else {
+        print_measured(&a, &r)?
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the table atomically.
+fn save(out: &Path, t: &Table) -> Result<(), TuneError> {
+    let yaml = t.to_yaml()?;
+    fp8forge_formats::atomic::write_atomic(out, yaml.as_bytes()).map(|_| ()).map_err(|e| TuneError::Save(Box::new(e)))
+}
+
+fn print_predicted(a: &AutotuneArgs, r: &AutotuneReport) -> Result<(), Failure> {
+    if a.json {
+        return print_json(&r.table);
+    }
+    let (t, g) = (&r.table, r.gpu);
+    emit(&format!(
+        "{} entries for {} ({}, predicted) -> {}\n{}",
+        t.entries.len(),
+        g.name,
+        g.id,
+        esc_path(&a.out),
+        render_entries(t)
+    ))
 }
 
 #[derive(Serialize)]
@@ -167,57 +186,31 @@ struct MeasuredReport<'a> {
     outcomes: &'a [Outcome],
 }
 
-fn measured(a: &AutotuneArgs, asked: Option<&'static GpuSpec>, problems: &[Problem]) -> Result<ExitCode, Failure> {
-    let runtime = |message: String| Failure { message, code: 1 };
-    let dev = Device::open(0).map_err(|e| {
-        runtime(format!("{e}; measuring needs the GPU (use --simulate --gpu ID to predict a table without one)"))
-    })?;
-    let (spec, device) = identify_device(&dev).map_err(|e| runtime(e.to_string()))?;
-    if let Some(g) = asked
-        && g.id != spec.id
-    {
-        return Err(usage(format!(
-            "--gpu {} but the GPU here is {} ({}); measure it, or --simulate --gpu {}",
-            g.id, spec.id, dev.info.name, g.id
-        )));
-    }
-    let mut t = Table::new(spec);
-    t.device = device;
-    let mut t = merge_into_existing(&a.out, t)?;
-    let mut measure = GpuMeasure::new(&dev, BenchOptions::default()).map_err(|e| runtime(e.to_string()))?;
-    let opts = TuneOptions { budget: a.budget, exhaustive: a.exhaustive, resume: a.resume, ..TuneOptions::default() };
-    let bar = TuneBar::new(a.quiet || a.json);
-    let start = Instant::now();
-    let out = &a.out;
-    let r = tune_all(spec, problems, &mut t, &mut measure, &opts, &bar, &mut |t| {
-        save(out, t).map_err(|f| TuneError::Save(f.message))
-    });
-    bar.finish();
-    let outcomes = r.map_err(|e| runtime(e.to_string()))?;
-    let seconds = start.elapsed().as_secs_f64();
+fn print_measured(a: &AutotuneArgs, r: &AutotuneReport) -> Result<(), Failure> {
+    let (t, seconds) = (&r.table, r.seconds);
     if a.json {
-        print_json(&MeasuredReport { seconds, table: &t, outcomes: &outcomes })?;
-    } else {
-        for o in outcomes.iter().filter(|o| !o.failures.is_empty()) {
+        return print_json(&MeasuredReport { seconds, table: t, outcomes: &r.outcomes });
+    }
+    for o in &r.outcomes {
+        if let Some(first) = o.failures.first() {
             note(&format!(
                 "fp8forge: warning: {}: {} candidate(s) failed; first: {} {}",
                 o.problem,
                 o.failures.len(),
-                o.failures[0].0,
-                o.failures[0].1
+                first.0,
+                first.1
             ));
         }
-        emit(&format!(
-            "{} problems tuned on {} ({}) in {seconds:.0} s{} -> {}\n{}",
-            outcomes.len(),
-            t.device.name,
-            spec.id,
-            if a.exhaustive { ", exhaustive" } else { "" },
-            esc_path(out),
-            render_entries(&t)
-        ))?;
     }
-    Ok(ExitCode::SUCCESS)
+    emit(&format!(
+        "{} problems tuned on {} ({}) in {seconds:.0} s{} -> {}\n{}",
+        r.outcomes.len(),
+        t.device.name,
+        r.gpu.id,
+        if a.exhaustive { ", exhaustive" } else { "" },
+        esc_path(&a.out),
+        render_entries(t)
+    ))
 }
 
 fn render_entries(t: &Table) -> String {
@@ -230,10 +223,10 @@ fn render_entries(t: &Table) -> String {
             e.k,
             e.experts,
             e.m,
-            e.config,
+            e.config.id(),
             e.us,
             e.tflops,
-            format!("{:?}", e.source).to_lowercase(),
+            e.source.to_string(),
             timed,
             e.what
         );

@@ -1,20 +1,17 @@
 //! `fp8forge bench gemm`: our FP8 GEMM next to cuBLASLt BF16 and FP8 block-scaled on the GPU at
-//! hand. Parsing and printing only; the method is `fp8forge_kernels::bench`.
+//! hand. Parsing and printing only; the method is `fp8forge_autotune::bench` over
+//! `fp8forge_kernels::bench`.
 
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use fp8forge_autotune::measure::identify_device;
-use fp8forge_autotune::table::{Table, choose};
-use fp8forge_kernels::bench::{BenchOptions, BenchRow, bench_shape, deepseek_v3_shapes};
-use fp8forge_kernels::config::{GemmConfig, GemmShape, is_legal, search_space};
-use fp8forge_kernels::cublaslt::CublasLt;
-use fp8forge_kernels::cuda::Device;
-use fp8forge_kernels::{KernelError, source_hash};
-use serde::Serialize;
+use fp8forge_autotune::bench::{BenchProgress, BenchReport, BenchRequest, BenchShape, ConfigChoice, bench_gemm};
+use fp8forge_kernels::GemmShape;
+use fp8forge_kernels::bench::BenchOptions;
+use fp8forge_kernels::config::GemmConfig;
 
 use crate::failure::Failure;
-use crate::output::{emit, note, print_json};
+use crate::output::{emit, esc, note, print_json};
 
 /// What to benchmark.
 #[derive(Subcommand, Debug)]
@@ -73,130 +70,72 @@ fn parse_shape(s: &str) -> Result<(usize, usize, usize), String> {
     Ok((p(m)?, p(n)?, p(k)?))
 }
 
-#[derive(Serialize)]
-struct Report<'a> {
-    device: &'a str,
-    arch: String,
-    sms: u32,
-    driver_version: i32,
-    kernel_hash: String,
-    rows: &'a [BenchRow],
-}
-
 /// Runs a `bench` subcommand: 0 when every row of ours passed its check, 1 for a runtime failure
 /// (no GPU, a failed check), 2 for bad input (a shape, a configuration id).
 pub fn run(what: BenchWhat) -> Result<ExitCode, Failure> {
     match what {
-        BenchWhat::Gemm(a) => run_gemm(&a).map_err(|(code, message)| Failure { message, code }),
+        BenchWhat::Gemm(a) => run_gemm(&a),
     }
 }
 
-fn fail(e: KernelError) -> (u8, String) {
-    (if e.is_bad_input() { 2 } else { 1 }, e.to_string())
+fn usage(message: String) -> Failure {
+    Failure { message, code: 2 }
 }
 
-fn run_gemm(a: &GemmArgs) -> Result<ExitCode, (u8, String)> {
-    // Each shape with its real tokens per expert (grouped --shape: M each).
-    let mut shapes: Vec<(GemmShape, Option<usize>)> = a
-        .shapes
-        .iter()
-        .map(|&(m, n, k)| match a.groups {
-            Some(e) => (GemmShape::grouped(e * m.next_multiple_of(128), n, k, e), Some(m)),
-            None => (GemmShape::dense(m, n, k), None),
-        })
-        .collect();
-    if a.deepseek_v3 {
-        shapes.extend(deepseek_v3_shapes().into_iter().map(|s| (s, None)));
+/// The library's request for the arguments.
+fn request(a: &GemmArgs) -> Result<BenchRequest, Failure> {
+    if a.shapes.is_empty() && !a.deepseek_v3 {
+        return Err(usage("give --shape MxNxK (repeatable) or --deepseek-v3".to_string()));
     }
-    if shapes.is_empty() {
-        return Err((2, "give --shape MxNxK (repeatable) or --deepseek-v3".to_string()));
-    }
-    for (s, _) in &shapes {
-        s.validate().map_err(|why| (2, format!("shape {s}: {why}")))?;
-    }
-    let table = match &a.table {
-        Some(path) => Some(Table::load(path).map_err(|e| (2, e.to_string()))?),
-        None => None,
-    };
-    let configs: Vec<GemmConfig> = a
-        .configs
-        .iter()
-        .map(|id| id.parse::<GemmConfig>().map_err(|why| (2, format!("--config {id}: {why}"))))
-        .collect::<Result<_, _>>()?;
-
-    let dev = Device::open(0).map_err(fail)?;
-    let arch = dev.arch().ok_or_else(|| {
-        (
-            1,
-            format!(
-                "{} (compute capability {:?}) is not an sm_89/sm_90 GPU",
-                dev.info.name, dev.info.compute_capability
-            ),
-        )
-    })?;
-    let lt = if a.no_baselines {
-        None
+    let configs = if a.sweep {
+        ConfigChoice::Sweep
+    } else if let Some(path) = &a.table {
+        ConfigChoice::Table(path.clone())
+    } else if a.configs.is_empty() {
+        ConfigChoice::Heuristic
     } else {
-        match CublasLt::new(&dev) {
-            Ok(lt) => Some(lt),
-            Err(e) => {
-                note(&format!("fp8forge: warning: no cuBLASLt baselines: {e}"));
-                None
-            }
-        }
+        let parse = |id: &String| id.parse::<GemmConfig>().map_err(|why| usage(format!("--config {id}: {why}")));
+        ConfigChoice::Given(a.configs.iter().map(parse).collect::<Result<_, _>>()?)
     };
-    let spec = match &table {
-        Some(t) => {
-            let (spec, _) = identify_device(&dev).map_err(|e| (1, e.to_string()))?;
-            if t.is_stale() {
-                note("fp8forge: warning: the table was tuned for other kernels (stale hash): using the cost model");
-            } else if t.device.id != spec.id {
-                note(&format!("fp8forge: warning: the table is for {}, this GPU is {}", t.device.id, spec.id));
-            }
-            Some(spec)
+    Ok(BenchRequest {
+        shapes: a.shapes.iter().map(|&(m, n, k)| BenchShape { m, n, k, experts: a.groups }).collect(),
+        deepseek_v3: a.deepseek_v3,
+        configs,
+        options: BenchOptions {
+            calls_per_graph: a.calls.max(20),
+            replays: a.replays.max(1),
+            check_rows: a.check_rows,
+            seed: a.seed.unwrap_or(BenchOptions::default().seed),
+            baselines: !a.no_baselines,
+            ..BenchOptions::default()
+        },
+    })
+}
+
+/// A line on stderr per shape, before it is measured (not with `--json`).
+struct ShapeNotes {
+    quiet: bool,
+}
+
+impl BenchProgress for ShapeNotes {
+    fn shape(&self, shape: &GemmShape, configs: usize) {
+        if !self.quiet {
+            note(&format!("bench {shape} ({configs} configuration(s))"));
         }
-        None => None,
-    };
-    let opts = BenchOptions {
-        calls_per_graph: a.calls.max(20),
-        replays: a.replays.max(1),
-        check_rows: a.check_rows,
-        seed: a.seed.unwrap_or(BenchOptions::default().seed),
-        baselines: !a.no_baselines,
-        ..BenchOptions::default()
-    };
-    let mut rows = Vec::new();
-    for (shape, tokens) in &shapes {
-        let opts = BenchOptions { tokens_per_expert: *tokens, ..opts.clone() };
-        let for_shape: Vec<GemmConfig> = if a.sweep {
-            search_space(arch).into_iter().filter(|c| is_legal(c, shape).is_ok()).collect()
-        } else if let Some(spec) = spec {
-            let e = shape.experts();
-            let m = if e > 1 { tokens.unwrap_or(shape.m / e) } else { shape.m };
-            choose(table.as_ref(), spec, shape.n, shape.k, e, m).into_iter().collect()
-        } else {
-            configs.clone()
-        };
-        if !a.json {
-            note(&format!("bench {shape} ({} configuration(s))", for_shape.len().max(1)));
-        }
-        rows.extend(bench_shape(&dev, lt.as_ref(), shape, &for_shape, &opts).map_err(fail)?);
+    }
+}
+
+fn run_gemm(a: &GemmArgs) -> Result<ExitCode, Failure> {
+    let report = bench_gemm(&request(a)?, &ShapeNotes { quiet: a.json })?;
+    for w in &report.warnings {
+        note(&format!("fp8forge: warning: {w}"));
     }
     if a.json {
-        let report = Report {
-            device: &dev.info.name,
-            arch: arch.to_string(),
-            sms: dev.info.sms,
-            driver_version: dev.info.driver_version,
-            kernel_hash: source_hash(),
-            rows: &rows,
-        };
-        print_json(&report).map_err(|f| (f.code, f.message))?;
+        print_json(&report)?;
     } else {
-        emit(&render(&dev, arch, &rows)).map_err(|f| (f.code, f.message))?;
+        emit(&render(&report))?;
     }
-    let failed = rows.iter().any(|r| r.implementation == "fp8forge" && !r.ok);
-    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if report.ours_failed() { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
 fn opt(v: Option<f64>, prec: usize) -> String {
@@ -205,59 +144,48 @@ fn opt(v: Option<f64>, prec: usize) -> String {
 
 /// The table: one line per implementation and shape, then per shape our best against each
 /// baseline.
-fn render(dev: &Device, arch: fp8forge_kernels::Arch, rows: &[BenchRow]) -> String {
+fn render(r: &BenchReport) -> String {
+    let hash = r.kernel_hash.get(..12).unwrap_or(&r.kernel_hash);
     let mut out = format!(
-        "device: {} ({arch}, {} SMs, driver {}), kernels {}\n",
-        dev.info.name,
-        dev.info.sms,
-        dev.info.driver_version,
-        &source_hash()[..12]
+        "device: {} ({}, {} SMs, driver {}), kernels {hash}\n",
+        esc(&r.device),
+        r.arch,
+        r.sms,
+        r.driver_version
     );
     out += &format!(
         "{:>6} {:>6} {:>6} {:>3}  {:<19} {:<33} {:>9} {:>8} {:>7} {:>9}  {}\n",
         "M", "N", "K", "E", "impl", "config", "us", "TFLOP/s", "GB/s", "rel_err", "status"
     );
-    for r in rows {
+    for row in &r.rows {
+        let status = if row.ok { "ok".to_string() } else { row.error.clone().unwrap_or_else(|| "failed".to_string()) };
         out += &format!(
             "{:>6} {:>6} {:>6} {:>3}  {:<19} {:<33} {:>9} {:>8} {:>7} {:>9}  {}\n",
-            r.m,
-            r.n,
-            r.k,
-            r.groups,
-            r.implementation,
-            r.config,
-            opt(r.us, 1),
-            opt(r.tflops, 1),
-            opt(r.gbps, 0),
-            r.rel_err.map_or("-".to_string(), |e| format!("{e:.2e}")),
-            if r.ok { "ok".to_string() } else { r.error.clone().unwrap_or_else(|| "failed".to_string()) }
+            row.m,
+            row.n,
+            row.k,
+            row.groups,
+            row.implementation.name(),
+            row.config,
+            opt(row.us, 1),
+            opt(row.tflops, 1),
+            opt(row.gbps, 0),
+            row.rel_err.map_or("-".to_string(), |e| format!("{e:.2e}")),
+            esc(&status)
         );
     }
-    let mut shapes: Vec<(usize, usize, usize, usize)> = Vec::new();
-    for r in rows {
-        let s = (r.m, r.n, r.k, r.groups);
-        if !shapes.contains(&s) {
-            shapes.push(s);
-        }
-    }
     out += "\nours (best) vs cuBLASLt, same run:\n";
-    for (m, n, k, e) in shapes {
-        let best = |imp: &str| {
-            rows.iter()
-                .filter(|r| (r.m, r.n, r.k, r.groups) == (m, n, k, e) && r.implementation == imp)
-                .filter_map(|r| r.tflops)
-                .fold(None, |a: Option<f64>, t| Some(a.map_or(t, |a| a.max(t))))
-        };
-        let (ours, bf16, fp8) = (best("fp8forge"), best("cublaslt_bf16"), best("cublaslt_fp8_block"));
-        let ratio = |b: Option<f64>| match (ours, b) {
-            (Some(o), Some(b)) if b > 0.0 => format!("{:.2}x", o / b),
-            _ => "-".to_string(),
-        };
+    let ratio = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.2}x"));
+    for s in r.summary() {
         out += &format!(
-            "  {m}x{n}x{k} E={e}: {} TFLOP/s; vs BF16 {}, vs FP8 block {}\n",
-            opt(ours, 1),
-            ratio(bf16),
-            ratio(fp8)
+            "  {}x{}x{} E={}: {} TFLOP/s; vs BF16 {}, vs FP8 block {}\n",
+            s.m,
+            s.n,
+            s.k,
+            s.groups,
+            opt(s.ours, 1),
+            ratio(s.vs_bf16),
+            ratio(s.vs_fp8_block)
         );
     }
     out

@@ -1,6 +1,7 @@
 //! The one error path of the CLI: every command returns a [`Failure`] (a message and an exit
 //! code), which `main` prints as one escaped line.
 
+use fp8forge_autotune::tune::TuneError;
 use fp8forge_formats::FormatError;
 use fp8forge_formats::error::Refusal;
 use fp8forge_quant::convert::ConvertError;
@@ -71,5 +72,11 @@ impl From<ConvertError> for Failure {
             _ => e.to_string(),
         };
         Failure { code: if e.is_bad_input() { 2 } else { 1 }, message }
+    }
+}
+
+impl From<TuneError> for Failure {
+    fn from(e: TuneError) -> Self {
+        Failure { code: if e.is_bad_input() { 2 } else { 1 }, message: e.to_string() }
     }
 }

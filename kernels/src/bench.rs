@@ -11,10 +11,12 @@
 //! call is the median replay over the calls per graph. TFLOP/s = 2·M·N·K / time; GB/s = the
 //! fewest bytes the GEMM must move (operands read once, D written once) / time.
 
-use rayon::prelude::*;
-use serde::Serialize;
+use std::fmt;
 
-use crate::config::{Arch, GemmConfig, GemmShape, KernelKind, Multicast, is_legal, search_space};
+use rayon::prelude::*;
+use serde::{Serialize, Serializer};
+
+use crate::config::{GemmConfig, GemmShape, GpuArch, KernelKind, Multicast, is_legal, search_space};
 use crate::cublaslt::{Baseline, CublasLt, LtArgs, LtPlan, activation_scales_for_cublas, weight_scales_for_cublas};
 use crate::cuda::{Device, DeviceBuffer, Graph};
 use crate::error::KernelError;
@@ -68,6 +70,38 @@ impl Default for BenchOptions {
     }
 }
 
+/// What one row of `bench gemm` timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Implementation {
+    /// Our kernel.
+    Fp8forge,
+    /// A cuBLASLt baseline.
+    CublasLt(Baseline),
+}
+
+impl Implementation {
+    /// The `impl` value in `bench gemm --json`: `fp8forge`, `cublaslt_bf16` or
+    /// `cublaslt_fp8_block`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Implementation::Fp8forge => "fp8forge",
+            Implementation::CublasLt(b) => b.name(),
+        }
+    }
+}
+
+impl fmt::Display for Implementation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+impl Serialize for Implementation {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
 /// One line of results (the `rows` of `bench gemm --json`).
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchRow {
@@ -79,9 +113,9 @@ pub struct BenchRow {
     pub k: usize,
     /// Number of B matrices: 1 dense, E grouped.
     pub groups: usize,
-    /// `fp8forge`, `cublaslt_bf16` or `cublaslt_fp8_block`.
+    /// What was timed: `fp8forge`, `cublaslt_bf16` or `cublaslt_fp8_block`.
     #[serde(rename = "impl")]
-    pub implementation: String,
+    pub implementation: Implementation,
     /// Our configuration id, or `heuristic` for cuBLASLt.
     pub config: String,
     /// Median time of one call, microseconds (absent when the check failed or the implementation
@@ -122,7 +156,7 @@ pub fn deepseek_v3_shapes() -> Vec<GemmShape> {
 /// mma.sync) configurations without multicast, the one with the fewest waves of tiles over `sms`,
 /// each tile's cost taken as its area plus its operand traffic (BM·BN + 64·(BM + BN)); ties go to
 /// the larger tile, then the deeper pipeline. A wave-count heuristic, not a tuner.
-pub fn heuristic_config(shape: &GemmShape, arch: Arch, sms: u32) -> Option<GemmConfig> {
+pub fn heuristic_config(shape: &GemmShape, arch: GpuArch, sms: u32) -> Option<GemmConfig> {
     let candidates: Vec<GemmConfig> = search_space(arch)
         .into_iter()
         .filter(|c| c.multicast == Multicast::None && is_legal(c, shape).is_ok())
@@ -182,6 +216,11 @@ impl<T: Copy> Rotation<T> {
     fn get(&self, i: usize) -> crate::cuda::DeviceSlice<'_, T> {
         self.buf.slice((i % self.copies) * self.stride, self.len)
     }
+
+    /// `len` elements of copy `i` from element `offset` on.
+    fn part(&self, i: usize, offset: usize, len: usize) -> crate::cuda::DeviceSlice<'_, T> {
+        self.buf.slice((i % self.copies) * self.stride + offset, len)
+    }
 }
 
 /// Our operands (also what the cuBLASLt FP8 baseline reads, with its own scale layouts).
@@ -194,18 +233,37 @@ struct Fp8Set {
     m_indices: Option<DeviceBuffer<i32>>,
 }
 
-/// The three implementations, ready to enqueue call `i` (on operand copy `i`).
-enum Impl<'a> {
-    Ours { kernel: GemmKernel },
-    Lt { lt: &'a CublasLt, plans: Vec<(LtPlan, usize)>, baseline: Baseline },
+/// What a cuBLASLt baseline reads besides [`Fp8Set`], and its own output.
+enum LtOperands {
+    /// The dequantized operands, rounded to bf16.
+    Bf16 { a: Rotation<u16>, b: Rotation<u16>, d: Rotation<u16> },
+    /// Our FP8 operands' scales in cuBLASLt's layouts (the codes are read from [`Fp8Set`]).
+    Fp8Block { a_scales: Rotation<f32>, b_scales: Rotation<f32>, d: Rotation<u16> },
 }
 
-struct LtOperands {
-    a: Rotation<u16>,
-    b: Rotation<u16>,
-    a_scales: Option<Rotation<f32>>,
-    b_scales: Option<Rotation<f32>>,
-    d: Rotation<u16>,
+impl LtOperands {
+    fn d(&self) -> &Rotation<u16> {
+        match self {
+            LtOperands::Bf16 { d, .. } | LtOperands::Fp8Block { d, .. } => d,
+        }
+    }
+}
+
+/// One implementation, ready to enqueue call `i` (on operand copy `i`).
+enum Impl<'a> {
+    /// Our kernel.
+    Ours(GemmKernel),
+    /// A cuBLASLt baseline: one plan per expert with rows (and the expert's index), its operands.
+    Lt { lt: &'a CublasLt, plans: Vec<(LtPlan, usize)>, ops: LtOperands },
+}
+
+/// An implementation that passed its check, captured as a graph. The graph is dropped before
+/// the implementation it replays (fields drop in order), so our kernel's module stays loaded for
+/// as long as a graph launches it.
+struct Captured<'a> {
+    row: BenchRow,
+    graph: Graph,
+    _imp: Impl<'a>,
 }
 
 /// Benchmarks `shape`: our kernel in each of `configs` (a heuristic pick when empty) and, with
@@ -223,8 +281,7 @@ pub fn bench_shape(
     configs: &[GemmConfig],
     opts: &BenchOptions,
 ) -> Result<Vec<BenchRow>, KernelError> {
-    let arch =
-        dev.arch().ok_or_else(|| KernelError::NoDevice { detail: format!("{} is not sm_89/sm_90", dev.info.name) })?;
+    let arch = dev.gpu_arch()?;
     let configs: Vec<GemmConfig> = if configs.is_empty() {
         heuristic_config(shape, arch, dev.info.sms).into_iter().collect()
     } else {
@@ -283,139 +340,160 @@ impl<'d> ShapeBench<'d> {
     }
 
     /// Checks, then times, our kernel in each of `configs` and, given `lt`, the two cuBLASLt
-    /// baselines; all that pass their check are timed interleaved in the same replays.
+    /// baselines; all that pass their check are timed interleaved in the same replays. Rows come
+    /// in this order: the implementations that could not be set up, those that failed their
+    /// check (or capture), then the timed ones.
     ///
     /// # Errors
     ///
     /// As [`bench_shape`].
-    pub fn run(&self, lt: Option<&CublasLt>, configs: &[GemmConfig]) -> Result<Vec<BenchRow>, KernelError> {
-        let (dev, shape, opts, fp8) = (self.dev, &self.shape, &self.opts, &self.fp8);
-        let (problem, rows, reference, rotate) = (&self.problem, &self.rows, &self.reference, self.rotate);
+    pub fn run<'a>(&self, lt: Option<&'a CublasLt>, configs: &[GemmConfig]) -> Result<Vec<BenchRow>, KernelError> {
         let mut out = Vec::new();
-        let mut impls: Vec<(BenchRow, Impl)> = Vec::new();
-        for &cfg in configs {
-            let mut row = empty_row(shape, "fp8forge", &cfg.id());
-            match GemmKernel::load(dev, cfg, shape.groups.is_some()) {
-                Ok(kernel) => impls.push((row, Impl::Ours { kernel })),
+        let mut ready: Vec<(BenchRow, Impl<'a>)> = Vec::new();
+        for (mut row, prepared) in self.prepare(lt, configs) {
+            match prepared {
+                Ok(imp) => ready.push((row, imp)),
                 Err(e) => {
                     row.error = Some(e.to_string());
                     out.push(row);
                 }
             }
         }
-        let mut lt_ops: Vec<(Baseline, LtOperands)> = Vec::new();
+        let mut captured = Vec::new();
+        for (mut row, imp) in ready {
+            match self.check_and_capture(&mut row, &imp) {
+                Some(graph) => captured.push(Captured { row, graph, _imp: imp }),
+                None => out.push(row),
+            }
+        }
+        out.extend(self.time(captured)?);
+        Ok(out)
+    }
+
+    /// Loads our kernel in each configuration and sets up the baselines: one row each, with the
+    /// implementation or why it cannot run.
+    fn prepare<'a>(
+        &self,
+        lt: Option<&'a CublasLt>,
+        configs: &[GemmConfig],
+    ) -> Vec<(BenchRow, Result<Impl<'a>, KernelError>)> {
+        let mut out = Vec::new();
+        for &cfg in configs {
+            let kernel = GemmKernel::load(self.dev, cfg, self.shape.groups.is_some());
+            out.push((empty_row(&self.shape, Implementation::Fp8forge, &cfg.id()), kernel.map(Impl::Ours)));
+        }
         if let Some(lt) = lt {
             for baseline in [Baseline::Bf16, Baseline::Fp8Block] {
-                let mut row = empty_row(shape, baseline.name(), "heuristic");
-                match lt_setup(dev, lt, problem, baseline, rotate) {
-                    Ok((plans, ops)) => {
-                        impls.push((row, Impl::Lt { lt, plans, baseline }));
-                        lt_ops.push((baseline, ops));
-                    }
-                    Err(e) => {
-                        row.error = Some(e.to_string());
-                        out.push(row);
-                    }
-                }
+                let imp = lt_setup(self.dev, lt, &self.problem, baseline, self.rotate).map(|(plans, ops)| Impl::Lt {
+                    lt,
+                    plans,
+                    ops,
+                });
+                out.push((empty_row(&self.shape, Implementation::CublasLt(baseline), "heuristic"), imp));
             }
         }
+        out
+    }
 
-        // Check each implementation once on a poisoned output.
-        let mut timed: Vec<(BenchRow, Graph)> = Vec::new();
-        for (mut row, imp) in impls {
-            let enqueue = |i: usize| -> Result<(), KernelError> {
-                match &imp {
-                    Impl::Ours { kernel } => {
-                        let args = GemmArgs {
-                            a: fp8.a.get(i),
-                            sa: fp8.sa.get(i),
-                            b: fp8.b.get(i),
-                            sb: fp8.sb.get(i),
-                            d: fp8.d.get(i),
-                            m_indices: fp8.m_indices.as_ref().map(|b| b.all()),
-                        };
-                        kernel.launch(dev, shape, &args, opts.raster_group)
+    /// Enqueues call `i` of `imp` (on operand copy `i`).
+    fn enqueue(&self, imp: &Impl, i: usize) -> Result<(), KernelError> {
+        let fp8 = &self.fp8;
+        match imp {
+            Impl::Ours(kernel) => {
+                let args = GemmArgs {
+                    a: fp8.a.get(i),
+                    sa: fp8.sa.get(i),
+                    b: fp8.b.get(i),
+                    sb: fp8.sb.get(i),
+                    d: fp8.d.get(i),
+                    m_indices: fp8.m_indices.as_ref().map(|b| b.all()),
+                };
+                kernel.launch(self.dev, &self.shape, &args, self.opts.raster_group)
+            }
+            Impl::Lt { lt, plans, ops } => lt_enqueue(self.dev, lt, plans, ops, fp8, &self.shape, i),
+        }
+    }
+
+    /// Runs `imp` once on a poisoned output and compares it with the reference; when it passes
+    /// (or is a baseline, which is timed even when it is off), captures its graph. `None` when
+    /// the row is finished: it failed, and `row.error` says why.
+    fn check_and_capture(&self, row: &mut BenchRow, imp: &Impl) -> Option<Graph> {
+        match self.check(imp) {
+            Ok(c) => {
+                row.rel_err = Some(c.rel_err);
+                row.ok = c.passes(self.opts.tolerance);
+                if !row.ok {
+                    row.error = Some(format!(
+                        "check failed: relative error {:.3e}, {} non-finite outputs",
+                        c.rel_err, c.non_finite
+                    ));
+                    if matches!(imp, Impl::Ours(_)) {
+                        return None;
                     }
-                    Impl::Lt { lt, plans, baseline } => {
-                        let Some((_, ops)) = lt_ops.iter().find(|(b, _)| b == baseline) else {
-                            return Err(KernelError::Input { what: "baseline", detail: "operands missing".into() });
-                        };
-                        lt_enqueue(dev, lt, plans, ops, fp8, *baseline, shape, i)
-                    }
-                }
-            };
-            let d0 = match &imp {
-                Impl::Ours { .. } => fp8.d.get(0),
-                Impl::Lt { baseline, .. } => match lt_ops.iter().find(|(b, _)| b == baseline) {
-                    Some((_, ops)) => ops.d.get(0),
-                    None => continue,
-                },
-            };
-            let check = (|| -> Result<Comparison, KernelError> {
-                dev.fill_u16(&d0, POISON)?;
-                enqueue(0)?;
-                dev.synchronize()?;
-                let mut host = vec![0u16; shape.m * shape.n];
-                dev.copy_to_host(&d0, &mut host)?;
-                let non_finite = host.par_iter().filter(|&&v| !crate::reference::bf16_to_f32(v).is_finite()).count();
-                let sampled: Vec<u16> =
-                    rows.iter().flat_map(|&r| host[r * shape.n..(r + 1) * shape.n].iter().copied()).collect();
-                let mut c = compare(&sampled, reference)?;
-                if c.non_finite == 0 && non_finite > 0 {
-                    c.non_finite = non_finite;
-                }
-                Ok(c)
-            })();
-            match check {
-                Ok(c) => {
-                    row.rel_err = Some(c.rel_err);
-                    row.ok = c.passes(opts.tolerance);
-                    if !row.ok {
-                        row.error = Some(format!(
-                            "check failed: relative error {:.3e}, {} non-finite outputs",
-                            c.rel_err, c.non_finite
-                        ));
-                        if matches!(imp, Impl::Ours { .. }) {
-                            out.push(row);
-                            continue;
-                        }
-                    }
-                }
-                Err(e) => {
-                    row.error = Some(e.to_string());
-                    out.push(row);
-                    continue;
                 }
             }
-            let calls = opts.calls_per_graph.max(20) as usize;
-            match dev.capture(|| (0..calls).try_for_each(&enqueue)) {
-                Ok(g) => timed.push((row, g)),
-                Err(e) => {
-                    row.error = Some(format!("graph capture: {e}"));
-                    out.push(row);
-                }
+            Err(e) => {
+                row.error = Some(e.to_string());
+                return None;
             }
         }
+        let calls = self.opts.calls_per_graph.max(20) as usize;
+        match self.dev.capture(|| (0..calls).try_for_each(|i| self.enqueue(imp, i))) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                row.error = Some(format!("graph capture: {e}"));
+                None
+            }
+        }
+    }
 
-        // Warm up, then replay interleaved.
+    /// One call of `imp` on a NaN-poisoned output: every element must be written and finite, and
+    /// the sampled rows close to the reference.
+    fn check(&self, imp: &Impl) -> Result<Comparison, KernelError> {
+        let (dev, shape) = (self.dev, &self.shape);
+        let d0 = match imp {
+            Impl::Ours(_) => self.fp8.d.get(0),
+            Impl::Lt { ops, .. } => ops.d().get(0),
+        };
+        dev.fill_u16(&d0, POISON)?;
+        self.enqueue(imp, 0)?;
+        dev.synchronize()?;
+        let mut host = vec![0u16; shape.m * shape.n];
+        dev.copy_to_host(&d0, &mut host)?;
+        let non_finite = host.par_iter().filter(|&&v| !crate::reference::bf16_to_f32(v).is_finite()).count();
+        let sampled: Vec<u16> =
+            self.rows.iter().flat_map(|&r| host[r * shape.n..(r + 1) * shape.n].iter().copied()).collect();
+        let mut c = compare(&sampled, &self.reference)?;
+        if c.non_finite == 0 && non_finite > 0 {
+            c.non_finite = non_finite;
+        }
+        Ok(c)
+    }
+
+    /// Warms the graphs up, then replays them interleaved; each row gets the median time of one
+    /// call.
+    fn time(&self, captured: Vec<Captured>) -> Result<Vec<BenchRow>, KernelError> {
+        let (dev, shape, opts) = (self.dev, &self.shape, &self.opts);
         let (start, end) = (dev.event()?, dev.event()?);
         for _ in 0..opts.warmup_replays {
-            for (_, g) in &timed {
-                dev.replay(g)?;
+            for c in &captured {
+                dev.replay(&c.graph)?;
             }
         }
         dev.synchronize()?;
         let calls = opts.calls_per_graph.max(20) as f64;
-        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); timed.len()];
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); captured.len()];
         for _ in 0..opts.replays.max(1) {
-            for (i, (_, g)) in timed.iter().enumerate() {
+            for (i, c) in captured.iter().enumerate() {
                 dev.record(&start)?;
-                dev.replay(g)?;
+                dev.replay(&c.graph)?;
                 dev.record(&end)?;
                 samples[i].push(f64::from(dev.elapsed_ms(&start, &end)?) * 1e3 / calls);
             }
         }
-        for ((mut row, _), mut s) in timed.into_iter().zip(samples) {
+        let mut out = Vec::new();
+        for (c, mut s) in captured.into_iter().zip(samples) {
+            let mut row = c.row;
             s.sort_by(f64::total_cmp);
             let us = s[s.len() / 2];
             row.us = Some(us);
@@ -431,13 +509,13 @@ fn copies_for(rotate: u64, set_bytes: u64) -> usize {
     (rotate.div_ceil(set_bytes.max(1)) as usize).clamp(1, 64)
 }
 
-fn empty_row(shape: &GemmShape, implementation: &str, config: &str) -> BenchRow {
+fn empty_row(shape: &GemmShape, implementation: Implementation, config: &str) -> BenchRow {
     BenchRow {
         m: shape.m,
         n: shape.n,
         k: shape.k,
         groups: shape.experts(),
-        implementation: implementation.to_string(),
+        implementation,
         config: config.to_string(),
         us: None,
         tflops: None,
@@ -467,6 +545,8 @@ fn expert_ranges(p: &HostProblem) -> Vec<(usize, usize)> {
     }
 }
 
+/// Plans a baseline (one matmul per expert with rows) and uploads what it reads besides our
+/// operands.
 fn lt_setup(
     dev: &Device,
     lt: &CublasLt,
@@ -483,7 +563,7 @@ fn lt_setup(
             plans.push((lt.plan(baseline, rows, n, k)?, e));
         }
     }
-    match baseline {
+    let ops = match baseline {
         Baseline::Bf16 => {
             // The dequantized operands, rounded to bf16.
             let lut = e4m3_table();
@@ -498,18 +578,12 @@ fn lt_setup(
                     f32_to_bf16(lut[p.b[i] as usize] * p.sb[(e * nb + r / 128) * kb + c / 128])
                 })
                 .collect();
-            let set = (2 * (a.len() + b.len() + m * n)) as u64;
-            let copies = copies_for(rotate, set);
-            Ok((
-                plans,
-                LtOperands {
-                    a: Rotation::new(dev, &a, copies)?,
-                    b: Rotation::new(dev, &b, copies)?,
-                    a_scales: None,
-                    b_scales: None,
-                    d: Rotation::new(dev, &vec![POISON; m * n], copies)?,
-                },
-            ))
+            let copies = copies_for(rotate, (2 * (a.len() + b.len() + m * n)) as u64);
+            LtOperands::Bf16 {
+                a: Rotation::new(dev, &a, copies)?,
+                b: Rotation::new(dev, &b, copies)?,
+                d: Rotation::new(dev, &vec![POISON; m * n], copies)?,
+            }
         }
         Baseline::Fp8Block => {
             // Per expert: its rows' activation scales M-fastest, its weight scales padded.
@@ -522,63 +596,49 @@ fn lt_setup(
             for e in 0..shape.experts() {
                 b_scales.extend(weight_scales_for_cublas(&p.sb[e * nb * kb..(e + 1) * nb * kb], nb, kb));
             }
-            let set = (p.a.len() + p.b.len() + 2 * m * n) as u64;
-            let copies = copies_for(rotate, set);
-            Ok((
-                plans,
-                LtOperands {
-                    a: Rotation::new(dev, &[0u16], 1)?,
-                    b: Rotation::new(dev, &[0u16], 1)?,
-                    a_scales: Some(Rotation::new(dev, &a_scales, copies)?),
-                    b_scales: Some(Rotation::new(dev, &b_scales, copies)?),
-                    d: Rotation::new(dev, &vec![POISON; m * n], copies)?,
-                },
-            ))
+            let copies = copies_for(rotate, (p.a.len() + p.b.len() + 2 * m * n) as u64);
+            LtOperands::Fp8Block {
+                a_scales: Rotation::new(dev, &a_scales, copies)?,
+                b_scales: Rotation::new(dev, &b_scales, copies)?,
+                d: Rotation::new(dev, &vec![POISON; m * n], copies)?,
+            }
         }
-    }
+    };
+    Ok((plans, ops))
 }
 
 /// Enqueues baseline call `i`: one cuBLASLt matmul per expert (one for a dense shape).
-#[allow(clippy::too_many_arguments)]
 fn lt_enqueue(
     dev: &Device,
     lt: &CublasLt,
     plans: &[(LtPlan, usize)],
     ops: &LtOperands,
     fp8: &Fp8Set,
-    baseline: Baseline,
     shape: &GemmShape,
     i: usize,
 ) -> Result<(), KernelError> {
     let (n, k, kb, nb) = (shape.n, shape.k, shape.k_blocks(), shape.n_blocks());
     let kb4 = kb.next_multiple_of(4);
-    let d = ops.d.get(i);
     let mut row0 = 0usize;
     let mut a_scale_off = 0usize;
     for (plan, e) in plans {
         let rows = plan.m;
-        let d_e = ops.d.buf.slice((i % ops.d.copies) * ops.d.stride + row0 * n, rows * n);
-        debug_assert!(d_e.len() <= d.len());
-        let args = match baseline {
-            Baseline::Bf16 => LtArgs {
-                a: ops.a.get(i).ptr() + (row0 * k * 2) as u64,
-                b: ops.b.get(i).ptr() + (e * n * k * 2) as u64,
-                d: d_e,
+        let d = ops.d().part(i, row0 * n, rows * n);
+        let args = match ops {
+            LtOperands::Bf16 { a, b, .. } => LtArgs {
+                a: a.get(i).ptr() + (row0 * k * 2) as u64,
+                b: b.get(i).ptr() + (e * n * k * 2) as u64,
+                d,
                 a_scales: 0,
                 b_scales: 0,
             },
-            Baseline::Fp8Block => {
-                let (Some(sa), Some(sb)) = (&ops.a_scales, &ops.b_scales) else {
-                    return Err(KernelError::Input { what: "baseline", detail: "FP8 scales missing".into() });
-                };
-                LtArgs {
-                    a: fp8.a.get(i).ptr() + (row0 * k) as u64,
-                    b: fp8.b.get(i).ptr() + (e * n * k) as u64,
-                    d: d_e,
-                    a_scales: sa.get(i).ptr() + (a_scale_off * 4) as u64,
-                    b_scales: sb.get(i).ptr() + (e * nb * kb4 * 4) as u64,
-                }
-            }
+            LtOperands::Fp8Block { a_scales, b_scales, .. } => LtArgs {
+                a: fp8.a.get(i).ptr() + (row0 * k) as u64,
+                b: fp8.b.get(i).ptr() + (e * n * k) as u64,
+                d,
+                a_scales: a_scales.get(i).ptr() + (a_scale_off * 4) as u64,
+                b_scales: b_scales.get(i).ptr() + (e * nb * kb4 * 4) as u64,
+            },
         };
         lt.run(dev, plan, &args)?;
         a_scale_off += rows.next_multiple_of(4) * kb;
@@ -596,7 +656,7 @@ mod tests {
         let shapes = deepseek_v3_shapes();
         assert_eq!(shapes.len(), 22);
         for s in &shapes {
-            let c = heuristic_config(s, Arch::Sm90a, 132).unwrap_or_else(|| panic!("no config for {s}"));
+            let c = heuristic_config(s, GpuArch::Sm90a, 132).unwrap_or_else(|| panic!("no config for {s}"));
             assert_eq!(c.kind, KernelKind::Wgmma, "{s}");
             assert_eq!(is_legal(&c, s), Ok(()));
         }
@@ -605,14 +665,27 @@ mod tests {
     #[test]
     fn heuristic_prefers_one_full_wave() {
         // 4096 x 7168: BM = 128 gives 32 row tiles; 32 x 56 = 1792 tiles of 128 x 128.
-        let c = heuristic_config(&GemmShape::dense(4096, 7168, 2048), Arch::Sm90a, 132).unwrap();
+        let c = heuristic_config(&GemmShape::dense(4096, 7168, 2048), GpuArch::Sm90a, 132).unwrap();
         assert!(c.block_m >= 128, "{c}");
         // M = 64: one row of tiles, BM = 64.
-        let c = heuristic_config(&GemmShape::dense(64, 7168, 2048), Arch::Sm90a, 132).unwrap();
+        let c = heuristic_config(&GemmShape::dense(64, 7168, 2048), GpuArch::Sm90a, 132).unwrap();
         assert_eq!(c.block_m, 64, "{c}");
         // Without wgmma (sm_89) the heuristic falls back to mma.sync.
-        let c = heuristic_config(&GemmShape::dense(64, 7168, 2048), Arch::Sm89, 128).unwrap();
+        let c = heuristic_config(&GemmShape::dense(64, 7168, 2048), GpuArch::Sm89, 128).unwrap();
         assert!(matches!(c.kind, KernelKind::MmaSync { .. }));
+    }
+
+    #[test]
+    fn implementations_keep_their_json_names() {
+        let names: Vec<String> = [
+            Implementation::Fp8forge,
+            Implementation::CublasLt(Baseline::Bf16),
+            Implementation::CublasLt(Baseline::Fp8Block),
+        ]
+        .iter()
+        .map(|i| format!("{i}"))
+        .collect();
+        assert_eq!(names, ["fp8forge", "cublaslt_bf16", "cublaslt_fp8_block"]);
     }
 
     #[test]

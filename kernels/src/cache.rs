@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::config::Arch;
+use crate::config::GpuArch;
 use crate::error::KernelError;
 use crate::nvrtc::{self, Compiled, ResourceUsage};
 use crate::source::{KernelSpec, compile_options, hex};
@@ -28,7 +28,7 @@ pub fn cache_dir() -> Option<PathBuf> {
 }
 
 /// The cache key of `spec` built for `arch` by NVRTC `nvrtc_version`.
-pub fn cache_key(spec: &KernelSpec, arch: Arch, nvrtc_version: (i32, i32)) -> String {
+pub fn cache_key(spec: &KernelSpec, arch: GpuArch, nvrtc_version: (i32, i32)) -> String {
     let mut h = Sha256::new();
     let mut put = |s: &str| {
         h.update((s.len() as u64).to_le_bytes());
@@ -48,7 +48,7 @@ pub fn cache_key(spec: &KernelSpec, arch: Arch, nvrtc_version: (i32, i32)) -> St
 /// # Errors
 ///
 /// As [`nvrtc::compile`]; cache I/O errors are not errors (the kernel is compiled instead).
-pub fn compile_cached(spec: &KernelSpec, arch: Arch) -> Result<Compiled, KernelError> {
+pub fn compile_cached(spec: &KernelSpec, arch: GpuArch) -> Result<Compiled, KernelError> {
     let version = nvrtc::version()?;
     let Some(dir) = cache_dir() else { return nvrtc::compile(spec, arch) };
     let key = cache_key(spec, arch, version);
@@ -101,12 +101,12 @@ mod tests {
         let a = KernelSpec::Gemm { config: GemmConfig::wgmma(128, 128, 4, Multicast::None), grouped: false };
         let b = KernelSpec::Gemm { config: GemmConfig::wgmma(128, 136, 4, Multicast::None), grouped: false };
         let g = KernelSpec::Gemm { config: GemmConfig::wgmma(128, 128, 4, Multicast::None), grouped: true };
-        let k = cache_key(&a, Arch::Sm90a, (13, 0));
-        assert_eq!(k, cache_key(&a, Arch::Sm90a, (13, 0)));
-        assert_ne!(k, cache_key(&b, Arch::Sm90a, (13, 0)));
-        assert_ne!(k, cache_key(&g, Arch::Sm90a, (13, 0)));
-        assert_ne!(k, cache_key(&a, Arch::Sm90, (13, 0)));
-        assert_ne!(k, cache_key(&a, Arch::Sm90a, (13, 2)));
+        let k = cache_key(&a, GpuArch::Sm90a, (13, 0));
+        assert_eq!(k, cache_key(&a, GpuArch::Sm90a, (13, 0)));
+        assert_ne!(k, cache_key(&b, GpuArch::Sm90a, (13, 0)));
+        assert_ne!(k, cache_key(&g, GpuArch::Sm90a, (13, 0)));
+        assert_ne!(k, cache_key(&a, GpuArch::Sm90, (13, 0)));
+        assert_ne!(k, cache_key(&a, GpuArch::Sm90a, (13, 2)));
     }
 
     #[test]

@@ -29,7 +29,7 @@ const MMA_ROW_BYTES: u32 = 144;
 
 /// A GPU architecture the kernels are built for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-pub enum Arch {
+pub enum GpuArch {
     /// Ada (compute capability 8.9): mma.sync FP8.
     Sm89,
     /// Hopper without the architecture-specific features: mma.sync FP8 only.
@@ -38,28 +38,28 @@ pub enum Arch {
     Sm90a,
 }
 
-impl Arch {
+impl GpuArch {
     /// The NVRTC `--gpu-architecture` value.
     pub fn nvrtc_name(self) -> &'static str {
         match self {
-            Arch::Sm89 => "sm_89",
-            Arch::Sm90 => "sm_90",
-            Arch::Sm90a => "sm_90a",
+            GpuArch::Sm89 => "sm_89",
+            GpuArch::Sm90 => "sm_90",
+            GpuArch::Sm90a => "sm_90a",
         }
     }
 
     /// The architecture to build for on a device of compute capability `major.minor`, if any:
     /// 9.0 gets `sm_90a`, 8.9 gets `sm_89`.
-    pub fn from_compute_capability(major: i32, minor: i32) -> Option<Arch> {
+    pub fn from_compute_capability(major: i32, minor: i32) -> Option<GpuArch> {
         match (major, minor) {
-            (9, 0) => Some(Arch::Sm90a),
-            (8, 9) => Some(Arch::Sm89),
+            (9, 0) => Some(GpuArch::Sm90a),
+            (8, 9) => Some(GpuArch::Sm89),
             _ => None,
         }
     }
 }
 
-impl fmt::Display for Arch {
+impl fmt::Display for GpuArch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.nvrtc_name())
     }
@@ -233,9 +233,9 @@ impl GemmConfig {
 
     /// The architecture the configuration is compiled for when the device is `device`: wgmma
     /// needs `sm_90a`; mma.sync runs on sm_89 and sm_90 (built as `sm_90a` on Hopper).
-    pub fn runs_on(&self, device: Arch) -> bool {
+    pub fn runs_on(&self, device: GpuArch) -> bool {
         match self.kind {
-            KernelKind::Wgmma => device == Arch::Sm90a,
+            KernelKind::Wgmma => device == GpuArch::Sm90a,
             KernelKind::MmaSync { .. } => true,
         }
     }
@@ -317,6 +317,13 @@ impl GemmShape {
     /// An M-grouped contiguous shape with `experts` experts and `m` rows in all.
     pub fn grouped(m: usize, n: usize, k: usize, experts: usize) -> GemmShape {
         GemmShape { m, n, k, groups: Some(experts) }
+    }
+
+    /// An M-grouped contiguous shape of `experts` experts with `tokens` rows each, every
+    /// expert's run padded to [`GROUP_ALIGN`] rows: how a tuning table's grouped entries and
+    /// `bench gemm --groups` lay their experts out.
+    pub fn grouped_tokens(tokens: usize, n: usize, k: usize, experts: usize) -> GemmShape {
+        GemmShape::grouped(experts * tokens.next_multiple_of(GROUP_ALIGN), n, k, experts)
     }
 
     /// Number of experts (1 for a dense shape).
@@ -607,9 +614,9 @@ pub fn supports_grouped(cfg: &GemmConfig) -> bool {
 /// mma.sync (every arch): BLOCK_M, BLOCK_N ∈ {64, 128} with warp grids 2×2, 2×4 or 4×2 whose warp
 /// tile is at most 32×32 (so 128×128 is out: it would need 16 warps and spills at 128 registers);
 /// 2 to 4 stages.
-pub fn search_space(arch: Arch) -> Vec<GemmConfig> {
+pub fn search_space(arch: GpuArch) -> Vec<GemmConfig> {
     let mut out = Vec::new();
-    if arch == Arch::Sm90a {
+    if arch == GpuArch::Sm90a {
         for bm in [64u32, 128, 256] {
             for bn in (16..=wgmma_max_block_n(bm)).step_by(8) {
                 for mc in [Multicast::None, Multicast::A, Multicast::B] {
@@ -648,7 +655,7 @@ mod tests {
 
     #[test]
     fn every_search_space_config_is_legal_and_its_id_round_trips() {
-        let space = search_space(Arch::Sm90a);
+        let space = search_space(GpuArch::Sm90a);
         assert!(space.len() > 100, "search space has only {} configs", space.len());
         let mut ids = std::collections::HashSet::new();
         for cfg in &space {
@@ -662,7 +669,7 @@ mod tests {
 
     #[test]
     fn sm89_search_space_has_no_wgmma() {
-        let space = search_space(Arch::Sm89);
+        let space = search_space(GpuArch::Sm89);
         assert!(!space.is_empty());
         assert!(space.iter().all(|c| matches!(c.kind, KernelKind::MmaSync { .. })));
     }
@@ -687,7 +694,7 @@ mod tests {
         // mma.sync: per stage (BM + BN) rows of 144 bytes.
         assert_eq!(GemmConfig::mma(64, 128, 2, 2, 3).smem_bytes(), 3 * 192 * 144);
         // The deepest pipeline fits and one more stage would not (or MAX_STAGES caps it).
-        for cfg in search_space(Arch::Sm90a) {
+        for cfg in search_space(GpuArch::Sm90a) {
             let deepest = GemmConfig { stages: cfg.max_stages(), ..cfg };
             assert!(deepest.smem_bytes() <= SMEM_LIMIT);
             let one_more = GemmConfig { stages: cfg.max_stages() + 1, ..cfg };
@@ -742,6 +749,13 @@ mod tests {
         let mut mc = GemmConfig::mma(64, 64, 2, 2, 2);
         mc.multicast = Multicast::A;
         assert_eq!(check_config(&mc), Err(Why::MulticastUnsupported));
+    }
+
+    #[test]
+    fn grouped_tokens_pads_every_expert_to_the_alignment() {
+        assert_eq!(GemmShape::grouped_tokens(100, 8, 128, 3), GemmShape::grouped(384, 8, 128, 3));
+        assert_eq!(GemmShape::grouped_tokens(128, 8, 128, 2), GemmShape::grouped(256, 8, 128, 2));
+        assert_eq!(GemmShape::grouped_tokens(100, 8, 128, 3).validate(), Ok(()));
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub struct CublasLt {
 }
 
 /// The baselines.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Baseline {
     /// BF16 × BF16 → BF16, f32 accumulation.
     Bf16,
@@ -85,6 +85,77 @@ impl Drop for LtPlan {
     }
 }
 
+impl LtPlan {
+    /// The operation: f32 compute, cuBLAS's A (our B) transposed, and with FP8 block scaling the
+    /// scale modes (weights 128×128 blocks, activations 1×128 vectors). No layouts yet.
+    fn describe(baseline: Baseline, m: usize, n: usize, k: usize) -> Result<LtPlan, KernelError> {
+        use lt::cublasLtMatmulDescAttributes_t as D;
+        let mut desc = ptr::null_mut();
+        // SAFETY: valid out-pointer; the descriptor created is owned by the plan below, whose
+        // Drop destroys it (and the still-null layouts, which cuBLASLt accepts).
+        check("cublasLtMatmulDescCreate", unsafe {
+            lt::cublasLtMatmulDescCreate(
+                &mut desc,
+                lt::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                lt::cudaDataType::CUDA_R_32F,
+            )
+        })?;
+        let plan = LtPlan {
+            desc,
+            a_layout: ptr::null_mut(),
+            b_layout: ptr::null_mut(),
+            d_layout: ptr::null_mut(),
+            // SAFETY: a plain C struct of integers, for which all zeros is a valid value; the
+            // heuristic's choice replaces it before the plan is used.
+            algo: unsafe { std::mem::zeroed() },
+            baseline,
+            m,
+            n,
+            k,
+        };
+        let set = |attr: D, v: u32| -> Result<(), KernelError> {
+            // SAFETY: live descriptor; the value outlives the call, which copies its 4 bytes.
+            check("cublasLtMatmulDescSetAttribute", unsafe {
+                lt::cublasLtMatmulDescSetAttribute(plan.desc, attr, (&v as *const u32).cast(), 4)
+            })
+        };
+        let (op_t, op_n) = (1u32, 0u32);
+        set(D::CUBLASLT_MATMUL_DESC_TRANSA, op_t)?;
+        set(D::CUBLASLT_MATMUL_DESC_TRANSB, op_n)?;
+        if baseline == Baseline::Fp8Block {
+            let blk = lt::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F as u32;
+            let vec = lt::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F as u32;
+            set(D::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, blk)?;
+            set(D::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, vec)?;
+        }
+        Ok(plan)
+    }
+
+    /// The matrix layouts, column-major: cuBLAS's A is K×N (our B), its B K×M (our A), D N×M.
+    fn lay_out(&mut self) -> Result<(), KernelError> {
+        let in_type = match self.baseline {
+            Baseline::Bf16 => lt::cudaDataType::CUDA_R_16BF,
+            Baseline::Fp8Block => lt::cudaDataType::CUDA_R_8F_E4M3,
+        };
+        let (m, n, k) = (self.m as u64, self.n as u64, self.k as u64);
+        // SAFETY: valid out-pointers into the plan, whose Drop destroys what is created here.
+        unsafe {
+            check(
+                "cublasLtMatrixLayoutCreate(A)",
+                lt::cublasLtMatrixLayoutCreate(&mut self.a_layout, in_type, k, n, k as i64),
+            )?;
+            check(
+                "cublasLtMatrixLayoutCreate(B)",
+                lt::cublasLtMatrixLayoutCreate(&mut self.b_layout, in_type, k, m, k as i64),
+            )?;
+            check(
+                "cublasLtMatrixLayoutCreate(D)",
+                lt::cublasLtMatrixLayoutCreate(&mut self.d_layout, lt::cudaDataType::CUDA_R_16BF, n, m, n as i64),
+            )
+        }
+    }
+}
+
 /// The device operands of one baseline call.
 #[derive(Clone, Copy, Debug)]
 pub struct LtArgs<'a> {
@@ -108,7 +179,7 @@ impl CublasLt {
     /// [`KernelError::NoCublasLt`] when the library is missing, [`KernelError::CublasLt`],
     /// [`KernelError::Cuda`].
     pub fn new(dev: &Device) -> Result<CublasLt, KernelError> {
-        crate::nvrtc::library_loads("cublasLt").map_err(|tried| KernelError::NoCublasLt { tried })?;
+        crate::nvrtc::library_loads("cublasLt").map_err(|e| KernelError::NoCublasLt { tried: e.tried })?;
         let workspace = dev.alloc::<u8>(WORKSPACE)?;
         let mut handle = ptr::null_mut();
         // SAFETY: the library is loadable; valid out-pointer.
@@ -122,75 +193,26 @@ impl CublasLt {
         unsafe { lt::cublasLtGetVersion() }
     }
 
-    /// Plans `D[M, N] = A[M, K]·B[N, K]ᵀ` for `baseline`.
+    /// Plans `D[M, N] = A[M, K]·B[N, K]ᵀ` for `baseline`: the operation's descriptor, the
+    /// matrix layouts, then the algorithm cuBLASLt's heuristic picks.
     ///
     /// # Errors
     ///
     /// [`KernelError::CublasLt`], including `CUBLAS_STATUS_NOT_SUPPORTED` when no algorithm
     /// serves the problem (e.g. block scaling on a cuBLASLt older than 12.9).
     pub fn plan(&self, baseline: Baseline, m: usize, n: usize, k: usize) -> Result<LtPlan, KernelError> {
-        use lt::cublasLtMatmulDescAttributes_t as D;
-        let in_type = match baseline {
-            Baseline::Bf16 => lt::cudaDataType::CUDA_R_16BF,
-            Baseline::Fp8Block => lt::cudaDataType::CUDA_R_8F_E4M3,
-        };
-        // SAFETY: every handle is created here and owned by the returned plan (or destroyed on
-        // the error paths by LtPlan's Drop once constructed); attribute buffers outlive the calls.
+        let mut plan = LtPlan::describe(baseline, m, n, k)?;
+        plan.lay_out()?;
+        plan.algo = self.heuristic(&plan)?;
+        Ok(plan)
+    }
+
+    /// The algorithm cuBLASLt's heuristic picks for `plan` within the workspace.
+    fn heuristic(&self, plan: &LtPlan) -> Result<lt::cublasLtMatmulAlgo_t, KernelError> {
+        // SAFETY: the handle and the plan's descriptors are live; the preference is created and
+        // destroyed here; the attribute value and the out-pointers outlive the calls; a zeroed
+        // heuristic result is a valid value of the plain C struct.
         unsafe {
-            let mut desc = ptr::null_mut();
-            check(
-                "cublasLtMatmulDescCreate",
-                lt::cublasLtMatmulDescCreate(
-                    &mut desc,
-                    lt::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    lt::cudaDataType::CUDA_R_32F,
-                ),
-            )?;
-            let mut plan = LtPlan {
-                desc,
-                a_layout: ptr::null_mut(),
-                b_layout: ptr::null_mut(),
-                d_layout: ptr::null_mut(),
-                algo: std::mem::zeroed(),
-                baseline,
-                m,
-                n,
-                k,
-            };
-            let set = |attr: D, v: &u32| -> Result<(), KernelError> {
-                check(
-                    "cublasLtMatmulDescSetAttribute",
-                    lt::cublasLtMatmulDescSetAttribute(plan.desc, attr, (v as *const u32).cast(), 4),
-                )
-            };
-            let (op_t, op_n) = (1u32, 0u32);
-            set(D::CUBLASLT_MATMUL_DESC_TRANSA, &op_t)?;
-            set(D::CUBLASLT_MATMUL_DESC_TRANSB, &op_n)?;
-            if baseline == Baseline::Fp8Block {
-                let blk = lt::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F as u32;
-                let vec = lt::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F as u32;
-                set(D::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &blk)?;
-                set(D::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &vec)?;
-            }
-            // cuBLAS A: K×N column-major (our B), ld K; B: K×M (our A), ld K; D: N×M, ld N.
-            check(
-                "cublasLtMatrixLayoutCreate(A)",
-                lt::cublasLtMatrixLayoutCreate(&mut plan.a_layout, in_type, k as u64, n as u64, k as i64),
-            )?;
-            check(
-                "cublasLtMatrixLayoutCreate(B)",
-                lt::cublasLtMatrixLayoutCreate(&mut plan.b_layout, in_type, k as u64, m as u64, k as i64),
-            )?;
-            check(
-                "cublasLtMatrixLayoutCreate(D)",
-                lt::cublasLtMatrixLayoutCreate(
-                    &mut plan.d_layout,
-                    lt::cudaDataType::CUDA_R_16BF,
-                    n as u64,
-                    m as u64,
-                    n as i64,
-                ),
-            )?;
             let mut pref = ptr::null_mut();
             check("cublasLtMatmulPreferenceCreate", lt::cublasLtMatmulPreferenceCreate(&mut pref))?;
             let ws = WORKSPACE as u64;
@@ -223,8 +245,7 @@ impl CublasLt {
                     status: "no algorithm for this problem".to_string(),
                 });
             }
-            plan.algo = result.algo;
-            Ok(plan)
+            Ok(result.algo)
         }
     }
 

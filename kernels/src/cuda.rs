@@ -11,7 +11,7 @@ use std::ptr;
 
 use cudarc::driver::sys::{self, CUresult};
 
-use crate::config::Arch;
+use crate::config::GpuArch;
 use crate::error::KernelError;
 
 /// Turns a driver status into a result naming `call`.
@@ -75,7 +75,7 @@ impl Device {
     /// [`KernelError::NoCudaDriver`] without libcuda, [`KernelError::NoDevice`] when the driver
     /// finds no such device, [`KernelError::Cuda`] for a failed call.
     pub fn open(ordinal: usize) -> Result<Device, KernelError> {
-        crate::nvrtc::library_loads("cuda").map_err(|detail| KernelError::NoCudaDriver { detail })?;
+        crate::nvrtc::library_loads("cuda").map_err(|e| KernelError::NoCudaDriver { detail: e.tried })?;
         // SAFETY: libcuda is loadable; every out-pointer is valid.
         unsafe {
             let r = sys::cuInit(0);
@@ -130,9 +130,19 @@ impl Device {
     }
 
     /// The architecture kernels are built for on this device, if it is one the kernels support.
-    pub fn arch(&self) -> Option<Arch> {
+    pub fn arch(&self) -> Option<GpuArch> {
         let (major, minor) = self.info.compute_capability;
-        Arch::from_compute_capability(major, minor)
+        GpuArch::from_compute_capability(major, minor)
+    }
+
+    /// The architecture kernels are built for on this device.
+    ///
+    /// # Errors
+    ///
+    /// [`KernelError::UnsupportedGpu`] for a device that is neither sm_89 nor sm_90.
+    pub fn gpu_arch(&self) -> Result<GpuArch, KernelError> {
+        let (major, minor) = self.info.compute_capability;
+        self.arch().ok_or_else(|| KernelError::UnsupportedGpu { name: self.info.name.clone(), major, minor })
     }
 
     /// The device's stream (all launches and copies here go to it).

@@ -54,6 +54,16 @@ pub enum KernelError {
         /// What the driver said.
         detail: String,
     },
+    /// The device is a GPU the kernels are not built for (neither sm_89 nor sm_90).
+    #[error("{name} (compute capability {major}.{minor}) is not an sm_89/sm_90 GPU")]
+    UnsupportedGpu {
+        /// The device's name.
+        name: String,
+        /// Compute capability, major.
+        major: i32,
+        /// Compute capability, minor.
+        minor: i32,
+    },
     /// NVRTC (libnvrtc) could not be loaded, so no kernel can be compiled.
     #[error(
         "NVRTC not found (tried {tried}); kernels/ci/install_nvrtc.sh installs it and prints the LD_LIBRARY_PATH to export"
@@ -141,9 +151,12 @@ impl KernelError {
         )
     }
 
-    /// True when there is no GPU (or driver) to run on, so a GPU test or benchmark can say why it
-    /// was skipped.
+    /// True when there is no GPU (or driver) to run on, or none the kernels are built for, so a
+    /// GPU test or benchmark can say why it was skipped.
     pub fn is_no_device(&self) -> bool {
-        matches!(self, KernelError::NoCudaDriver { .. } | KernelError::NoDevice { .. })
+        matches!(
+            self,
+            KernelError::NoCudaDriver { .. } | KernelError::NoDevice { .. } | KernelError::UnsupportedGpu { .. }
+        )
     }
 }

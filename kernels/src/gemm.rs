@@ -7,7 +7,7 @@ use std::ffi::c_void;
 use cudarc::driver::sys;
 
 use crate::cache::compile_cached;
-use crate::config::{Arch, GemmConfig, GemmShape, KernelKind, Multicast, Swizzle, is_legal};
+use crate::config::{GemmConfig, GemmShape, GpuArch, KernelKind, Multicast, Swizzle, is_legal};
 use crate::cuda::{Device, DeviceSlice, Function, LaunchDims, Module, check};
 use crate::error::KernelError;
 use crate::nvrtc::ResourceUsage;
@@ -76,7 +76,7 @@ pub struct GemmKernel {
     func: Function,
     /// Clusters of two that can be resident at once (multicast variants), if the driver said.
     max_clusters: Option<u32>,
-    arch: Arch,
+    arch: GpuArch,
     // Last: the function handle above is only valid while the module is loaded.
     _module: Module,
 }
@@ -87,14 +87,9 @@ impl GemmKernel {
     /// # Errors
     ///
     /// [`KernelError::Illegal`] for a configuration that cannot be built or does not run on the
-    /// device, NVRTC errors, [`KernelError::Cuda`].
+    /// device, [`KernelError::UnsupportedGpu`], NVRTC errors, [`KernelError::Cuda`].
     pub fn load(dev: &Device, config: GemmConfig, grouped: bool) -> Result<GemmKernel, KernelError> {
-        let arch = dev.arch().ok_or_else(|| KernelError::NoDevice {
-            detail: format!(
-                "{} (compute capability {}.{}) is not an sm_89 or sm_90 GPU",
-                dev.info.name, dev.info.compute_capability.0, dev.info.compute_capability.1
-            ),
-        })?;
+        let arch = dev.gpu_arch()?;
         let illegal = |why| KernelError::Illegal { config: config.id(), shape: "(any)".into(), why };
         crate::config::check_config(&config).map_err(illegal)?;
         if !config.runs_on(arch) {
@@ -120,7 +115,7 @@ impl GemmKernel {
 
     /// Compiles every one of `configs` for `arch` in parallel, or finds it in the cache, so that
     /// later [`GemmKernel::load`]s only read the cache. One result per configuration, in order.
-    pub fn precompile(configs: &[GemmConfig], grouped: bool, arch: Arch) -> Vec<Result<(), KernelError>> {
+    pub fn precompile(configs: &[GemmConfig], grouped: bool, arch: GpuArch) -> Vec<Result<(), KernelError>> {
         use rayon::prelude::*;
         configs
             .par_iter()
@@ -129,7 +124,7 @@ impl GemmKernel {
     }
 
     /// The architecture the variant was built for.
-    pub fn arch(&self) -> Arch {
+    pub fn arch(&self) -> GpuArch {
         self.arch
     }
 
@@ -296,11 +291,9 @@ impl ActQuantKernel {
     ///
     /// # Errors
     ///
-    /// NVRTC errors, [`KernelError::Cuda`], [`KernelError::NoDevice`] for an unsupported GPU.
+    /// NVRTC errors, [`KernelError::Cuda`], [`KernelError::UnsupportedGpu`].
     pub fn load(dev: &Device, format: ScaleFormat) -> Result<ActQuantKernel, KernelError> {
-        let arch = dev
-            .arch()
-            .ok_or_else(|| KernelError::NoDevice { detail: format!("{} is not sm_89/sm_90", dev.info.name) })?;
+        let arch = dev.gpu_arch()?;
         let compiled = compile_cached(&KernelSpec::ActQuant { format }, arch)?;
         let module = dev.load_module(&compiled.cubin)?;
         let func = module.function("fp8_act_quant", 0)?;

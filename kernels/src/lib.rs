@@ -10,6 +10,8 @@
 //! - [`cuda`], [`gemm`], [`cublaslt`]: the device, the launch wrappers, the cuBLASLt baselines.
 //! - [`problem`]: random quantized problems for tests and benchmarks; [`bench`](mod@bench): the `bench gemm` method.
 
+#![deny(missing_docs)]
+
 pub mod bench;
 pub mod cache;
 pub mod config;
@@ -22,6 +24,6 @@ pub mod problem;
 pub mod reference;
 pub mod source;
 
-pub use config::{Arch, GemmConfig, GemmShape, KernelKind, Multicast, Swizzle, Why, is_legal, search_space};
+pub use config::{GemmConfig, GemmShape, GpuArch, KernelKind, Multicast, Swizzle, Why, is_legal, search_space};
 pub use error::KernelError;
 pub use source::{KernelSpec, source_hash};

@@ -10,13 +10,25 @@ use std::sync::OnceLock;
 use cudarc::nvrtc::sys;
 use serde::Serialize;
 
-use crate::config::Arch;
+use crate::config::GpuArch;
 use crate::error::KernelError;
 use crate::source::{KernelSpec, compile_options};
 
+/// A shared library none of whose file names could be opened.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("no file of {tried} could be loaded")]
+pub struct LibraryMissing {
+    /// The file names tried: one, or the first and last and how many.
+    pub tried: String,
+}
+
 /// Whether the shared library `name` (as cudarc names it: "nvrtc", "cuda", "cublasLt") can be
-/// loaded under one of the file names cudarc tries; `Err` lists the names tried.
-pub fn library_loads(name: &str) -> Result<(), String> {
+/// loaded under one of the file names cudarc tries.
+///
+/// # Errors
+///
+/// [`LibraryMissing`] listing the names tried.
+pub fn library_loads(name: &str) -> Result<(), LibraryMissing> {
     let candidates = cudarc::get_lib_name_candidates(name);
     for c in &candidates {
         let Ok(cname) = CString::new(c.as_str()) else { continue };
@@ -32,11 +44,12 @@ pub fn library_loads(name: &str) -> Result<(), String> {
     }
     let mut names = candidates;
     names.dedup();
-    Err(match names.as_slice() {
+    let tried = match names.as_slice() {
         [] => "no file names".to_string(),
         [one] => one.clone(),
         [first, .., last] => format!("{first} ... {last} ({} names)", names.len()),
-    })
+    };
+    Err(LibraryMissing { tried })
 }
 
 /// Checks (once) that NVRTC can be loaded.
@@ -45,8 +58,8 @@ pub fn library_loads(name: &str) -> Result<(), String> {
 ///
 /// [`KernelError::NoNvrtc`] listing the library names tried.
 pub fn ensure_nvrtc() -> Result<(), KernelError> {
-    static FOUND: OnceLock<Result<(), String>> = OnceLock::new();
-    FOUND.get_or_init(|| library_loads("nvrtc")).clone().map_err(|tried| KernelError::NoNvrtc { tried })
+    static FOUND: OnceLock<Result<(), LibraryMissing>> = OnceLock::new();
+    FOUND.get_or_init(|| library_loads("nvrtc")).clone().map_err(|e| KernelError::NoNvrtc { tried: e.tried })
 }
 
 fn check(call: &'static str, r: sys::nvrtcResult) -> Result<(), KernelError> {
@@ -166,7 +179,7 @@ impl Drop for Program {
 ///
 /// [`KernelError::NoNvrtc`] when NVRTC is missing, [`KernelError::Compile`] with the log when
 /// NVRTC rejects the program, [`KernelError::Spill`] when ptxas reports spills or a stack frame.
-pub fn compile(spec: &KernelSpec, arch: Arch) -> Result<Compiled, KernelError> {
+pub fn compile(spec: &KernelSpec, arch: GpuArch) -> Result<Compiled, KernelError> {
     ensure_nvrtc()?;
     let nul = |what: &str| KernelError::Nvrtc { call: "nvrtcCreateProgram", status: format!("NUL byte in {what}") };
     let src = CString::new(spec.source()).map_err(|_| nul("the source"))?;
@@ -241,6 +254,6 @@ mod tests {
     #[test]
     fn a_missing_library_is_an_error_not_a_panic() {
         let e = library_loads("fp8forge_surely_not_a_library").unwrap_err();
-        assert!(e.starts_with("libfp8forge_surely_not_a_library.so ... "), "{e}");
+        assert!(e.tried.starts_with("libfp8forge_surely_not_a_library.so ... "), "{e}");
     }
 }

@@ -42,6 +42,8 @@ pub const MIN_AMAX: f32 = 1e-12;
 const BK: usize = BLOCK_K as usize;
 
 /// How scales are stored.
+// Not `fp8forge_quant::block::ScaleFormat`: kernels depends on no workspace crate, and this CPU
+// reference is kept independent of the quantizer it checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub enum ScaleFormat {
     /// `max(amax, 1e-12) / 448` in f32.

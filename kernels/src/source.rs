@@ -3,7 +3,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::config::{Arch, GemmConfig, KernelKind, Multicast};
+use crate::config::{GemmConfig, GpuArch, KernelKind, Multicast};
 use crate::reference::ScaleFormat;
 
 /// `kernels/cuda/common.cuh`.
@@ -99,7 +99,7 @@ impl KernelSpec {
 
 /// Every kernel variant a device of architecture `arch` may run: each configuration of the search
 /// space, dense and (where it supports them) grouped, and the activation quantization kernels.
-pub fn all_variants(arch: Arch) -> Vec<KernelSpec> {
+pub fn all_variants(arch: GpuArch) -> Vec<KernelSpec> {
     let mut out = Vec::new();
     for config in crate::config::search_space(arch) {
         out.push(KernelSpec::Gemm { config, grouped: false });
@@ -115,7 +115,7 @@ pub fn all_variants(arch: Arch) -> Vec<KernelSpec> {
 /// NVRTC options for `arch`: CUBIN for the exact architecture (the lent GPUs' driver cannot JIT
 /// PTX from a newer NVRTC), line info for profilers and sanitizers, and ptxas's resource report
 /// (registers, stack, spills) in the program log.
-pub fn compile_options(arch: Arch) -> Vec<String> {
+pub fn compile_options(arch: GpuArch) -> Vec<String> {
     vec![
         format!("--gpu-architecture={}", arch.nvrtc_name()),
         "--std=c++17".to_string(),

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use fp8forge_kernels::config::{Arch, GemmConfig, Swizzle, search_space};
+use fp8forge_kernels::config::{GemmConfig, GpuArch, Swizzle, search_space};
 use fp8forge_kernels::nvrtc::{self, Compiled};
 use fp8forge_kernels::source::{KernelSpec, all_variants};
 use fp8forge_kernels::{KernelError, KernelKind};
@@ -77,8 +77,8 @@ fn fxhash(s: &str) -> u64 {
 }
 
 /// Compiles `specs` for their architecture in parallel; returns the failures and the results.
-fn compile_all(specs: &[(KernelSpec, Arch)]) -> (Vec<String>, Vec<(KernelSpec, Arch, Compiled)>) {
-    let results: Vec<(KernelSpec, Arch, Result<Compiled, KernelError>)> =
+fn compile_all(specs: &[(KernelSpec, GpuArch)]) -> (Vec<String>, Vec<(KernelSpec, GpuArch, Compiled)>) {
+    let results: Vec<(KernelSpec, GpuArch, Result<Compiled, KernelError>)> =
         specs.par_iter().map(|(s, arch)| (*s, *arch, nvrtc::compile(s, *arch))).collect();
     let mut failures = Vec::new();
     let mut ok = Vec::new();
@@ -99,19 +99,21 @@ fn compile_all_variants_sm90a() {
     if !nvrtc_or_skip("compile_all_variants_sm90a") {
         return;
     }
-    let mut specs: Vec<(KernelSpec, Arch)> = all_variants(Arch::Sm90a).into_iter().map(|s| (s, Arch::Sm90a)).collect();
+    let mut specs: Vec<(KernelSpec, GpuArch)> =
+        all_variants(GpuArch::Sm90a).into_iter().map(|s| (s, GpuArch::Sm90a)).collect();
     // Legal but not searched: the 32- and 64-byte swizzles, on a few tiles with each multicast.
-    for cfg in search_space(Arch::Sm90a) {
+    for cfg in search_space(GpuArch::Sm90a) {
         let representative = matches!((cfg.block_m, cfg.block_n), (64, 64) | (128, 128) | (256, 96));
         if cfg.kind == KernelKind::Wgmma && representative && cfg.stages == 4 {
             for swizzle in [Swizzle::B32, Swizzle::B64] {
-                specs.push((KernelSpec::Gemm { config: GemmConfig { swizzle, ..cfg }, grouped: false }, Arch::Sm90a));
+                specs
+                    .push((KernelSpec::Gemm { config: GemmConfig { swizzle, ..cfg }, grouped: false }, GpuArch::Sm90a));
             }
         }
     }
     // The mma.sync fallback also builds for Ada.
-    for cfg in search_space(Arch::Sm89) {
-        specs.push((KernelSpec::Gemm { config: cfg, grouped: false }, Arch::Sm89));
+    for cfg in search_space(GpuArch::Sm89) {
+        specs.push((KernelSpec::Gemm { config: cfg, grouped: false }, GpuArch::Sm89));
     }
     let t0 = Instant::now();
     let (mut failures, ok) = compile_all(&specs);
@@ -178,7 +180,7 @@ fn a_compile_error_is_reported_with_the_log() {
     // A wgmma configuration is only valid for sm_90a: built for sm_90, ptxas must refuse it.
     let spec =
         KernelSpec::Gemm { config: GemmConfig::wgmma(128, 128, 4, fp8forge_kernels::Multicast::None), grouped: false };
-    match nvrtc::compile(&spec, Arch::Sm90) {
+    match nvrtc::compile(&spec, GpuArch::Sm90) {
         Err(KernelError::Compile { log, .. }) => assert!(log.contains("wgmma") || log.contains("sm_90a"), "{log}"),
         other => panic!("expected a compile error, got {:?}", other.map(|c| c.log)),
     }

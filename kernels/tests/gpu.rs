@@ -361,7 +361,7 @@ fn cublaslt_baselines_match_the_reference() {
 #[test]
 fn multicast_and_grouped_rules_hold_at_launch() {
     let Some(dev) = device_or_skip("multicast_and_grouped_rules_hold_at_launch") else { return };
-    if dev.arch() != Some(fp8forge_kernels::Arch::Sm90a) {
+    if dev.arch() != Some(fp8forge_kernels::GpuArch::Sm90a) {
         skip("multicast_and_grouped_rules_hold_at_launch", "needs sm_90a");
         return;
     }
