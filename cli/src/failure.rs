@@ -6,6 +6,7 @@ use fp8forge_formats::FormatError;
 use fp8forge_formats::error::Refusal;
 use fp8forge_quant::convert::ConvertError;
 use fp8forge_runtime::RuntimeError;
+use fp8forge_runtime::error::WindowProblem;
 
 /// An error for the user: one line, and the exit code.
 pub struct Failure {
@@ -25,12 +26,24 @@ impl Failure {
 
 impl From<RuntimeError> for Failure {
     fn from(e: RuntimeError) -> Self {
-        let hint = match &e {
-            RuntimeError::Format(f) => remedy(f),
-            RuntimeError::Convert(ConvertError::Format(f)) => remedy(f),
-            _ => None,
+        let code = if e.is_bad_input() { 2 } else { 1 };
+        let message = match &e {
+            RuntimeError::Format(f) | RuntimeError::Convert(ConvertError::Format(f)) => {
+                with_hint(e.to_string(), remedy(f))
+            }
+            RuntimeError::Window { file, ctx, why } => {
+                let hint = matches!(why, WindowProblem::TooMuchMemory { .. }).then_some("use a smaller --ctx");
+                with_hint(format!("{}: --ctx {ctx}: {why}", file.display()), hint)
+            }
+            RuntimeError::NoFp8Layers { file } => format!(
+                "{}: --act-quant fp8 quantizes the inputs of FP8 layers, and this model has none (no quantization_config); \
+                 convert it first, or evaluate it with --act-quant none",
+                file.display()
+            ),
+            RuntimeError::StaticActivations { .. } => with_hint(e.to_string(), Some("use --act-quant none")),
+            _ => e.to_string(),
         };
-        Failure { code: if e.is_bad_input() { 2 } else { 1 }, message: with_hint(e.to_string(), hint) }
+        Failure { code, message }
     }
 }
 

@@ -7,6 +7,8 @@
 //! fsynced and renamed, so a failed or killed run never leaves a half-written file under a final
 //! name. This crate knows nothing of FP8 math.
 
+#![deny(missing_docs)]
+
 pub mod atomic;
 pub mod checkpoint;
 pub mod error;

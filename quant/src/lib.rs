@@ -2,6 +2,8 @@
 //! 1×128 per-token-group scaling of activations, error statistics, tensor selection and the
 //! checkpoint conversion pipeline (plan -> execute -> verify) built on `fp8forge-formats`.
 
+#![deny(missing_docs)]
+
 pub mod block;
 pub mod convert;
 pub mod dequant;

@@ -190,47 +190,74 @@ pub fn make_plan(ckpt: &Checkpoint, opts: &ConvertOptions) -> Result<Plan, PlanE
         });
     }
     let sel = Selection::new(&opts.skip, &opts.only)?;
-    let mut items_per_shard = Vec::with_capacity(ckpt.shards.len());
-    for (si, shard) in ckpt.shards.iter().enumerate() {
-        let mut items = Vec::new();
-        for t in &shard.file.header().tensors {
-            let (action, outputs) = match sel.decide(&t.name, t.dtype, &t.shape) {
-                Decision::Quantize => {
-                    let (rows, cols) = (t.shape[0], t.shape[1]);
-                    let outs = vec![
-                        PlannedTensor { name: t.name.clone(), dtype: Dtype::F8_E4M3, shape: vec![rows, cols] },
-                        PlannedTensor {
-                            name: scale_name(&t.name, opts.format),
-                            dtype: Dtype::F32,
-                            shape: vec![rows.div_ceil(BLOCK), cols.div_ceil(BLOCK)],
-                        },
-                    ];
-                    (Action::Quantize { rows, cols }, outs)
-                }
-                Decision::Keep(reason) => {
-                    if matches!(t.dtype, Dtype::F8_E4M3 | Dtype::F8_E5M2) {
-                        return Err(PlanError::AlreadyQuantized {
-                            path: shard.file.path().to_owned(),
-                            what: format!("tensor {} is {:?}", t.name, t.dtype),
-                        });
-                    }
-                    let out = PlannedTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() };
-                    (Action::Copy { reason }, vec![out])
-                }
-            };
-            items.push(Item { source: t.name.clone(), shard: si, action, outputs, bytes_in: t.nbytes() as u64 });
-        }
-        items_per_shard.push(items);
-    }
+    let items_per_shard = ckpt
+        .shards
+        .iter()
+        .enumerate()
+        .map(|(si, shard)| shard.file.header().tensors.iter().map(|t| decide(si, shard, t, &sel, opts)).collect())
+        .collect::<Result<Vec<Vec<Item>>, PlanError>>()?;
     check_names(ckpt, &items_per_shard)?;
-    // Group each input shard's items into output files of at most max_shard_size data bytes.
+    Ok(Plan {
+        options: opts.clone(),
+        input_shards: ckpt.shards.iter().map(|s| s.name.clone()).collect(),
+        files: group_files(items_per_shard, opts.max_shard_size),
+        // A manifest describes the checkpoint it came with, not the converted one: a new one is
+        // written.
+        copies: ckpt.extra_files.iter().filter(|n| *n != MANIFEST_NAME).cloned().collect(),
+        not_copied: {
+            let mut v = ckpt.skipped_files.clone();
+            v.extend(ckpt.extra_files.iter().filter(|n| *n == MANIFEST_NAME).cloned());
+            v.sort();
+            v
+        },
+    })
+}
+
+/// What becomes of tensor `t` of input shard `si`: quantized (codes and a scale grid) or copied.
+fn decide(
+    si: usize,
+    shard: &fp8forge_formats::Shard,
+    t: &fp8forge_formats::TensorInfo,
+    sel: &Selection,
+    opts: &ConvertOptions,
+) -> Result<Item, PlanError> {
+    let (action, outputs) = match sel.decide(&t.name, t.dtype, &t.shape) {
+        Decision::Quantize => {
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let outs = vec![
+                PlannedTensor { name: t.name.clone(), dtype: Dtype::F8_E4M3, shape: vec![rows, cols] },
+                PlannedTensor {
+                    name: scale_name(&t.name, opts.format),
+                    dtype: Dtype::F32,
+                    shape: vec![rows.div_ceil(BLOCK), cols.div_ceil(BLOCK)],
+                },
+            ];
+            (Action::Quantize { rows, cols }, outs)
+        }
+        Decision::Keep(reason) => {
+            if matches!(t.dtype, Dtype::F8_E4M3 | Dtype::F8_E5M2) {
+                return Err(PlanError::AlreadyQuantized {
+                    path: shard.file.path().to_owned(),
+                    what: format!("tensor {} is {:?}", t.name, t.dtype),
+                });
+            }
+            let out = PlannedTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() };
+            (Action::Copy { reason }, vec![out])
+        }
+    };
+    Ok(Item { source: t.name.clone(), shard: si, action, outputs, bytes_in: t.nbytes() as u64 })
+}
+
+/// Groups each input shard's items, in order, into output files of at most `max_shard_size`
+/// bytes of data (a larger tensor alone), named as transformers names shards.
+fn group_files(items_per_shard: Vec<Vec<Item>>, max_shard_size: u64) -> Vec<OutFile> {
     let mut groups: Vec<(usize, Vec<Item>)> = Vec::new();
     for (si, items) in items_per_shard.into_iter().enumerate() {
         let mut current: Vec<Item> = Vec::new();
         let mut size = 0u64;
         for item in items {
             let b: u64 = item.outputs.iter().map(PlannedTensor::nbytes).sum();
-            if !current.is_empty() && size + b > opts.max_shard_size {
+            if !current.is_empty() && size + b > max_shard_size {
                 groups.push((si, std::mem::take(&mut current)));
                 size = 0;
             }
@@ -242,7 +269,7 @@ pub fn make_plan(ckpt: &Checkpoint, opts: &ConvertOptions) -> Result<Plan, PlanE
         }
     }
     let n = groups.len();
-    let files = groups
+    groups
         .into_iter()
         .enumerate()
         .map(|(i, (input_shard, items))| OutFile {
@@ -254,21 +281,7 @@ pub fn make_plan(ckpt: &Checkpoint, opts: &ConvertOptions) -> Result<Plan, PlanE
             input_shard,
             items,
         })
-        .collect();
-    Ok(Plan {
-        options: opts.clone(),
-        input_shards: ckpt.shards.iter().map(|s| s.name.clone()).collect(),
-        files,
-        // A manifest describes the checkpoint it came with, not the converted one: a new one is
-        // written.
-        copies: ckpt.extra_files.iter().filter(|n| *n != MANIFEST_NAME).cloned().collect(),
-        not_copied: {
-            let mut v = ckpt.skipped_files.clone();
-            v.extend(ckpt.extra_files.iter().filter(|n| *n == MANIFEST_NAME).cloned());
-            v.sort();
-            v
-        },
-    })
+        .collect()
 }
 
 /// Refuses a plan that would write two tensors of one name: an input tensor named like the scale
@@ -325,5 +338,113 @@ impl Plan {
         let shards = self.input_shards.len();
         let (lo, hi) = (i * shards / n, (i + 1) * shards / n);
         (0..self.files.len()).filter(|&f| (lo..hi).contains(&self.files[f].input_shard)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dequant::fixture::{T, write_checkpoint};
+
+    fn t(name: &str, dtype: Dtype, shape: &[usize]) -> T {
+        let n: usize = shape.iter().product();
+        (name.into(), dtype, shape.to_vec(), vec![0; n * dtype.bitsize() / 8])
+    }
+
+    fn bf16(name: &str, shape: &[usize]) -> T {
+        t(name, Dtype::BF16, shape)
+    }
+
+    /// Two input shards: a 2-D linear weight of 300×200 and a router in the first, norms and the
+    /// head in the second.
+    fn checkpoint(dir: &std::path::Path) -> Checkpoint {
+        let shards = vec![
+            vec![
+                bf16("model.layers.0.mlp.down_proj.weight", &[300, 200]),
+                bf16("model.layers.0.mlp.gate.weight", &[8, 200]),
+            ],
+            vec![bf16("model.norm.weight", &[200]), bf16("lm_head.weight", &[50, 200])],
+        ];
+        write_checkpoint(dir, &shards, &serde_json::json!({"model_type": "mixtral"}));
+        Checkpoint::open(dir).expect("open")
+    }
+
+    #[test]
+    fn the_plan_quantizes_linear_weights_into_codes_and_a_ceil_grid_and_keeps_the_rest() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let ck = checkpoint(d.path());
+        for (format, suffix) in [(OutputFormat::Deepseek, "_scale_inv"), (OutputFormat::CompressedTensors, "_scale")] {
+            let plan = make_plan(&ck, &ConvertOptions { format, ..ConvertOptions::default() }).expect("plan");
+            let items: Vec<&Item> = plan.files.iter().flat_map(|f| &f.items).collect();
+            assert_eq!(items.len(), 4);
+            let q = items.iter().find(|i| i.source.ends_with("down_proj.weight")).expect("down_proj");
+            assert_eq!(q.action, Action::Quantize { rows: 300, cols: 200 });
+            assert_eq!(q.outputs[0].dtype, Dtype::F8_E4M3);
+            assert_eq!(q.outputs[1].name, format!("model.layers.0.mlp.down_proj.weight{suffix}"));
+            assert_eq!((q.outputs[1].dtype, q.outputs[1].shape.as_slice()), (Dtype::F32, &[3usize, 2][..]));
+            for kept in ["mlp.gate.weight", "model.norm.weight", "lm_head.weight"] {
+                let i = items.iter().find(|i| i.source.ends_with(kept)).expect(kept);
+                assert!(matches!(i.action, Action::Copy { .. }) && i.outputs.len() == 1, "{kept} not kept");
+            }
+            let s = plan.summary();
+            assert_eq!((s.tensors, s.quantized, s.copied, s.files), (4, 1, 3, 2));
+            assert_eq!(s.bytes_out, 300 * 200 + 6 * 4 + (8 * 200 + 200 + 50 * 200) * 2);
+        }
+    }
+
+    #[test]
+    fn output_files_follow_input_shards_split_at_the_size_limit_and_are_named_like_transformers() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let ck = checkpoint(d.path());
+        let names =
+            |p: &Plan| p.files.iter().map(|f| (f.name.clone(), f.input_shard, f.items.len())).collect::<Vec<_>>();
+        let one = make_plan(&ck, &ConvertOptions::default()).expect("plan");
+        assert_eq!(
+            names(&one),
+            [("model-00001-of-00002.safetensors".to_string(), 0, 2), ("model-00002-of-00002.safetensors".into(), 1, 2)]
+        );
+        // A limit below the quantized weight: it goes alone; the router starts the next file.
+        let small =
+            make_plan(&ck, &ConvertOptions { max_shard_size: 10_000, ..ConvertOptions::default() }).expect("plan");
+        assert_eq!(names(&small).iter().map(|n| (n.1, n.2)).collect::<Vec<_>>(), [(0, 1), (0, 1), (1, 1), (1, 1)]);
+        assert!(small.files[3].name == "model-00004-of-00004.safetensors");
+        // Jobs of an array share the files out, each exactly once.
+        for n in 1..=5 {
+            let mut all: Vec<usize> = (0..n).flat_map(|i| small.files_of_job(i, n)).collect();
+            all.sort();
+            assert_eq!(all, (0..small.files.len()).collect::<Vec<_>>(), "{n} jobs");
+        }
+    }
+
+    #[test]
+    fn the_digest_is_stable_and_changes_with_the_options() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let ck = checkpoint(d.path());
+        let a = make_plan(&ck, &ConvertOptions::default()).expect("plan").digest().expect("digest");
+        let b = make_plan(&ck, &ConvertOptions::default()).expect("plan").digest().expect("digest");
+        assert_eq!(a, b);
+        let ue8m0 = ConvertOptions { scale_format: ScaleFormat::Ue8m0, ..ConvertOptions::default() };
+        assert_ne!(a, make_plan(&ck, &ue8m0).expect("plan").digest().expect("digest"));
+    }
+
+    #[test]
+    fn fp8_inputs_a_quantization_config_and_scale_name_clashes_are_refused() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let dir = d.path().join("fp8");
+        write_checkpoint(&dir, &[vec![t("m.weight", Dtype::F8_E4M3, &[4, 4])]], &serde_json::json!({}));
+        let e = make_plan(&Checkpoint::open(&dir).expect("open"), &ConvertOptions::default()).expect_err("fp8");
+        assert!(matches!(e, PlanError::AlreadyQuantized { .. }), "{e}");
+        let dir = d.path().join("qc");
+        write_checkpoint(&dir, &[vec![bf16("m.weight", &[4, 4])]], &serde_json::json!({"quantization_config": {}}));
+        let e = make_plan(&Checkpoint::open(&dir).expect("open"), &ConvertOptions::default()).expect_err("qc");
+        assert!(matches!(e, PlanError::AlreadyQuantized { .. }), "{e}");
+        let dir = d.path().join("clash");
+        let shard = vec![bf16("m.weight", &[4, 4]), t("m.weight_scale_inv", Dtype::F32, &[1, 1])];
+        write_checkpoint(&dir, &[shard], &serde_json::json!({}));
+        let e = make_plan(&Checkpoint::open(&dir).expect("open"), &ConvertOptions::default()).expect_err("clash");
+        assert!(
+            matches!(&e, PlanError::NameClash { tensor, weight, .. } if tensor == "m.weight_scale_inv" && weight == "m.weight"),
+            "{e}"
+        );
     }
 }

@@ -58,25 +58,30 @@ pub enum ScaleError {
         dtype: Dtype,
     },
     /// The scale tensor's shape fits no layout the scheme allows for this weight.
-    #[error(
-        "scale shape {scale:?} does not fit weight {weight} of shape {weight_shape:?}: {layout} need {expected:?}{also}"
-    )]
-    Shape {
-        /// The scale tensor.
-        scale_tensor: String,
-        /// The weight's name.
-        weight: String,
-        /// The weight's shape.
-        weight_shape: Vec<usize>,
-        /// The scale tensor's shape.
-        scale: Vec<usize>,
-        /// The declared layout, described.
-        layout: String,
-        /// The shape it needs.
-        expected: Vec<usize>,
-        /// The other layouts that were tried, if any (" (or 1 element per tensor, ...)").
-        also: &'static str,
-    },
+    #[error(transparent)]
+    Shape(Box<ShapeMismatch>),
+}
+
+/// A scale tensor whose shape fits no layout the scheme allows for its weight.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "scale shape {scale:?} does not fit weight {weight} of shape {weight_shape:?}: {layout} need {expected:?}{also}"
+)]
+pub struct ShapeMismatch {
+    /// The scale tensor.
+    pub scale_tensor: String,
+    /// The weight's name.
+    pub weight: String,
+    /// The weight's shape.
+    pub weight_shape: Vec<usize>,
+    /// The scale tensor's shape.
+    pub scale: Vec<usize>,
+    /// The declared layout, described.
+    pub layout: String,
+    /// The shape it needs.
+    pub expected: Vec<usize>,
+    /// The other layouts that were tried, if any (" (or 1 element per tensor, ...)").
+    pub also: &'static str,
 }
 
 impl ScaleError {
@@ -84,7 +89,8 @@ impl ScaleError {
     pub fn scale_tensor(&self) -> Option<&str> {
         match self {
             ScaleError::Missing { .. } => None,
-            ScaleError::Dtype { scale_tensor, .. } | ScaleError::Shape { scale_tensor, .. } => Some(scale_tensor),
+            ScaleError::Dtype { scale_tensor, .. } => Some(scale_tensor),
+            ScaleError::Shape(m) => Some(&m.scale_tensor),
         }
     }
 }
@@ -474,19 +480,22 @@ impl Fp8Scheme {
             Strictness::Declared => &[self.layout],
             Strictness::Lenient => &[self.layout, ScaleLayout::Tensor, ScaleLayout::Channel],
         };
-        let geom =
-            layouts.iter().find_map(|l| l.fit(&weight.shape, &scale.shape)).ok_or_else(|| ScaleError::Shape {
-                scale_tensor: scale.name.clone(),
-                weight: weight.name.clone(),
-                weight_shape: weight.shape.clone(),
-                scale: scale.shape.clone(),
-                layout: self.layout.describe(),
-                expected: self.layout.expected_shape(&weight.shape),
-                also: match strictness {
-                    Strictness::Declared => "",
-                    Strictness::Lenient => " (or 1 element per tensor, or [N, 1] per channel)",
-                },
-            })?;
+        let mismatch = || ShapeMismatch {
+            scale_tensor: scale.name.clone(),
+            weight: weight.name.clone(),
+            weight_shape: weight.shape.clone(),
+            scale: scale.shape.clone(),
+            layout: self.layout.describe(),
+            expected: self.layout.expected_shape(&weight.shape),
+            also: match strictness {
+                Strictness::Declared => "",
+                Strictness::Lenient => " (or 1 element per tensor, or [N, 1] per channel)",
+            },
+        };
+        let geom = layouts
+            .iter()
+            .find_map(|l| l.fit(&weight.shape, &scale.shape))
+            .ok_or_else(|| ScaleError::Shape(Box::new(mismatch())))?;
         Ok((handle, scale, geom))
     }
 }
@@ -568,6 +577,6 @@ mod tests {
         // A per-tensor scale in a block-declared checkpoint: read as found, refused as declared.
         let t = info("t.weight", Dtype::F8_E4M3, &[192, 256]);
         assert!(deepseek.locate_scale(&t, Strictness::Lenient, find).is_ok_and(|(_, _, g)| g.block_rows == 192));
-        assert!(matches!(deepseek.locate_scale(&t, Strictness::Declared, find), Err(ScaleError::Shape { .. })));
+        assert!(matches!(deepseek.locate_scale(&t, Strictness::Declared, find), Err(ScaleError::Shape(_))));
     }
 }

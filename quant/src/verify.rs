@@ -80,110 +80,46 @@ struct Outcome {
     report: Option<TensorReport>,
 }
 
+/// Problems and warnings found so far.
+#[derive(Default)]
+struct Findings {
+    problems: Vec<String>,
+    warnings: Vec<String>,
+}
+
 /// Verifies the checkpoint `dir` (a directory, or one `.safetensors` file, which has no
 /// manifest), against the BF16 checkpoint `reference` when given. Tensors are checked in
 /// parallel; the input pages of each are released once it is checked.
 pub fn verify(dir: &Path, reference: Option<&Path>, progress: &dyn Progress) -> Result<VerifyReport, ConvertError> {
-    let mut problems = Vec::new();
-    let mut warnings = Vec::new();
+    let mut found = Findings::default();
     // A DIR that is not there, or a FIFO or a device, is bad input (exit 2), not a finding.
     stat_input(dir)?;
     let opened = Checkpoint::open(dir);
-    let manifest = dir.join(MANIFEST_NAME);
-    // `exists`, not `is_file`: a FIFO or a device in its place is refused when it is read.
-    let has_manifest = dir.is_dir() && manifest.exists();
-    let hash_bytes: u64 = if has_manifest {
-        read_manifest(dir)
-            .map(|m| m.keys().filter_map(|n| std::fs::metadata(dir.join(n)).ok()).map(|m| m.len()).sum())
-            .unwrap_or(0)
-    } else {
-        0
-    };
     let (tensor_bytes, tensor_count) = opened.as_ref().map_or((0, 0), |c| {
         let n = c.shards.iter().map(|s| s.file.header().tensors.len()).sum();
         (c.total_tensor_bytes(), n)
     });
-    progress.begin(hash_bytes + tensor_bytes, tensor_count);
+    progress.begin(manifest_bytes(dir) + tensor_bytes, tensor_count);
 
     // (a) manifest
-    let mut files = Vec::new();
-    if !dir.is_dir() {
-        warnings.push(format!("{}: a single file has no SHA256SUMS manifest to check", dir.display()));
-    } else if !has_manifest {
-        problems.push(format!("{}: no SHA256SUMS manifest", dir.display()));
-    } else {
-        match check_manifest(dir, |b| progress.tensor_done(MANIFEST_NAME, b)) {
-            Ok(checks) => {
-                files = checks;
-                if files.iter().all(|f| f.status == FileStatus::Unlisted) {
-                    problems.push(format!("{}: lists no files", manifest.display()));
-                }
-            }
-            Err(e @ FormatError::BadJson { .. }) => problems.push(e.to_string()),
-            Err(e) => return Err(e.into()),
-        }
-        for f in &files {
-            match (f.status, f.problem) {
-                (FileStatus::Ok, _) => {}
-                (FileStatus::Mismatch, _) => {
-                    problems.push(format!("{}: sha256 differs from SHA256SUMS (changed or corrupted)", f.file))
-                }
-                (FileStatus::Missing, _) => problems.push(format!("{}: listed in SHA256SUMS but missing", f.file)),
-                (FileStatus::Unlisted, true) => problems.push(format!(
-                    "{}: not listed in SHA256SUMS (weights, their index and config.json must be)",
-                    f.file
-                )),
-                (FileStatus::Unlisted, false) => warnings.push(format!("{}: not listed in SHA256SUMS", f.file)),
-            }
-        }
-    }
-
+    let files = check_files(dir, &mut found, progress)?;
     let ckpt = match opened {
         Ok(c) => c,
         // A FIFO or a device where a file should be cannot be read, let alone verified.
         Err(e @ FormatError::NotRegularFile { .. }) => return Err(e.into()),
         Err(e) if e.is_bad_input() => {
-            problems.push(e.to_string());
-            return Ok(finish(files, problems, warnings, vec![]));
+            found.problems.push(e.to_string());
+            return Ok(finish(files, found, vec![]));
         }
         Err(e) => return Err(e.into()),
     };
     let reference = reference.map(Checkpoint::open).transpose()?;
 
     // (b) structure, and (c) the comparison with the reference, tensor by tensor.
-    let config_name = ckpt.root.join("config.json").display().to_string();
-    let scheme = Fp8Scheme::from_config(ckpt.config.as_ref()).unwrap_or_else(|e| {
-        problems.push(format!("{config_name}: {e}"));
-        Fp8Scheme::default_blocks()
-    });
+    let scheme = read_scheme(dir, &ckpt, &mut found);
     let here = locate(&ckpt);
     let there = reference.as_ref().map(locate);
-    let fp8_count = here.values().filter(|l| is_fp8_weight_dtype(l.info.dtype)).count();
-    match (&ckpt.config, ckpt.config.as_ref().and_then(|c| c.get("quantization_config"))) {
-        (None, _) if dir.is_dir() => warnings.push(format!("{}: no config.json", dir.display())),
-        (Some(_), None) if fp8_count > 0 => {
-            problems.push(format!("{config_name}: {fp8_count} FP8 tensors but no quantization_config"))
-        }
-        (Some(_), Some(_)) if fp8_count == 0 => {
-            warnings.push(format!("{config_name}: quantization_config but no FP8 tensors"))
-        }
-        _ => {}
-    }
-
-    // Each FP8 weight claims its scale tensor (by the names the config declares), which is
-    // checked with it: found and fitted, or why not.
-    let mut scale_of: HashMap<&str, ScaleOf<'_>> = HashMap::new();
-    let mut claimed: HashSet<&str> = HashSet::new();
-    for s in &ckpt.shards {
-        for t in s.file.header().tensors.iter().filter(|t| is_fp8_weight_dtype(t.dtype)) {
-            let found = scheme.locate_scale(t, Strictness::Declared, |n| here.get(n).map(|l| (*l, l.info)));
-            match &found {
-                Ok((l, ..)) => claimed.insert(l.info.name.as_str()),
-                Err(e) => e.scale_tensor().and_then(|n| here.get_key_value(n)).is_some_and(|(k, _)| claimed.insert(k)),
-            };
-            scale_of.insert(&t.name, found.map(|(l, _, geom)| (l, geom)));
-        }
-    }
+    let (scale_of, claimed) = claim_scales(&ckpt, &scheme, &here);
     let tasks: Vec<Loc<'_>> = ckpt
         .shards
         .iter()
@@ -205,14 +141,14 @@ pub fn verify(dir: &Path, reference: Option<&Path>, progress: &dyn Progress) -> 
         .collect();
     let mut reports = Vec::new();
     for o in outcomes {
-        problems.extend(o.problems);
-        warnings.extend(o.warnings);
+        found.problems.extend(o.problems);
+        found.warnings.extend(o.warnings);
         reports.extend(o.report);
     }
     if let Some(r) = &reference {
         for s in &r.shards {
             for t in s.file.header().tensors.iter().filter(|t| !here.contains_key(t.name.as_str())) {
-                problems.push(format!(
+                found.problems.push(format!(
                     "{}: tensor {}: in the reference ({}) but missing from the checkpoint",
                     dir.display(),
                     t.name,
@@ -221,17 +157,108 @@ pub fn verify(dir: &Path, reference: Option<&Path>, progress: &dyn Progress) -> 
             }
         }
     }
-    Ok(finish(files, problems, warnings, reports))
+    Ok(finish(files, found, reports))
+}
+
+/// Bytes of the files `dir`'s manifest lists (what checking it hashes); 0 without one.
+fn manifest_bytes(dir: &Path) -> u64 {
+    if !(dir.is_dir() && dir.join(MANIFEST_NAME).exists()) {
+        return 0;
+    }
+    read_manifest(dir)
+        .map(|m| m.keys().filter_map(|n| std::fs::metadata(dir.join(n)).ok()).map(|m| m.len()).sum())
+        .unwrap_or(0)
+}
+
+/// (a) Checks `dir` against its manifest: every listed file's sha256, the files it must list.
+fn check_files(dir: &Path, found: &mut Findings, progress: &dyn Progress) -> Result<Vec<FileCheck>, ConvertError> {
+    let manifest = dir.join(MANIFEST_NAME);
+    // `exists`, not `is_file`: a FIFO or a device in its place is refused when it is read.
+    if !dir.is_dir() {
+        found.warnings.push(format!("{}: a single file has no SHA256SUMS manifest to check", dir.display()));
+        return Ok(vec![]);
+    }
+    if !manifest.exists() {
+        found.problems.push(format!("{}: no SHA256SUMS manifest", dir.display()));
+        return Ok(vec![]);
+    }
+    let files = match check_manifest(dir, |b| progress.tensor_done(MANIFEST_NAME, b)) {
+        Ok(checks) => checks,
+        Err(e @ FormatError::BadJson { .. }) => {
+            found.problems.push(e.to_string());
+            vec![]
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if files.iter().all(|f| f.status == FileStatus::Unlisted) {
+        found.problems.push(format!("{}: lists no files", manifest.display()));
+    }
+    for f in &files {
+        match (f.status, f.problem) {
+            (FileStatus::Ok, _) => {}
+            (FileStatus::Mismatch, _) => {
+                found.problems.push(format!("{}: sha256 differs from SHA256SUMS (changed or corrupted)", f.file))
+            }
+            (FileStatus::Missing, _) => found.problems.push(format!("{}: listed in SHA256SUMS but missing", f.file)),
+            (FileStatus::Unlisted, true) => found
+                .problems
+                .push(format!("{}: not listed in SHA256SUMS (weights, their index and config.json must be)", f.file)),
+            (FileStatus::Unlisted, false) => found.warnings.push(format!("{}: not listed in SHA256SUMS", f.file)),
+        }
+    }
+    Ok(files)
+}
+
+/// The FP8 scheme config.json declares (the default on a malformed one, which is a problem), and
+/// whether the config and the tensors agree that the checkpoint is FP8.
+fn read_scheme(dir: &Path, ckpt: &Checkpoint, found: &mut Findings) -> Fp8Scheme {
+    let config_name = ckpt.root.join("config.json").display().to_string();
+    let scheme = Fp8Scheme::from_config(ckpt.config.as_ref()).unwrap_or_else(|e| {
+        found.problems.push(format!("{config_name}: {e}"));
+        Fp8Scheme::default_blocks()
+    });
+    let fp8_count =
+        ckpt.shards.iter().flat_map(|s| &s.file.header().tensors).filter(|t| is_fp8_weight_dtype(t.dtype)).count();
+    match (&ckpt.config, ckpt.config.as_ref().and_then(|c| c.get("quantization_config"))) {
+        (None, _) if dir.is_dir() => found.warnings.push(format!("{}: no config.json", dir.display())),
+        (Some(_), None) if fp8_count > 0 => {
+            found.problems.push(format!("{config_name}: {fp8_count} FP8 tensors but no quantization_config"))
+        }
+        (Some(_), Some(_)) if fp8_count == 0 => {
+            found.warnings.push(format!("{config_name}: quantization_config but no FP8 tensors"))
+        }
+        _ => {}
+    }
+    scheme
+}
+
+/// Each FP8 weight claims its scale tensor by the names the config declares, located and fitted
+/// (or why not); returns them by weight, and the names of the claimed scale tensors (checked with
+/// their weight, not on their own).
+fn claim_scales<'a>(
+    ckpt: &'a Checkpoint,
+    scheme: &Fp8Scheme,
+    here: &HashMap<&'a str, Loc<'a>>,
+) -> (HashMap<&'a str, ScaleOf<'a>>, HashSet<&'a str>) {
+    let mut scale_of: HashMap<&str, ScaleOf<'_>> = HashMap::new();
+    let mut claimed: HashSet<&str> = HashSet::new();
+    for s in &ckpt.shards {
+        for t in s.file.header().tensors.iter().filter(|t| is_fp8_weight_dtype(t.dtype)) {
+            let found = scheme.locate_scale(t, Strictness::Declared, |n| here.get(n).map(|l| (*l, l.info)));
+            match &found {
+                Ok((l, ..)) => claimed.insert(l.info.name.as_str()),
+                Err(e) => e.scale_tensor().and_then(|n| here.get_key_value(n)).is_some_and(|(k, _)| claimed.insert(k)),
+            };
+            scale_of.insert(&t.name, found.map(|(l, _, geom)| (l, geom)));
+        }
+    }
+    (scale_of, claimed)
 }
 
 /// Assembles the report.
-fn finish(
-    files: Vec<FileCheck>,
-    problems: Vec<String>,
-    warnings: Vec<String>,
-    tensors: Vec<TensorReport>,
-) -> VerifyReport {
+fn finish(files: Vec<FileCheck>, found: Findings, tensors: Vec<TensorReport>) -> VerifyReport {
     let worst = tensors.iter().max_by(|a, b| a.rel_rms.total_cmp(&b.rel_rms)).cloned();
+    let Findings { problems, warnings } = found;
     VerifyReport { ok: problems.is_empty(), files, problems, warnings, tensors, worst }
 }
 
@@ -362,11 +389,18 @@ impl Ctx<'_, '_> {
                 bad_scales.len()
             ));
         }
-        let Some(there) = self.there else { return o };
-        if !o.problems.is_empty() {
-            return o;
+        let Some(r) = self.there.and_then(|there| there.get(name.as_str())) else { return o };
+        if o.problems.is_empty() {
+            let w = Fp8Weight { codes, lut, scales: &scales, geom };
+            self.compare(l, &w, s.info.dtype, r, &mut o);
         }
-        let Some(r) = there.get(name.as_str()) else { return o };
+        o
+    }
+
+    /// (c) Compares the FP8 weight `w` at `l` (scales stored as `scale_dtype`) with its reference
+    /// `r`: the error statistics, and every element within the bound FP8 rounding allows.
+    fn compare(&self, l: &Loc<'_>, w: &Fp8Weight<'_>, scale_dtype: Dtype, r: &Loc<'_>, o: &mut Outcome) {
+        let (name, shard, geom) = (&l.info.name, l.shard, w.geom);
         let float = matches!(r.info.dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32);
         if !float || r.info.shape != l.info.shape {
             o.problems.push(format!(
@@ -376,11 +410,10 @@ impl Ctx<'_, '_> {
                 r.info.shape,
                 l.info.shape
             ));
-            return o;
+            return;
         }
-        let bound = Bound::of(lut, s.info.dtype);
-        let w = Fp8Weight { codes, lut, scales: &scales, geom };
-        let (stats, over) = compare_with_reference(&w, r.data(), r.info.dtype, bound);
+        let bound = Bound::of(w.lut, scale_dtype);
+        let (stats, over) = compare_with_reference(w, r.data(), r.info.dtype, bound);
         r.release();
         let rows = geom.batch * geom.rows;
         if let Some(e) = over.worst {
@@ -401,7 +434,6 @@ impl Ctx<'_, '_> {
             ));
         }
         o.report = Some(TensorReport::new(name, [rows, geom.cols], &stats));
-        o
     }
 }
 

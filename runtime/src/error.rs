@@ -51,6 +51,32 @@ pub enum RuntimeError {
         /// What differs.
         reason: String,
     },
+    /// The window length cannot be used with this model.
+    #[error("{file}: windows of {ctx} tokens: {why}")]
+    Window {
+        /// The model's config.json.
+        file: PathBuf,
+        /// The window length asked for.
+        ctx: usize,
+        /// Why it cannot be used.
+        why: WindowProblem,
+    },
+    /// FP8 activations were asked of a model with no FP8 layer to apply them to.
+    #[error(
+        "{file}: quantizing activations to FP8 applies to the inputs of FP8 layers, and this model has none (no quantization_config)"
+    )]
+    NoFp8Layers {
+        /// The model's config.json.
+        file: PathBuf,
+    },
+    /// The checkpoint declares static activation scales, which the runtime does not simulate.
+    #[error(
+        "{file}: static activation scales (activation_scheme static) are not simulated; evaluate without activation quantization"
+    )]
+    StaticActivations {
+        /// The model's config.json.
+        file: PathBuf,
+    },
     /// Reading the checkpoint failed.
     #[error(transparent)]
     Format(#[from] FormatError),
@@ -91,12 +117,37 @@ impl RuntimeError {
             | RuntimeError::Unsupported { .. }
             | RuntimeError::Tensor { .. }
             | RuntimeError::Input { .. }
-            | RuntimeError::Mismatch { .. } => true,
+            | RuntimeError::Mismatch { .. }
+            | RuntimeError::Window { .. }
+            | RuntimeError::NoFp8Layers { .. }
+            | RuntimeError::StaticActivations { .. } => true,
             RuntimeError::Format(e) => e.is_bad_input(),
             RuntimeError::Convert(e) => e.is_bad_input(),
             RuntimeError::ActQuant { .. } | RuntimeError::NonFinite { .. } | RuntimeError::Io { .. } => false,
         }
     }
+}
+
+/// Why a window length cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WindowProblem {
+    /// Fewer than 2 tokens: nothing to predict from and score.
+    #[error("a window needs at least 2 tokens (one to predict from, one to score)")]
+    TooShort,
+    /// Longer than the model's positions.
+    #[error("more than the model's max_position_embeddings ({max})")]
+    BeyondPositions {
+        /// `max_position_embeddings`.
+        max: usize,
+    },
+    /// The attention scores alone would not fit in memory.
+    #[error("the attention scores need about {need_gb:.1} GB, more than the {have_gb:.1} GB available")]
+    TooMuchMemory {
+        /// Needed, in GB.
+        need_gb: f64,
+        /// Available, in GB.
+        have_gb: f64,
+    },
 }
 
 /// The runtime's result type.

@@ -12,7 +12,7 @@ use std::time::Instant;
 use fp8forge_quant::block::ScaleFormat;
 use fp8forge_quant::stats::compare;
 
-use crate::error::{Result, RuntimeError};
+use crate::error::{Result, RuntimeError, WindowProblem};
 use crate::metrics::{ActivationQuant, Comparison, EvalResult, Histogram, LayerStats, TensorError};
 use crate::model::{Layer, Model, Routing};
 use crate::ops::log_sum_exp;
@@ -82,26 +82,18 @@ struct Side {
     act: Option<ScaleFormat>,
 }
 
-/// Opens a model and resolves its activation quantization. `--act-quant fp8` asks to quantize
+/// Opens a model and resolves its activation quantization. [`ActQuant::Fp8`] asks to quantize
 /// the inputs of FP8 layers: the model evaluated (not a baseline, usually BF16) must have some.
 fn open_side(path: &Path, ctx: usize, aq: ActQuant, baseline: bool) -> Result<Side> {
     let model = Model::open(path, ctx)?;
     let act = match (aq, model.weights.act_scheme) {
         (ActQuant::Fp8, ActScheme::None) if !baseline => {
-            return Err(RuntimeError::Input {
-                file: model.cfg.file.clone(),
-                reason: "--act-quant fp8 quantizes the inputs of FP8 layers, and this model has none \
-                         (no quantization_config); convert it first, or evaluate it with --act-quant none"
-                    .into(),
-            });
+            return Err(RuntimeError::NoFp8Layers { file: model.cfg.file.clone() });
         }
         (ActQuant::None, _) | (_, ActScheme::None) => None,
         (_, ActScheme::Dynamic(fmt)) => Some(fmt),
         (ActQuant::Auto, ActScheme::Static) | (ActQuant::Fp8, ActScheme::Static) => {
-            return Err(RuntimeError::Unsupported {
-                file: model.cfg.file.clone(),
-                what: "static activation scales (activation_scheme static); evaluate with --act-quant none".into(),
-            });
+            return Err(RuntimeError::StaticActivations { file: model.cfg.file.clone() });
         }
     };
     Ok(Side { model, act })
@@ -176,20 +168,15 @@ pub fn evaluate(
     }))
 }
 
-/// The window length: `--ctx` when given (at least 2 tokens, at most the model's
+/// The window length: the one asked for (at least 2 tokens, at most the model's
 /// `max_position_embeddings`), else [`DEFAULT_CTX`] capped by the model.
 fn window_length(ctx: Option<usize>, cfg: &crate::config::ModelConfig) -> Result<usize> {
     let max = cfg.max_position_embeddings;
+    let refuse = |ctx: usize, why| Err(RuntimeError::Window { file: cfg.file.clone(), ctx, why });
     match ctx {
         None => Ok(DEFAULT_CTX.min(max).max(2)),
-        Some(c) if c < 2 => Err(RuntimeError::Input {
-            file: cfg.file.clone(),
-            reason: format!("--ctx {c}: a window needs at least 2 tokens (one to predict from, one to score)"),
-        }),
-        Some(c) if c > max => Err(RuntimeError::Input {
-            file: cfg.file.clone(),
-            reason: format!("--ctx {c} exceeds the model's max_position_embeddings ({max})"),
-        }),
+        Some(c) if c < 2 => refuse(c, WindowProblem::TooShort),
+        Some(c) if c > max => refuse(c, WindowProblem::BeyondPositions { max }),
         Some(c) => Ok(c),
     }
 }
@@ -201,14 +188,8 @@ fn check_attention_memory(t: usize, cfg: &crate::config::ModelConfig) -> Result<
     let need = per_head.saturating_mul(rayon::current_num_threads() as u64);
     let have = available_memory();
     if need > have {
-        return Err(RuntimeError::Input {
-            file: cfg.file.clone(),
-            reason: format!(
-                "windows of {t} tokens need about {:.1} GB for attention scores, more than the {:.1} GB available; use a smaller --ctx",
-                need as f64 / 1e9,
-                have as f64 / 1e9
-            ),
-        });
+        let why = WindowProblem::TooMuchMemory { need_gb: need as f64 / 1e9, have_gb: have as f64 / 1e9 };
+        return Err(RuntimeError::Window { file: cfg.file.clone(), ctx: t, why });
     }
     Ok(())
 }

@@ -4,6 +4,8 @@
 //! time over all tokens, so a model larger than RAM still evaluates, and compares a model with its
 //! baseline: perplexity, KL divergence, top-1 and expert-routing agreement.
 
+#![deny(missing_docs)]
+
 pub mod config;
 pub mod error;
 pub mod eval;

@@ -67,16 +67,8 @@ impl Rng {
     }
 }
 
-/// The architectures the fixtures imitate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Arch {
-    /// DeepSeek-V3: MLA attention, dense first layer, MoE with shared experts, MTP layer.
-    DeepseekV3,
-    /// Mixtral: GQA attention, `block_sparse_moe` with w1/w2/w3 experts.
-    Mixtral,
-    /// Qwen3-MoE: q/k norms, `mlp.experts.*`.
-    Qwen3Moe,
-}
+/// The architectures the fixtures imitate: the runtime's own (one name per idea).
+pub use fp8forge_runtime::config::Arch;
 
 /// A tensor of a fixture: name, dtype, shape.
 pub type Spec = (String, Dtype, Vec<usize>);
