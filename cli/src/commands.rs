@@ -57,6 +57,10 @@ enum Command {
         /// The BF16 original, for a per-tensor error table.
         #[arg(long)]
         reference: Option<PathBuf>,
+        /// Refuse (exit 2) a checkpoint that cannot run at this tensor parallelism (every rank's
+        /// shard of an FP8 weight must be whole 128×128 blocks).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+        tp: Option<u32>,
         /// Print one JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -166,6 +170,10 @@ struct ConvertArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Refuse (exit 2), before writing anything, an output that cannot run at this tensor
+    /// parallelism in vLLM and SGLang (every rank's shard of an FP8 weight must be whole blocks).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    tp: Option<u32>,
     /// Convert only job i of n (0 <= i < n) of a job array; finish with `convert --resume`.
     #[arg(long, value_name = "i/n", value_parser = parse_shard)]
     shard: Option<(usize, usize)>,
@@ -254,9 +262,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Verify { dir, reference, json, quiet } => {
+        Command::Verify { dir, reference, tp, json, quiet } => {
             let bar = Bar::new(quiet || json, "verify");
-            let r = fp8forge_quant::verify::verify(&dir, reference.as_deref(), &bar);
+            let r = fp8forge_quant::verify::verify(&dir, reference.as_deref(), tp.map(|t| t as usize), &bar);
             bar.finish();
             let r = r?;
             if json {
@@ -396,7 +404,13 @@ fn run_convert(a: ConvertArgs) -> Result<ExitCode, Failure> {
         max_shard_size: a.max_shard_size,
     };
     if a.dry_run {
-        let plan = convert::plan(&a.input, &opts)?;
+        let plan = convert::plan(&a.input, &opts, a.tp.map(|t| t as usize))?;
+        for w in &plan.warnings {
+            crate::output::note(&format!("fp8forge: warning: {w}"));
+        }
+        for w in &plan.widened {
+            crate::output::note(&format!("fp8forge: {w}"));
+        }
         if a.json {
             #[derive(Serialize)]
             struct DryRun<'a> {
@@ -412,7 +426,7 @@ fn run_convert(a: ConvertArgs) -> Result<ExitCode, Failure> {
         return Ok(ExitCode::SUCCESS);
     }
     stop_on_signals()?;
-    let run = RunOptions { resume: a.resume, force: a.force, shard: a.shard };
+    let run = RunOptions { resume: a.resume, force: a.force, shard: a.shard, tp: a.tp.map(|t| t as usize) };
     let bar = Bar::new(a.quiet || a.json, "convert");
     let start = Instant::now();
     let r = convert::convert(&a.input, &a.output, &opts, &run, &bar);

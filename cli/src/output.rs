@@ -105,6 +105,10 @@ impl Progress for Bar {
         }
     }
 
+    fn notice(&self, line: &str) {
+        self.bar.suspend(|| note(&format!("fp8forge: {line}")));
+    }
+
     fn cancelled(&self) -> bool {
         INTERRUPT.load(Ordering::Relaxed) != 0
     }

@@ -4,8 +4,9 @@ use serde_json::{Value, json};
 
 /// DeepSeek / transformers "fp8" block format: weights `F8_E4M3` with `<module>.weight_scale_inv`
 /// (f32, one per 128×128 block), activations quantized dynamically per token and 128 channels.
-/// `modules_to_not_convert` lists the 2-D weights left in high precision (as module names), so
-/// that transformers does not swap those layers for FP8 ones.
+/// The modules left in high precision are listed under both keys the engines read:
+/// `ignored_layers` (vLLM's `Fp8Config`, SGLang) and `modules_to_not_convert` (transformers, newer
+/// vLLM and SGLang), so that no engine builds an FP8 layer for BF16 data.
 pub fn deepseek_fp8(ue8m0: bool, not_converted: &[String]) -> Value {
     let mut qc = json!({
         "quant_method": "fp8",
@@ -17,6 +18,7 @@ pub fn deepseek_fp8(ue8m0: bool, not_converted: &[String]) -> Value {
         qc["scale_fmt"] = json!("ue8m0");
     }
     if !not_converted.is_empty() {
+        qc["ignored_layers"] = json!(not_converted);
         qc["modules_to_not_convert"] = json!(not_converted);
     }
     qc

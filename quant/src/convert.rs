@@ -22,6 +22,7 @@ use serde_json::Value;
 use crate::block::{QuantError, SrcDtype, quantize_weight_into};
 use crate::plan::{Action, ConvertOptions, Item, OutFile, OutputFormat, Plan, PlanError, PlanSummary, make_plan};
 use crate::stats::ErrorStats;
+use crate::tp::{TpError, check_tp};
 
 pub use fp8forge_formats::outdir::STATE_DIR;
 
@@ -34,6 +35,8 @@ pub struct RunOptions {
     pub force: bool,
     /// Only job `i` of `n` (0-based `i`): write the files of that share of the input shards.
     pub shard: Option<(usize, usize)>,
+    /// Refuse, before writing anything, a checkpoint that cannot run at this tensor parallelism.
+    pub tp: Option<usize>,
 }
 
 /// Receives progress while files are written. Implementations must be cheap.
@@ -42,6 +45,8 @@ pub trait Progress: Sync {
     fn begin(&self, _bytes: u64, _tensors: usize) {}
     /// One input tensor is done.
     fn tensor_done(&self, _name: &str, _bytes: u64) {}
+    /// Something the user should know before the run goes on (a widened group, an assumption).
+    fn notice(&self, _line: &str) {}
     /// True once the run should stop (the user interrupted it): checked between tensors; the
     /// run then removes its temporary files and returns [`ConvertError::Interrupted`].
     fn cancelled(&self) -> bool {
@@ -100,6 +105,10 @@ pub struct ConvertReport {
     pub already_complete: bool,
     /// Per-tensor quantization error of the tensors this run quantized.
     pub tensors: Vec<TensorReport>,
+    /// Groups the engines load as one that `--skip`/`--only` split, widened to the whole group.
+    pub widened: Vec<crate::plan::Widened>,
+    /// What the plan assumed, for the user to see.
+    pub warnings: Vec<String>,
 }
 
 /// Why a conversion failed.
@@ -142,6 +151,15 @@ pub enum ConvertError {
         /// Why.
         reason: String,
     },
+    /// The checkpoint cannot run at the tensor parallelism asked for.
+    #[error("{path}: {source}")]
+    Tp {
+        /// The input checkpoint.
+        path: PathBuf,
+        /// Which weight, and why.
+        #[source]
+        source: Box<TpError>,
+    },
     /// Starting over was asked of one job of an array: it would delete the other jobs' files.
     #[error("{path}: a job of an array cannot start the output over (it would delete the other jobs' files)")]
     ForceInJob {
@@ -165,10 +183,30 @@ impl ConvertError {
     }
 }
 
-/// Plans the conversion of `input` without writing anything.
-pub fn plan(input: &Path, opts: &ConvertOptions) -> Result<Plan, ConvertError> {
+/// Plans the conversion of `input` without writing anything, checking it can run at tensor
+/// parallelism `tp` when given.
+pub fn plan(input: &Path, opts: &ConvertOptions, tp: Option<usize>) -> Result<Plan, ConvertError> {
     let ckpt = Checkpoint::open(input)?;
-    Ok(make_plan(&ckpt, opts)?)
+    let plan = make_plan(&ckpt, opts)?;
+    if let Some(tp) = tp {
+        check_plan_tp(&plan, &ckpt, tp)?;
+    }
+    Ok(plan)
+}
+
+/// Checks that the weights `plan` quantizes can run at tensor parallelism `tp`.
+fn check_plan_tp(plan: &Plan, ckpt: &Checkpoint, tp: usize) -> Result<(), ConvertError> {
+    let weights: Vec<(String, Vec<usize>)> = plan
+        .files
+        .iter()
+        .flat_map(|f| &f.items)
+        .filter_map(|i| match i.action {
+            Action::Quantize { rows, cols } => Some((i.source.clone(), vec![rows, cols])),
+            Action::Copy { .. } => None,
+        })
+        .collect();
+    check_tp(&weights, ckpt.config.as_ref(), tp)
+        .map_err(|source| ConvertError::Tp { path: ckpt.root.clone(), source: Box::new(source) })
 }
 
 /// Converts `input` into `out` (all of it, or job `i/n`'s share with `run.shard`).
@@ -184,6 +222,15 @@ pub fn convert(
 ) -> Result<ConvertReport, ConvertError> {
     let ckpt = Checkpoint::open(input)?;
     let plan = make_plan(&ckpt, opts)?;
+    if let Some(tp) = run.tp {
+        check_plan_tp(&plan, &ckpt, tp)?;
+    }
+    for w in &plan.warnings {
+        progress.notice(&format!("warning: {w}"));
+    }
+    for w in &plan.widened {
+        progress.notice(&w.to_string());
+    }
     let digest = plan.digest()?;
     let inputs = input_files(&ckpt, &plan, input.is_dir());
     let paths: Vec<PathBuf> = inputs.iter().map(|f| ckpt.root.join(f)).collect();
@@ -207,6 +254,8 @@ pub fn convert(
         complete: run.shard.is_none() || already_complete,
         already_complete,
         tensors,
+        widened: plan.widened.clone(),
+        warnings: plan.warnings.clone(),
     };
     let dir = match OutputDir::open(out, identity, role, &plan.copies)? {
         Opened::Complete => return Ok(report(0, true, vec![])),
@@ -367,16 +416,29 @@ fn finalize(ckpt: &Checkpoint, plan: &Plan, dir: &OutputDir) -> Result<Vec<Strin
 
 /// The quantization_config recorded in config.json for this plan.
 fn quantization_config(plan: &Plan) -> Value {
-    let kept: Vec<String> = plan
-        .files
-        .iter()
-        .flat_map(|f| &f.items)
-        .filter(|i| matches!(i.action, Action::Copy { .. }) && i.outputs[0].shape.len() == 2)
-        .filter_map(|i| i.source.strip_suffix(".weight").map(str::to_owned))
-        .collect();
+    let kept = plan.kept_modules();
     let ue8m0 = plan.options.scale_format == crate::block::ScaleFormat::Ue8m0;
     match plan.options.format {
         OutputFormat::Deepseek => qconfig::deepseek_fp8(ue8m0, &kept),
-        OutputFormat::CompressedTensors => qconfig::compressed_tensors_fp8_block(&kept),
+        OutputFormat::CompressedTensors => qconfig::compressed_tensors_fp8_block(&compressed_tensors_ignore(&kept)),
     }
+}
+
+/// compressed-tensors' `ignore` for the kept modules: their exact names (each expert's own
+/// projections among them), and for a kept MoE layer (`<layer>.experts`) the names vLLM looks the
+/// fused layer up by, `<layer>.experts.0.gate_proj`, `up_proj` and `down_proj`, whatever the
+/// checkpoint calls its experts' projections (Mixtral's `w1`/`w2`/`w3`), instead of the fused
+/// module's own name, which no engine matches.
+fn compressed_tensors_ignore(kept: &[String]) -> Vec<String> {
+    let mut ignore: Vec<String> = Vec::with_capacity(kept.len());
+    for m in kept {
+        if m.ends_with(".experts") {
+            ignore.extend(["gate_proj", "up_proj", "down_proj"].map(|p| format!("{m}.0.{p}")));
+        } else {
+            ignore.push(m.clone());
+        }
+    }
+    ignore.sort();
+    ignore.dedup();
+    ignore
 }

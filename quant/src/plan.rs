@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::block::{BLOCK, ScaleFormat};
-use crate::select::{Decision, Selection};
+use crate::groups::{GroupKind, group_of};
+use crate::select::{Decision, KeepReason, Selection};
 
 /// Output layout of the quantized checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,7 +121,49 @@ pub struct Plan {
     pub copies: Vec<String>,
     /// Directory entries not carried over.
     pub not_copied: Vec<String>,
+    /// Groups the engines load as one that `--skip` or `--only` split, widened to the whole group.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub widened: Vec<Widened>,
+    /// What the plan assumed (an architecture fp8forge does not know, ...), for the user to see.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
+
+/// A group of weights the engines load as one (see [`crate::groups`]) that the user's patterns
+/// split, and how it was made whole.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Widened {
+    /// The module the engines see (`model.layers.3.mlp.experts`, `...self_attn.qkv_proj`).
+    pub group: String,
+    /// Why it is one.
+    pub kind: GroupKind,
+    /// True when the whole group is kept (a `--skip` widened), false when it is all quantized (an
+    /// `--only` widened).
+    pub kept: bool,
+    /// Weights whose fate changed.
+    pub changed: usize,
+    /// Weights in the group.
+    pub weights: usize,
+}
+
+impl std::fmt::Display for Widened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (what, how) = if self.kept { ("--skip", "kept in BF16") } else { ("--only", "quantized") };
+        write!(
+            f,
+            "{what} widened to the whole of {} ({}): all {} weights {how}, {} more than asked",
+            self.group,
+            self.kind.describe(),
+            self.weights,
+            self.changed
+        )
+    }
+}
+
+/// model_type values whose modules fp8forge's rules were checked against (vLLM's and SGLang's
+/// model code); others convert with the generic rules and a warning.
+pub const KNOWN_MODEL_TYPES: &[&str] =
+    &["deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2", "mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next"];
 
 /// Summary numbers of a plan.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -156,6 +199,26 @@ pub enum PlanError {
     /// The plan could not be serialized for its digest.
     #[error("cannot serialize the plan for its digest: {0}")]
     Digest(#[source] serde_json::Error),
+    /// Power-of-two scales were asked of the compressed-tensors format, which cannot declare them.
+    #[error(
+        "power-of-two (ue8m0) scales cannot be declared in compressed-tensors' block scheme (vLLM would read them \
+         as plain f32 scales and never pick its UE8M0 kernels); use --format deepseek, which writes scale_fmt \
+         \"ue8m0\""
+    )]
+    Ue8m0CompressedTensors,
+    /// `--only` asks for FP8 where no serving engine loads it.
+    #[error(
+        "{path}: tensor {tensor} ({why}) cannot be FP8: vLLM and SGLang build it unquantized and would load \
+         FP8 bytes wrongly; leave it out of --only"
+    )]
+    Unloadable {
+        /// The file holding the tensor.
+        path: std::path::PathBuf,
+        /// The tensor's name.
+        tensor: String,
+        /// What it is.
+        why: &'static str,
+    },
     /// An input tensor has the name of the scale that quantizing another tensor would write.
     #[error(
         "{path}: tensor {tensor}: the input already holds it, and quantizing {weight} would write a scale of that name \
@@ -189,12 +252,26 @@ pub fn make_plan(ckpt: &Checkpoint, opts: &ConvertOptions) -> Result<Plan, PlanE
             what: format!("quantization_config with quant_method {method:?}"),
         });
     }
+    if opts.format == OutputFormat::CompressedTensors && opts.scale_format == ScaleFormat::Ue8m0 {
+        return Err(PlanError::Ue8m0CompressedTensors);
+    }
     let sel = Selection::new(&opts.skip, &opts.only)?;
+    let mut decisions: Vec<Vec<Decision>> = ckpt
+        .shards
+        .iter()
+        .map(|s| s.file.header().tensors.iter().map(|t| sel.decide(&t.name, t.dtype, &t.shape)).collect())
+        .collect();
+    let mut warnings: Vec<String> = architecture_warning(ckpt).into_iter().collect();
+    warnings.extend(settle_unloadable(ckpt, &sel, &mut decisions)?);
+    let widened = widen(ckpt, &mut decisions);
     let items_per_shard = ckpt
         .shards
         .iter()
+        .zip(decisions)
         .enumerate()
-        .map(|(si, shard)| shard.file.header().tensors.iter().map(|t| decide(si, shard, t, &sel, opts)).collect())
+        .map(|(si, (shard, d))| {
+            shard.file.header().tensors.iter().zip(d).map(|(t, d)| item(si, shard, t, d, opts)).collect()
+        })
         .collect::<Result<Vec<Vec<Item>>, PlanError>>()?;
     check_names(ckpt, &items_per_shard)?;
     Ok(Plan {
@@ -210,18 +287,121 @@ pub fn make_plan(ckpt: &Checkpoint, opts: &ConvertOptions) -> Result<Plan, PlanE
             v.sort();
             v
         },
+        widened,
+        warnings,
     })
 }
 
-/// What becomes of tensor `t` of input shard `si`: quantized (codes and a scale grid) or copied.
-fn decide(
+/// A warning when config.json names a `model_type` whose modules fp8forge's rules were not checked
+/// against (or none).
+fn architecture_warning(ckpt: &Checkpoint) -> Option<String> {
+    let config = ckpt.config.as_ref()?;
+    let model_type = config.get("model_type").and_then(serde_json::Value::as_str);
+    match model_type {
+        Some(m) if KNOWN_MODEL_TYPES.contains(&m) => None,
+        Some(m) => Some(format!(
+            "model_type {m:?} is not one fp8forge's rules were checked against ({}); the generic rules were \
+             used: every 2-D .weight quantized but embeddings, the head, norms, routers and MTP projections",
+            KNOWN_MODEL_TYPES.join(", ")
+        )),
+        None => Some("config.json names no model_type; the generic rules were used".into()),
+    }
+}
+
+/// Settles the tensors `--only` asks to quantize that no serving engine loads in FP8: an `--only`
+/// pattern that matches nothing else is refused ([`PlanError::Unloadable`]); one that also matches
+/// loadable weights keeps those tensors in BF16, with a warning naming them.
+fn settle_unloadable(
+    ckpt: &Checkpoint,
+    sel: &Selection,
+    decisions: &mut [Vec<Decision>],
+) -> Result<Option<String>, PlanError> {
+    let tensors = || {
+        ckpt.shards
+            .iter()
+            .enumerate()
+            .flat_map(|(si, s)| s.file.header().tensors.iter().enumerate().map(move |(ti, t)| (si, ti, s, t)))
+    };
+    for re in sel.only() {
+        let mut unloadable = None;
+        let mut loadable = false;
+        for (si, ti, s, t) in tensors().filter(|(.., t)| re.is_match(&t.name)) {
+            match decisions[si][ti] {
+                Decision::Quantize => loadable = true,
+                Decision::Unloadable(why) => unloadable = unloadable.or(Some((s, t, why))),
+                Decision::Keep(_) => {}
+            }
+        }
+        if let (Some((s, t, why)), false) = (unloadable, loadable) {
+            return Err(PlanError::Unloadable { path: s.file.path().to_owned(), tensor: t.name.clone(), why });
+        }
+    }
+    let mut kept = Vec::new();
+    for (si, ti, _, t) in tensors() {
+        if let Decision::Unloadable(why) = decisions[si][ti] {
+            kept.push(format!("{} ({why})", t.name));
+            decisions[si][ti] = Decision::Keep(KeepReason::Default(why));
+        }
+    }
+    Ok((!kept.is_empty()).then(|| {
+        format!(
+            "--only matched {} tensors no serving engine loads in FP8, kept in BF16: {}",
+            kept.len(),
+            kept.join(", ")
+        )
+    }))
+}
+
+/// Makes every group the engines load as one (see [`crate::groups`]) all FP8 or all kept: a
+/// group a `--skip` split is kept whole, one an `--only` split is quantized whole. Returns what
+/// was widened.
+fn widen(ckpt: &Checkpoint, decisions: &mut [Vec<Decision>]) -> Vec<Widened> {
+    // Group key -> (kind, members as (shard, tensor)).
+    let mut groups: std::collections::BTreeMap<String, (GroupKind, Vec<(usize, usize)>)> = Default::default();
+    for (si, s) in ckpt.shards.iter().enumerate() {
+        for (ti, t) in s.file.header().tensors.iter().enumerate() {
+            if let Some((key, kind)) = group_of(&t.name) {
+                groups.entry(key).or_insert((kind, vec![])).1.push((si, ti));
+            }
+        }
+    }
+    let mut widened = Vec::new();
+    for (group, (kind, members)) in groups {
+        let quantized = members.iter().filter(|&&(s, t)| decisions[s][t] == Decision::Quantize).count();
+        if quantized == 0 || quantized == members.len() {
+            continue;
+        }
+        // Kept by a --skip anywhere in the group: keep it all. Else, when --only chose a part,
+        // quantize it all; a group split any other way (a member of another dtype) is kept whole.
+        let only = members.iter().any(|&(s, t)| decisions[s][t] == Decision::Keep(KeepReason::NotOnly));
+        let skipped =
+            !only || members.iter().any(|&(s, t)| matches!(decisions[s][t], Decision::Keep(KeepReason::Skip(_))));
+        let mut changed = 0;
+        for &(s, t) in &members {
+            let d = &mut decisions[s][t];
+            if skipped && *d == Decision::Quantize {
+                *d = Decision::Keep(KeepReason::Widened(group.clone()));
+                changed += 1;
+            } else if !skipped && matches!(d, Decision::Keep(KeepReason::NotOnly)) {
+                *d = Decision::Quantize;
+                changed += 1;
+            }
+        }
+        widened.push(Widened { group, kind, kept: skipped, changed, weights: members.len() });
+    }
+    widened
+}
+
+/// The item of tensor `t` of input shard `si` under decision `d`: quantized (codes and a scale
+/// grid) or copied.
+fn item(
     si: usize,
     shard: &fp8forge_formats::Shard,
     t: &fp8forge_formats::TensorInfo,
-    sel: &Selection,
+    d: Decision,
     opts: &ConvertOptions,
 ) -> Result<Item, PlanError> {
-    let (action, outputs) = match sel.decide(&t.name, t.dtype, &t.shape) {
+    let (action, outputs) = match d {
         Decision::Quantize => {
             let (rows, cols) = (t.shape[0], t.shape[1]);
             let outs = vec![
@@ -242,7 +422,10 @@ fn decide(
                 });
             }
             let out = PlannedTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() };
-            (Action::Copy { reason }, vec![out])
+            (Action::Copy { reason: reason.to_string() }, vec![out])
+        }
+        Decision::Unloadable(why) => {
+            return Err(PlanError::Unloadable { path: shard.file.path().to_owned(), tensor: t.name.clone(), why });
         }
     };
     Ok(Item { source: t.name.clone(), shard: si, action, outputs, bytes_in: t.nbytes() as u64 })
@@ -330,6 +513,28 @@ impl Plan {
             s.bytes_out += item.outputs.iter().map(PlannedTensor::nbytes).sum::<u64>();
         }
         s
+    }
+
+    /// The modules a loader must build unquantized, as module names (a kept 2-D weight's name
+    /// without `.weight`), with, for each MoE layer whose experts are all kept, the fused module
+    /// the engines look up (`model.layers.3.mlp.experts`).
+    pub fn kept_modules(&self) -> Vec<String> {
+        let items = || self.files.iter().flat_map(|f| &f.items);
+        let mut kept: Vec<String> = items()
+            .filter(|i| matches!(i.action, Action::Copy { .. }) && i.outputs[0].shape.len() == 2)
+            .filter_map(|i| i.source.strip_suffix(".weight").map(str::to_owned))
+            .collect();
+        // An experts group is kept all or none (widening sees to it): one kept weight tells.
+        let mut moe: Vec<String> = items()
+            .filter(|i| matches!(i.action, Action::Copy { .. }))
+            .filter_map(|i| group_of(&i.source))
+            .filter(|(_, kind)| *kind == GroupKind::Experts)
+            .map(|(layer, _)| layer)
+            .collect();
+        moe.sort();
+        moe.dedup();
+        kept.extend(moe);
+        kept
     }
 
     /// Indices of the output files that job `i` of `n` writes: those whose input shard falls in

@@ -3,19 +3,24 @@
 use fp8forge_formats::Dtype;
 use regex::Regex;
 
-/// Default exclusions: (pattern on the full tensor name, reason shown to the user).
+/// Default exclusions: (pattern on the full tensor name, reason shown to the user, whether FP8
+/// is refused outright for it because no serving engine loads it so).
 ///
-/// Embeddings and the output head stay in high precision (as in DeepSeek's own FP8 release);
-/// MoE routers decide which experts run and are tiny; the DeepSeek MTP layer's `eh_proj` and
-/// `shared_head.head` are plain (unquantized) linear layers in vLLM and SGLang, which would load
-/// FP8 bytes into a BF16 parameter if they were converted.
-const DEFAULT_SKIP: &[(&str, &str)] = &[
-    (r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|embeddings)\.", "embedding"),
-    (r"(^|\.)lm_head\.", "output head"),
-    (r"(^|\.)[^.]*norm[^.]*\.", "normalization"),
-    (r"\.(gate|router)\.weight$", "MoE router"),
-    (r"e_score_correction_bias", "router bias"),
-    (r"(^|\.)(eh_proj|shared_head)\.", "MTP projection, unquantized in vLLM and SGLang"),
+/// Embeddings and the output head stay in high precision (as in DeepSeek's own FP8 release; vLLM
+/// and SGLang have no FP8 parameter for them); MoE routers decide which experts run, are tiny, and
+/// DeepSeek's and Mixtral's are built unquantized by both engines; the DeepSeek MTP layer's
+/// `eh_proj` and `shared_head.head` are plain (unquantized) linear layers in vLLM and SGLang, which
+/// would load FP8 bytes into a BF16 parameter; Qwen2-MoE's and Qwen3-Next's
+/// `shared_expert_gate` and DeepSeek-V3.2's `indexer.weights_proj` are built unquantized by vLLM.
+const DEFAULT_SKIP: &[(&str, &str, bool)] = &[
+    (r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|embeddings)\.", "embedding", true),
+    (r"(^|\.)lm_head\.", "output head", true),
+    (r"(^|\.)[^.]*norm[^.]*\.", "normalization", false),
+    (r"\.(gate|router)\.weight$", "MoE router", true),
+    (r"e_score_correction_bias", "router bias", false),
+    (r"(^|\.)(eh_proj|shared_head)\.", "MTP projection, unquantized in vLLM and SGLang", true),
+    (r"\.shared_expert_gate\.weight$", "shared-expert gate, unquantized in vLLM", true),
+    (r"\.indexer\.weights_proj\.weight$", "DeepSeek-V3.2 indexer weights, unquantized in vLLM", true),
 ];
 
 /// What happens to one tensor.
@@ -24,7 +29,43 @@ pub enum Decision {
     /// Quantize to FP8 with 128×128 block scales.
     Quantize,
     /// Copy unchanged, for the reason given.
-    Keep(String),
+    Keep(KeepReason),
+    /// `--only` asks for FP8 where no serving engine loads it (an embedding, the output head, a
+    /// router, an MTP projection): refused, for the reason given.
+    Unloadable(&'static str),
+}
+
+/// Why a tensor is copied unchanged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeepReason {
+    /// Not a floating-point dtype fp8forge quantizes.
+    Dtype(Dtype),
+    /// Not a matrix.
+    Dims(usize),
+    /// A `--skip` pattern matches it.
+    Skip(String),
+    /// `--only` is given and no pattern of it matches.
+    NotOnly,
+    /// Not named `*.weight`.
+    NotWeight,
+    /// A default rule keeps it.
+    Default(&'static str),
+    /// Kept with the rest of a group a `--skip` split (see [`crate::groups`]).
+    Widened(String),
+}
+
+impl std::fmt::Display for KeepReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeepReason::Dtype(d) => write!(f, "dtype {d:?} is not BF16/F16/F32"),
+            KeepReason::Dims(n) => write!(f, "{n}-D tensor, not a 2-D weight"),
+            KeepReason::Skip(re) => write!(f, "--skip {re}"),
+            KeepReason::NotOnly => f.write_str("not matched by --only"),
+            KeepReason::NotWeight => f.write_str("not a .weight tensor"),
+            KeepReason::Default(why) => f.write_str(why),
+            KeepReason::Widened(group) => write!(f, "kept with the rest of {group}"),
+        }
+    }
 }
 
 /// Errors building a selection.
@@ -43,7 +84,7 @@ pub enum SelectError {
 /// The tensor selection rules of one conversion.
 #[derive(Clone, Debug)]
 pub struct Selection {
-    defaults: Vec<(Regex, &'static str)>,
+    defaults: Vec<(Regex, &'static str, bool)>,
     skip: Vec<Regex>,
     only: Vec<Regex>,
 }
@@ -61,38 +102,44 @@ impl Selection {
     pub fn new(skip: &[String], only: &[String]) -> Result<Self, SelectError> {
         let defaults = DEFAULT_SKIP
             .iter()
-            .map(|(p, why)| {
+            .map(|(p, why, refuse)| {
                 Regex::new(p)
-                    .map(|r| (r, *why))
+                    .map(|r| (r, *why, *refuse))
                     .map_err(|e| SelectError::BadRegex { pattern: (*p).into(), reason: e.to_string() })
             })
             .collect::<Result<_, _>>()?;
         Ok(Selection { defaults, skip: compile(skip)?, only: compile(only)? })
     }
 
+    /// The `--only` patterns, in order.
+    pub fn only(&self) -> &[Regex] {
+        &self.only
+    }
+
     /// Decides the fate of a tensor from its name, dtype and shape.
     pub fn decide(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Decision {
         if !matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
-            return Decision::Keep(format!("dtype {dtype:?} is not BF16/F16/F32"));
+            return Decision::Keep(KeepReason::Dtype(dtype));
         }
         if shape.len() != 2 {
-            return Decision::Keep(format!("{}-D tensor, not a 2-D weight", shape.len()));
+            return Decision::Keep(KeepReason::Dims(shape.len()));
         }
         if let Some(r) = self.skip.iter().find(|r| r.is_match(name)) {
-            return Decision::Keep(format!("--skip {}", r.as_str()));
+            return Decision::Keep(KeepReason::Skip(r.as_str().to_owned()));
         }
+        let default = self.defaults.iter().find(|(r, ..)| r.is_match(name));
         if !self.only.is_empty() {
-            return if self.only.iter().any(|r| r.is_match(name)) {
-                Decision::Quantize
-            } else {
-                Decision::Keep("not matched by --only".into())
+            return match (self.only.iter().any(|r| r.is_match(name)), default) {
+                (true, Some((_, why, true))) => Decision::Unloadable(why),
+                (true, _) => Decision::Quantize,
+                (false, _) => Decision::Keep(KeepReason::NotOnly),
             };
         }
         if !name.ends_with(".weight") {
-            return Decision::Keep("not a .weight tensor".into());
+            return Decision::Keep(KeepReason::NotWeight);
         }
-        match self.defaults.iter().find(|(r, _)| r.is_match(name)) {
-            Some((_, why)) => Decision::Keep((*why).into()),
+        match default {
+            Some((_, why, _)) => Decision::Keep(KeepReason::Default(why)),
             None => Decision::Quantize,
         }
     }
@@ -128,6 +175,8 @@ mod tests {
             "model.layers.61.eh_proj.weight",
             "model.layers.61.shared_head.head.weight",
             "model.layers.3.mlp.gate.e_score_correction_bias",
+            "model.layers.3.mlp.shared_expert_gate.weight",
+            "model.layers.3.self_attn.indexer.weights_proj.weight",
         ] {
             assert!(!q(&s, n), "{n} should be kept");
         }
@@ -141,9 +190,19 @@ mod tests {
         let s = Selection::new(&[r"\.experts\.".into()], &[]).expect("rules");
         assert!(!q(&s, "model.layers.3.mlp.experts.1.up_proj.weight"));
         assert!(q(&s, "model.layers.3.mlp.shared_experts.up_proj.weight"));
-        let s = Selection::new(&[], &["lm_head".into()]).expect("rules");
-        assert!(q(&s, "lm_head.weight"));
-        assert!(!q(&s, "model.layers.0.mlp.up_proj.weight"));
+        let s = Selection::new(&[], &["up_proj".into()]).expect("rules");
+        assert!(q(&s, "model.layers.0.mlp.up_proj.weight"));
+        assert!(!q(&s, "model.layers.0.mlp.down_proj.weight"));
+        // What no engine loads in FP8 is refused, not quietly kept.
+        let s = Selection::new(&[], &["lm_head|embed_tokens|\\.gate\\.|eh_proj".into()]).expect("rules");
+        for n in [
+            "lm_head.weight",
+            "model.embed_tokens.weight",
+            "model.layers.3.mlp.gate.weight",
+            "model.layers.61.eh_proj.weight",
+        ] {
+            assert!(matches!(s.decide(n, Dtype::BF16, &[256, 256]), Decision::Unloadable(_)), "{n}");
+        }
         assert!(Selection::new(&["(".into()], &[]).is_err());
     }
 }

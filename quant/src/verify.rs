@@ -89,12 +89,29 @@ struct Findings {
 
 /// Verifies the checkpoint `dir` (a directory, or one `.safetensors` file, which has no
 /// manifest), against the BF16 checkpoint `reference` when given. Tensors are checked in
-/// parallel; the input pages of each are released once it is checked.
-pub fn verify(dir: &Path, reference: Option<&Path>, progress: &dyn Progress) -> Result<VerifyReport, ConvertError> {
+/// parallel; the input pages of each are released once it is checked. With `tp`, a checkpoint
+/// that cannot run at that tensor parallelism is refused first ([`ConvertError::Tp`]).
+pub fn verify(
+    dir: &Path,
+    reference: Option<&Path>,
+    tp: Option<usize>,
+    progress: &dyn Progress,
+) -> Result<VerifyReport, ConvertError> {
     let mut found = Findings::default();
     // A DIR that is not there, or a FIFO or a device, is bad input (exit 2), not a finding.
     stat_input(dir)?;
     let opened = Checkpoint::open(dir);
+    if let (Some(tp), Ok(ckpt)) = (tp, &opened) {
+        let weights: Vec<(String, Vec<usize>)> = ckpt
+            .shards
+            .iter()
+            .flat_map(|s| &s.file.header().tensors)
+            .filter(|t| is_fp8_weight_dtype(t.dtype))
+            .map(|t| (t.name.clone(), t.shape.clone()))
+            .collect();
+        crate::tp::check_tp(&weights, ckpt.config.as_ref(), tp)
+            .map_err(|source| ConvertError::Tp { path: ckpt.root.clone(), source: Box::new(source) })?;
+    }
     let (tensor_bytes, tensor_count) = opened.as_ref().map_or((0, 0), |c| {
         let n = c.shards.iter().map(|s| s.file.header().tensors.len()).sum();
         (c.total_tensor_bytes(), n)
@@ -681,7 +698,7 @@ mod tests {
     #[test]
     fn verify_passes_on_a_fresh_conversion() {
         let (_d, _input, out) = converted();
-        let r = verify(&out, None, &NoProgress).expect("verify");
+        let r = verify(&out, None, None, &NoProgress).expect("verify");
         assert!(r.ok, "{:?}", r.problems);
         assert!(r.files.iter().all(|f| f.status == FileStatus::Ok) && r.files.len() >= 5, "{:?}", r.files);
         assert!(r.tensors.is_empty() && r.worst.is_none());
@@ -695,7 +712,7 @@ mod tests {
         let i = bytes.len() - 100;
         bytes[i] ^= 0x01;
         std::fs::write(&p, &bytes).expect("write");
-        let r = verify(&out, None, &NoProgress).expect("verify");
+        let r = verify(&out, None, None, &NoProgress).expect("verify");
         assert!(!r.ok);
         assert!(problems_mention(&r, &[SHARD2, "sha256"]), "{:?}", r.problems);
         assert_eq!(r.files.iter().find(|f| f.file == SHARD2).map(|f| f.status), Some(FileStatus::Mismatch));
@@ -711,7 +728,7 @@ mod tests {
             }
         });
         refresh_manifest(&out);
-        let r = verify(&out, None, &NoProgress).expect("verify");
+        let r = verify(&out, None, None, &NoProgress).expect("verify");
         assert!(!r.ok);
         assert!(
             problems_mention(&r, &[SHARD2, &format!("{EXPERT0}_scale_inv"), "[4, 1]", "[2, 2]"]),
@@ -731,7 +748,7 @@ mod tests {
             }
         });
         refresh_manifest(&out);
-        let r = verify(&out, None, &NoProgress).expect("verify");
+        let r = verify(&out, None, None, &NoProgress).expect("verify");
         assert!(!r.ok);
         assert!(problems_mention(&r, &[SHARD2, EXPERT0, "2 NaN codes", "element 77"]), "{:?}", r.problems);
     }
@@ -756,7 +773,7 @@ mod tests {
         map.insert("model.layers.0.self_attn.q_proj.weight_scale".into(), file);
         std::fs::write(&index_path, index.to_string()).expect("write index");
         refresh_manifest(&out);
-        let r = verify(&out, None, &NoProgress).expect("verify");
+        let r = verify(&out, None, None, &NoProgress).expect("verify");
         assert!(
             problems_mention(&r, &[&format!("{down}_scale_inv"), "not finite and > 0", "element 1"]),
             "{:?}",
@@ -771,7 +788,7 @@ mod tests {
     fn verify_reports_a_missing_manifest_as_a_problem_not_an_error() {
         let (_d, _input, out) = converted();
         std::fs::remove_file(out.join(MANIFEST_NAME)).expect("rm");
-        let r = verify(&out, None, &NoProgress).expect("verify runs");
+        let r = verify(&out, None, None, &NoProgress).expect("verify runs");
         assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
         assert!(r.problems[0].contains("no SHA256SUMS manifest"));
     }
@@ -779,7 +796,7 @@ mod tests {
     #[test]
     fn verify_with_reference_gives_rel_rms_below_5_percent_on_gaussian_weights() {
         let (_d, input, out) = converted();
-        let r = verify(&out, Some(&input), &NoProgress).expect("verify");
+        let r = verify(&out, Some(&input), None, &NoProgress).expect("verify");
         assert!(r.ok, "{:?}", r.problems);
         assert_eq!(r.tensors.len(), 5);
         for t in &r.tensors {
@@ -817,7 +834,7 @@ mod tests {
             }
         });
         std::fs::remove_file(input.join(fp8forge_formats::checkpoint::INDEX_NAME)).expect("rm index");
-        let r = verify(&out, Some(&input), &NoProgress).expect("verify");
+        let r = verify(&out, Some(&input), None, &NoProgress).expect("verify");
         assert!(!r.ok);
         assert!(
             problems_mention(&r, &[SHARD2, "model.norm.weight", "differs from the reference", "byte 10"]),
@@ -862,7 +879,7 @@ mod tests {
             ]],
             &serde_json::json!({"quantization_config": qc}),
         );
-        let r = verify(&q, Some(&reference), &NoProgress).expect("verify");
+        let r = verify(&q, Some(&reference), None, &NoProgress).expect("verify");
         assert_eq!(r.problems, vec![format!("{}: no SHA256SUMS manifest", q.display())]);
         assert!(r.warnings.iter().any(|w| w.contains("BF16 scales")), "{:?}", r.warnings);
         let t = &r.tensors[0];
