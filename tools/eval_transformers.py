@@ -17,6 +17,22 @@ import torch
 import transformers
 
 
+def total_nll(model, ids, ctx):
+    """(summed NLL, tokens scored) of `model` on `ids` by the protocol above."""
+    nll, n = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(ids), ctx):
+            w = ids[i : i + ctx]
+            if len(w) < 2:
+                continue
+            x = torch.tensor([w])
+            logits = model(input_ids=x).logits[0].float()
+            lp = torch.log_softmax(logits[:-1].double(), dim=-1)
+            nll -= lp.gather(1, x[0, 1:, None]).sum().item()
+            n += len(w) - 1
+    return nll, n
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -31,17 +47,7 @@ def main():
     model = transformers.AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     model.eval()
     loaded = time.perf_counter()
-    nll, n = 0.0, 0
-    with torch.inference_mode():
-        for i in range(0, len(ids), a.ctx):
-            w = ids[i : i + a.ctx]
-            if len(w) < 2:
-                continue
-            x = torch.tensor([w])
-            logits = model(input_ids=x).logits[0].float()
-            lp = torch.log_softmax(logits[:-1].double(), dim=-1)
-            nll -= lp.gather(1, x[0, 1:, None]).sum().item()
-            n += len(w) - 1
+    nll, n = total_nll(model, ids, a.ctx)
     end = time.perf_counter()
     print(json.dumps({
         "perplexity": math.exp(nll / n),
