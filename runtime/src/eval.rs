@@ -139,7 +139,7 @@ pub fn evaluate(
 
     let n_layers = m.model.cfg.num_layers();
     let resident: u64 =
-        (0..n_layers).map(|i| m.model.layer_f32_bytes(i) + b.as_ref().map_or(0, |b| b.model.layer_f32_bytes(i))).sum();
+        (0..n_layers).map(|i| m.model.layer_bytes(i) + b.as_ref().map_or(0, |b| b.model.layer_bytes(i))).sum();
     let budget = opts.max_memory.unwrap_or_else(|| available_memory() / 2);
     let streamed = opts.stream.unwrap_or(resident > budget);
     let sides = 1 + usize::from(b.is_some());
@@ -310,9 +310,10 @@ fn weight_errors(l: &Layer, base: &Layer) -> Vec<TensorError> {
     l.linears()
         .into_iter()
         .zip(base.linears())
-        .filter(|(a, r)| a.w != r.w)
-        .map(|(a, r)| {
-            let s = compare(&r.w, &a.w);
+        .map(|(a, r)| (a, r, a.w.to_f32(), r.w.to_f32()))
+        .filter(|(.., aw, rw)| aw != rw)
+        .map(|(a, _, aw, rw)| {
+            let s = compare(&rw, &aw);
             TensorError {
                 name: a.name.clone(),
                 shape: vec![a.out_features, a.in_features],

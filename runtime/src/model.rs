@@ -6,20 +6,25 @@ use rayon::prelude::*;
 
 use crate::config::{AttnConfig, MlpConfig, ModelConfig, MoeConfig, Scoring};
 use crate::error::{Result, RuntimeError};
-use crate::ops::{RopeTable, View, causal_attention, matmul_t, rms_norm, rms_norm_inplace, swiglu};
-use crate::weights::{Tensor, Weights};
+use crate::ops::{RopeTable, View, causal_attention, matmul_t, matmul_t_cols, rms_norm, rms_norm_inplace, swiglu};
+use crate::weights::{Stored, Weights};
 
 /// Epsilon of MLA's `q_a_layernorm` and `kv_a_layernorm`: DeepSeek's reference code and
 /// transformers build them with the RMSNorm default, whatever `rms_norm_eps` says.
 const MLA_NORM_EPS: f32 = 1e-6;
 
-/// A linear layer without bias, `y = x · Wᵀ`, with its weight widened to f32.
+/// Weight elements widened to f32 at a time by a layer whose weight is not stored as f32: a tile
+/// of 4 MB, so that the widened copy stays in cache-sized pieces and memory holds the weight as
+/// stored.
+const TILE_ELEMS: usize = 1 << 20;
+
+/// A linear layer without bias, `y = x · Wᵀ`, with its weight kept as stored.
 #[derive(Clone, Debug)]
 pub struct Linear {
     /// Tensor name of the weight.
     pub name: String,
-    /// `out × in`, row-major.
-    pub w: Vec<f32>,
+    /// `out × in`, as stored.
+    pub w: Stored,
     /// Output features.
     pub out_features: usize,
     /// Input features.
@@ -29,33 +34,50 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn from_tensor(name: String, t: Tensor) -> Self {
-        let (n, k) = (t.shape[0], t.shape[1]);
-        Linear { name, w: t.data, out_features: n, in_features: k, fp8: t.fp8 }
+    fn from_stored(name: String, w: Stored) -> Self {
+        Linear { name, out_features: w.rows, in_features: w.cols, fp8: w.fp8, w }
     }
 
     /// Loads `{prefix}.weight` of shape `[out, in]`.
     pub fn load(w: &Weights, prefix: &str, out_features: usize, in_features: usize) -> Result<Self> {
         let name = format!("{prefix}.weight");
-        let t = w.load(&name, &[out_features, in_features])?;
-        Ok(Self::from_tensor(name, t))
+        let m = w.load_matrix(&name, out_features, in_features)?;
+        Ok(Self::from_stored(name, m))
     }
 
     /// `x` is `t × in`; returns `t × out`. Under `act = Some(fmt)` an FP8 layer first rounds its
     /// input to FP8 per token in 1×128 groups, as block-scaled FP8 inference does.
     pub fn forward(&self, x: &[f32], t: usize, act: &Act) -> Result<Vec<f32>> {
         let mut out = vec![0f32; t * self.out_features];
-        let w = View::dense(&self.w, self.out_features, self.in_features);
         match act.fmt.filter(|_| self.fp8) {
             Some(fmt) => {
                 let mut xq = x.to_vec();
                 fake_quant_token_groups(&mut xq, t, self.in_features, fmt)
                     .map_err(|source| RuntimeError::ActQuant { layer: act.layer, source })?;
-                matmul_t(View::dense(&xq, t, self.in_features), w, &mut out, act.parallel);
+                product_t(&xq, t, &self.w, &mut out, act.parallel);
             }
-            None => matmul_t(View::dense(x, t, self.in_features), w, &mut out, act.parallel),
+            None => product_t(x, t, &self.w, &mut out, act.parallel),
         }
         Ok(out)
+    }
+}
+
+/// `out = x · wᵀ` for `x` of `t` rows: directly when `w` is f32, else a tile of `w`'s rows widened
+/// at a time (the same values, the same f32 accumulation).
+fn product_t(x: &[f32], t: usize, w: &Stored, out: &mut [f32], parallel: bool) {
+    let (n, k) = (w.rows, w.cols);
+    let a = View::dense(x, t, k);
+    if let Some(wf) = w.as_f32() {
+        matmul_t(a, View::dense(wf, n, k), out, parallel);
+        return;
+    }
+    let tile = (TILE_ELEMS / k.max(1)).clamp(1, n.max(1));
+    let mut buf = vec![0f32; tile * k];
+    for r0 in (0..n).step_by(tile) {
+        let rows = tile.min(n - r0);
+        let b = &mut buf[..rows * k];
+        w.decode_rows(r0, b);
+        matmul_t_cols(a, View::dense(b, rows, k), out, n, r0, parallel);
     }
 }
 
@@ -253,12 +275,8 @@ fn load_fused_experts(w: &Weights, p: &str, cfg: &MoeConfig, hidden: usize) -> R
     let dn_name = format!("{p}.experts.down_proj");
     let gu = w.load(&gu_name, &[e, 2 * i, hidden])?;
     let dn = w.load(&dn_name, &[e, hidden, i])?;
-    let part = |name: &str, data: &[f32], n: usize, k: usize, fp8: bool| Linear {
-        name: name.to_owned(),
-        w: data.to_vec(),
-        out_features: n,
-        in_features: k,
-        fp8,
+    let part = |name: &str, data: &[f32], n: usize, k: usize, fp8: bool| {
+        Linear::from_stored(name.to_owned(), Stored::from_f32(data.to_vec(), n, k, fp8))
     };
     Ok((0..e)
         .map(|x| {
@@ -547,7 +565,7 @@ pub struct Model {
     pub cfg: ModelConfig,
     /// Weight source.
     pub weights: Weights,
-    embed: Vec<f32>,
+    embed: Stored,
     final_norm: Vec<f32>,
     head: Option<Linear>,
     /// Rotary tables for positions up to the window length.
@@ -561,7 +579,7 @@ impl Model {
         let weights = Weights::open(dir)?;
         let cfg = ModelConfig::load(&weights.root().join("config.json"))?;
         let (v, h) = (cfg.vocab, cfg.hidden);
-        let embed = weights.load("model.embed_tokens.weight", &[v, h])?.data;
+        let embed = weights.load_matrix("model.embed_tokens.weight", v, h)?;
         let final_norm = norm(&weights, "model.norm.weight", h)?;
         let head = if cfg.tie_word_embeddings && !weights.has("lm_head.weight") {
             None
@@ -579,18 +597,17 @@ impl Model {
         l
     }
 
-    /// Bytes of decoder layer `i`'s weights once in f32.
-    pub fn layer_f32_bytes(&self, i: usize) -> u64 {
-        self.weights.f32_bytes_with_prefix(&format!("{}{i}.", self.cfg.layer_prefix))
+    /// Bytes decoder layer `i`'s weights take in memory (as stored).
+    pub fn layer_bytes(&self, i: usize) -> u64 {
+        self.weights.stored_bytes_with_prefix(&format!("{}{i}.", self.cfg.layer_prefix))
     }
 
     /// The embeddings of `tokens` (`t × hidden`). Token ids were checked against the vocabulary.
     pub fn embed(&self, tokens: &[u32]) -> Vec<f32> {
         let h = self.cfg.hidden;
-        let mut x = Vec::with_capacity(tokens.len() * h);
-        for &tok in tokens {
-            let r = tok as usize;
-            x.extend_from_slice(&self.embed[r * h..(r + 1) * h]);
+        let mut x = vec![0f32; tokens.len() * h];
+        for (row, &tok) in x.chunks_exact_mut(h).zip(tokens) {
+            self.embed.decode_rows(tok as usize, row);
         }
         x
     }
@@ -605,7 +622,7 @@ impl Model {
             Some(l) => l.forward(&n, t, &act),
             None => {
                 let mut out = vec![0f32; t * self.cfg.vocab];
-                matmul_t(View::dense(&n, t, h), View::dense(&self.embed, self.cfg.vocab, h), &mut out, true);
+                product_t(&n, t, &self.embed, &mut out, true);
                 Ok(out)
             }
         }
@@ -615,6 +632,27 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bf16_weight_multiplies_tile_by_tile_like_its_f32_widening() {
+        // 3000 rows of 700: several 4 MB tiles and a partial last one.
+        let (n, k, t) = (3000usize, 700usize, 5usize);
+        let bits: Vec<u16> =
+            (0..n * k).map(|i| half::bf16::from_f32(((i * 7919 % 1000) as f32 - 500.0) / 997.0).to_bits()).collect();
+        let stored = Stored::from_bf16_bits(bits, n, k);
+        let wide = stored.to_f32();
+        let x: Vec<f32> = (0..t * k).map(|i| ((i * 31 % 101) as f32 - 50.0) / 50.0).collect();
+        let (mut tiled, mut direct) = (vec![0f32; t * n], vec![0f32; t * n]);
+        product_t(&x, t, &stored, &mut tiled, true);
+        matmul_t(View::dense(&x, t, k), View::dense(&wide, n, k), &mut direct, true);
+        for (i, (a, b)) in tiled.iter().zip(&direct).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "element {i}: {a} vs {b}");
+        }
+        assert_eq!(stored.bytes(), n * k * 2);
+        let mut row = vec![0f32; k];
+        stored.decode_rows(2999, &mut row);
+        assert_eq!(row, wide[2999 * k..]);
+    }
 
     #[test]
     fn top_k_takes_largest_first_and_breaks_ties_by_index() {

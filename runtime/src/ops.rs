@@ -38,19 +38,31 @@ impl<'a> View<'a> {
 /// weight `b`), f32 accumulation. `out` is dense `a.rows × b.rows`.
 pub fn matmul_t(a: View, b: View, out: &mut [f32], parallel: bool) {
     assert_eq!(a.cols, b.cols, "inner dimensions differ");
+    assert_eq!(out.len(), a.rows * b.rows, "output size");
     // bᵀ[k, n] = b[n, k]: column stride = b's row stride, row stride 1.
-    product(a, b, b.rows, b.row_stride, 1, out, parallel);
+    product(a, b, b.rows, b.row_stride, 1, out, b.rows, parallel);
+}
+
+/// [`matmul_t`] into columns `col0..col0 + b.rows` of `out`, a dense matrix `a.rows × out_cols`:
+/// one tile of output features of a larger product.
+pub fn matmul_t_cols(a: View, b: View, out: &mut [f32], out_cols: usize, col0: usize, parallel: bool) {
+    assert_eq!(a.cols, b.cols, "inner dimensions differ");
+    assert!(col0 + b.rows <= out_cols && out.len() == a.rows * out_cols, "output tile out of bounds");
+    product(a, b, b.rows, b.row_stride, 1, &mut out[col0..], out_cols, parallel);
 }
 
 /// `out[m, n] = Σ_k a[m, k] · b[k, n]` with `b` row-major `k × n` (strided rows allowed).
 pub fn matmul(a: View, b: View, out: &mut [f32]) {
     assert_eq!(a.cols, b.rows, "inner dimensions differ");
-    product(a, b, b.cols, 1, b.row_stride, out, false);
+    assert_eq!(out.len(), a.rows * b.cols, "output size");
+    product(a, b, b.cols, 1, b.row_stride, out, b.cols, false);
 }
 
-/// `out = a · B` where `B` is `a.cols × n` at `b.data` with the given column and row strides.
-fn product(a: View, b: View, n: usize, b_cs: usize, b_rs: usize, out: &mut [f32], parallel: bool) {
-    assert_eq!(out.len(), a.rows * n, "output size");
+/// `out = a · B` where `B` is `a.cols × n` at `b.data` with the given column and row strides, and
+/// `out` has rows `out_rs` apart.
+#[allow(clippy::too_many_arguments)]
+fn product(a: View, b: View, n: usize, b_cs: usize, b_rs: usize, out: &mut [f32], out_rs: usize, parallel: bool) {
+    assert!(a.rows == 0 || n == 0 || out.len() >= (a.rows - 1) * out_rs + n, "output size");
     a.check();
     b.check();
     let (m, k) = (a.rows, a.cols);
@@ -58,12 +70,13 @@ fn product(a: View, b: View, n: usize, b_cs: usize, b_rs: usize, out: &mut [f32]
         return;
     }
     if k == 0 {
-        out.fill(0.0);
+        out.chunks_mut(out_rs).take(m).for_each(|r| r[..n].fill(0.0));
         return;
     }
     let par = if parallel && m * n * k >= PARALLEL_MIN_WORK { Parallelism::Rayon(0) } else { Parallelism::None };
     // SAFETY: both views were bounds-checked for their shapes and strides, and the callers pass
-    // the strides of those shapes; `out` is dense `m × n` and does not alias the inputs.
+    // the strides of those shapes; `out` holds `m` rows of `n` values `out_rs` apart (checked
+    // above) and does not alias the inputs.
     unsafe {
         gemm(
             m,
@@ -71,7 +84,7 @@ fn product(a: View, b: View, n: usize, b_cs: usize, b_rs: usize, out: &mut [f32]
             k,
             out.as_mut_ptr(),
             1,
-            n as isize,
+            out_rs as isize,
             false,
             a.data.as_ptr(),
             1,

@@ -1,14 +1,18 @@
-//! Reading a checkpoint's weights as f32, whatever their storage: BF16, F16 and F32 are widened
-//! exactly; FP8 weights (DeepSeek `weight_scale_inv` or compressed-tensors `weight_scale`, f32 or
-//! ue8m0 scales) are dequantized as `q · s` per block, the way `fp8forge dequant` and serving
-//! engines read them.
+//! Reading a checkpoint's weights, whatever their storage. Weight matrices are kept as stored
+//! ([`Stored`]: BF16/F16 bits, or FP8 codes with their scales) and widened to f32 a tile of rows
+//! at a time where they are used, so a layer takes its size on disk in memory, not twice or four
+//! times that; vectors are read as f32. BF16, F16 and F32 widen exactly; FP8 weights (DeepSeek
+//! `weight_scale_inv` or compressed-tensors `weight_scale`, f32 or ue8m0 scales) dequantize as
+//! `q · s` per block, the way `fp8forge dequant` and serving engines read them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use fp8forge_formats::{Checkpoint, Dtype, TensorInfo};
 use fp8forge_quant::block::ScaleFormat;
-use fp8forge_quant::scheme::{Fp8Scheme, Fp8Weight, Strictness, code_lut, is_fp8_weight_dtype, scales_to_f32};
+use fp8forge_quant::scheme::{
+    Fp8Scheme, Fp8Weight, ScaleGeometry, Strictness, code_lut, is_fp8_weight_dtype, scales_to_f32,
+};
 use serde_json::Value;
 
 use crate::error::{Result, RuntimeError};
@@ -22,6 +26,102 @@ pub struct Tensor {
     pub shape: Vec<usize>,
     /// True when the tensor was stored in FP8 (its layer's inputs are quantized under `--act-quant fp8`).
     pub fp8: bool,
+}
+
+/// A weight matrix `[rows, cols]` kept as it is stored, widened to f32 rows at a time
+/// ([`Stored::decode_rows`]) with the same values a whole-tensor widening gives.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    /// Rows (output features).
+    pub rows: usize,
+    /// Columns (input features).
+    pub cols: usize,
+    /// True when stored in FP8 (its layer's inputs are quantized under `--act-quant fp8`).
+    pub fp8: bool,
+    data: StoredData,
+}
+
+/// The bytes of a [`Stored`] matrix.
+#[derive(Clone, Debug)]
+enum StoredData {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+    F16(Vec<u16>),
+    Fp8 { codes: Vec<u8>, lut: &'static [f32; 256], scales: Vec<f32>, geom: ScaleGeometry },
+}
+
+impl Stored {
+    /// A matrix of f32 values (`data.len() == rows * cols`).
+    pub fn from_f32(data: Vec<f32>, rows: usize, cols: usize, fp8: bool) -> Self {
+        Stored { rows, cols, fp8, data: StoredData::F32(data) }
+    }
+
+    /// A matrix of BF16 bits (for tests of the widening paths).
+    #[cfg(test)]
+    pub(crate) fn from_bf16_bits(bits: Vec<u16>, rows: usize, cols: usize) -> Self {
+        Stored { rows, cols, fp8: false, data: StoredData::Bf16(bits) }
+    }
+
+    /// The values, when stored as f32 (no widening needed).
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.data {
+            StoredData::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Bytes held in memory.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            StoredData::F32(v) => v.len() * 4,
+            StoredData::Bf16(v) | StoredData::F16(v) => v.len() * 2,
+            StoredData::Fp8 { codes, scales, .. } => codes.len() + scales.len() * 4,
+        }
+    }
+
+    /// Widens rows `row0..row0 + out.len() / cols` into `out` (row-major).
+    pub fn decode_rows(&self, row0: usize, out: &mut [f32]) {
+        let c = self.cols;
+        let range = row0 * c..row0 * c + out.len();
+        match &self.data {
+            StoredData::F32(v) => out.copy_from_slice(&v[range]),
+            StoredData::Bf16(v) => {
+                for (o, &b) in out.iter_mut().zip(&v[range]) {
+                    *o = f32::from_bits(u32::from(b) << 16);
+                }
+            }
+            StoredData::F16(v) => {
+                for (o, &b) in out.iter_mut().zip(&v[range]) {
+                    *o = half::f16::from_bits(b).to_f32();
+                }
+            }
+            StoredData::Fp8 { codes, lut, scales, geom } => {
+                let w = Fp8Weight { codes, lut, scales, geom: *geom };
+                w.decode_rows(row0, out, 1, |v, d: &mut [f32]| d[0] = v);
+            }
+        }
+    }
+
+    /// The whole matrix widened to f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        self.decode_rows(0, &mut out);
+        out
+    }
+
+    /// The first element that widens to a value that is not finite, with that value.
+    fn first_non_finite(&self) -> Option<(usize, f32)> {
+        const CHUNK_ROWS: usize = 64;
+        let mut buf = vec![0f32; CHUNK_ROWS.min(self.rows) * self.cols];
+        for r0 in (0..self.rows).step_by(CHUNK_ROWS) {
+            let n = CHUNK_ROWS.min(self.rows - r0) * self.cols;
+            self.decode_rows(r0, &mut buf[..n]);
+            if let Some(i) = buf[..n].iter().position(|x| !x.is_finite()) {
+                return Some((r0 * self.cols + i, buf[i]));
+            }
+        }
+        None
+    }
 }
 
 /// How activations are quantized at run time by the serving engine this checkpoint targets.
@@ -109,21 +209,11 @@ impl Weights {
         self.index.contains_key(name)
     }
 
-    /// Bytes the tensor `name` takes once widened to f32 (0 when absent).
-    pub fn f32_bytes(&self, name: &str) -> u64 {
-        self.info(name).map(|(_, t)| t.shape.iter().product::<usize>() as u64 * 4).unwrap_or(0)
-    }
-
     /// Drops every resident page of the checkpoint's files (after a layer is loaded).
     pub fn release_all(&self) {
         for s in &self.ckpt.shards {
             s.file.release_all();
         }
-    }
-
-    /// Bytes of all tensors whose name starts with `prefix`, once widened to f32.
-    pub fn f32_bytes_with_prefix(&self, prefix: &str) -> u64 {
-        self.index.keys().filter(|n| n.starts_with(prefix)).map(|n| self.f32_bytes(n)).sum()
     }
 
     fn info(&self, name: &str) -> Option<(usize, &TensorInfo)> {
@@ -174,7 +264,66 @@ impl Weights {
         Ok(Tensor { data, shape: shape.to_vec(), fp8 })
     }
 
+    /// Reads the matrix `name` as stored, checking that its shape is `[rows, cols]` and that
+    /// every value widens to a finite number. The file pages are released afterwards.
+    pub fn load_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Stored> {
+        let shape = [rows, cols];
+        let (si, t) = self.info(name).ok_or_else(|| self.error(None, name, "missing from the checkpoint".into()))?;
+        if t.shape != shape {
+            return Err(self.error(Some(si), name, format!("shape {:?}, expected {shape:?}", t.shape)));
+        }
+        let file = &self.ckpt.shards[si].file;
+        let bytes = file.data(t);
+        let halves = || bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+        let data = match t.dtype {
+            Dtype::F32 => {
+                StoredData::F32(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+            }
+            Dtype::BF16 => StoredData::Bf16(halves()),
+            Dtype::F16 => StoredData::F16(halves()),
+            d if is_fp8_weight_dtype(d) => {
+                let (lut, scales, geom) = self.fp8_parts(si, t, d)?;
+                StoredData::Fp8 { codes: bytes.to_vec(), lut, scales, geom }
+            }
+            d => return Err(self.error(Some(si), name, format!("dtype {d:?} is not a float weight type"))),
+        };
+        file.release(t);
+        let m = Stored { rows, cols, fp8: is_fp8_weight_dtype(t.dtype), data };
+        if let Some((i, v)) = m.first_non_finite() {
+            return Err(self.error(Some(si), name, format!("non-finite value {v} at element {i}")));
+        }
+        Ok(m)
+    }
+
+    /// Bytes of all tensors whose name starts with `prefix`, held as stored (vectors, which are
+    /// read as f32, counted at 4 bytes an element).
+    pub fn stored_bytes_with_prefix(&self, prefix: &str) -> u64 {
+        self.index
+            .keys()
+            .filter(|n| n.starts_with(prefix))
+            .filter_map(|n| self.info(n))
+            .map(
+                |(_, t)| {
+                    if t.shape.len() == 2 { t.nbytes() as u64 } else { t.shape.iter().product::<usize>() as u64 * 4 }
+                },
+            )
+            .sum()
+    }
+
     fn dequantize(&self, si: usize, t: &TensorInfo, codes: &[u8], out: &mut [f32], dtype: Dtype) -> Result<()> {
+        let (lut, scales, geom) = self.fp8_parts(si, t, dtype)?;
+        let w = Fp8Weight { codes, lut, scales: &scales, geom };
+        w.decode_rows(0, out, 1, |v, d: &mut [f32]| d[0] = v);
+        Ok(())
+    }
+
+    /// The decode table, scales (as f32) and scale geometry of the FP8 weight `t`.
+    fn fp8_parts(
+        &self,
+        si: usize,
+        t: &TensorInfo,
+        dtype: Dtype,
+    ) -> Result<(&'static [f32; 256], Vec<f32>, ScaleGeometry)> {
         let lut = code_lut(dtype)
             .ok_or_else(|| self.error(Some(si), &t.name, format!("FP8 dtype {dtype:?} is not supported")))?;
         let (ssi, st, geom) =
@@ -187,9 +336,8 @@ impl Weights {
         let sfile = &self.ckpt.shards[ssi].file;
         let scales = scales_to_f32(st.dtype, sfile.data(st))
             .ok_or_else(|| self.error(Some(ssi), &st.name, format!("scale dtype {:?} is not supported", st.dtype)))?;
-        let w = Fp8Weight { codes, lut, scales: &scales, geom };
-        w.decode_rows(0, out, 1, |v, d: &mut [f32]| d[0] = v);
-        Ok(())
+        sfile.release(st);
+        Ok((lut, scales, geom))
     }
 }
 
