@@ -310,6 +310,15 @@ fn run_demo(a: DemoArgs) -> Result<ExitCode, Failure> {
         100.0 * b.top1_agreement,
         100.0 * b.routing_agreement
     );
+    out += &format!(
+        "  W8A8 vs BF16, as llama.cpp reports it: ln(PPL(Q)/PPL(base)) {:+.5} ± {:.5}, RMS Δp {:.3}%, \
+         KLD 99.9% {:.2e}, top-5 agreement {:.2}%\n",
+        b.ln_ppl_ratio,
+        b.ln_ppl_ratio_stderr,
+        100.0 * b.delta_p_rms,
+        b.kld_percentiles.p99_9,
+        100.0 * b.top5_agreement
+    );
     out += &format!("checkpoints: {} -> {}\n", esc_path(&r.bf16), esc_path(&r.fp8));
     out += &format!("report: {}\n", esc_path(&r.report));
     emit(&out)?;

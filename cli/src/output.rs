@@ -179,6 +179,7 @@ pub fn render_eval(r: &fp8forge_runtime::metrics::EvalResult) -> String {
             b.top1_agreement,
             b.routing_agreement
         );
+        out += &llama_cpp_lines(b);
         for l in &r.layers {
             let ra = l.routing_agreement.map(|x| format!(", routing agreement {x:.4}")).unwrap_or_default();
             let he = l.hidden_rel_err.map(|x| format!("hidden rel. error {x:.3e}")).unwrap_or_default();
@@ -187,6 +188,28 @@ pub fn render_eval(r: &fp8forge_runtime::metrics::EvalResult) -> String {
     }
     out += &format!("{:.1} s, {:.0} tokens/s\n", r.seconds, r.tokens_per_second);
     out
+}
+
+/// The figures of llama.cpp's `perplexity --kl-divergence`, under its names.
+fn llama_cpp_lines(b: &fp8forge_runtime::metrics::Comparison) -> String {
+    let percentiles: Vec<String> =
+        b.kld_percentiles.levels().iter().map(|(label, v)| format!("{label} {v:.3e}")).collect();
+    format!(
+        "ln(PPL(Q)/PPL(base)) {:+.6} ± {:.6}; mean Δp {:+.3}% ± {:.3}%, RMS Δp {:.3}% ± {:.3}%; \
+         same top p {:.3}% ± {:.3}%; top-5 agreement {:.4}, overlap {:.4}\n\
+         KL divergence percentiles: {}\n",
+        b.ln_ppl_ratio,
+        b.ln_ppl_ratio_stderr,
+        100.0 * b.delta_p_mean,
+        100.0 * b.delta_p_mean_stderr,
+        100.0 * b.delta_p_rms,
+        100.0 * b.delta_p_rms_stderr,
+        100.0 * b.top1_agreement,
+        100.0 * b.top1_agreement_stderr,
+        b.top5_agreement,
+        b.top5_overlap,
+        percentiles.join(", ")
+    )
 }
 
 /// Prints one JSON object on stdout.

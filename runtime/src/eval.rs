@@ -12,8 +12,9 @@ use std::time::Instant;
 use fp8forge_quant::block::ScaleFormat;
 use fp8forge_quant::stats::compare;
 
+use crate::divergence::{DivergenceAcc, LogProbs, compare_position, mean_stderr};
 use crate::error::{Result, RuntimeError, WindowProblem};
-use crate::metrics::{ActivationQuant, Comparison, EvalResult, Histogram, LayerStats, TensorError};
+use crate::metrics::{ActivationQuant, Comparison, EvalResult, LayerStats, TensorError};
 use crate::model::{Layer, Model, Routing};
 use crate::ops::log_sum_exp;
 use crate::tokens::{read_token_file, tokenize_file, windows};
@@ -316,7 +317,7 @@ fn weight_errors(l: &Layer, base: &Layer) -> Vec<TensorError> {
             let s = compare(&rw, &aw);
             TensorError {
                 name: a.name.clone(),
-                shape: vec![a.out_features, a.in_features],
+                shape: vec![a.w.rows, a.w.cols],
                 rel_rms: s.rel_rms(),
                 max_abs: s.max_abs(),
                 snr_db: s.snr_db(),
@@ -341,9 +342,7 @@ struct LayerAcc {
 struct Accumulators {
     layers: Vec<LayerAcc>,
     nll: Vec<f64>,
-    base_nll: Vec<f64>,
-    kld: Vec<f64>,
-    top1_agree: u64,
+    divergence: DivergenceAcc,
     tensor_errors: Vec<TensorError>,
     with_baseline: bool,
 }
@@ -353,9 +352,7 @@ impl Accumulators {
         Accumulators {
             layers: (0..m.cfg.num_layers()).map(|_| LayerAcc::default()).collect(),
             nll: Vec::new(),
-            base_nll: Vec::new(),
-            kld: Vec::new(),
-            top1_agree: 0,
+            divergence: DivergenceAcc::default(),
             tensor_errors: Vec::new(),
             with_baseline,
         }
@@ -409,18 +406,8 @@ impl Accumulators {
             self.nll.push(lse - row[target] as f64);
             if let Some(lb) = &lb {
                 let brow = &lb[pos * v..(pos + 1) * v];
-                let blse = log_sum_exp(brow);
-                self.base_nll.push(blse - brow[target] as f64);
-                let mut kl = 0f64;
-                for (&x, &y) in brow.iter().zip(row) {
-                    let lp = x as f64 - blse;
-                    let lq = y as f64 - lse;
-                    kl += lp.exp() * (lp - lq);
-                }
-                self.kld.push(kl.max(0.0));
-                if argmax(row) == argmax(brow) {
-                    self.top1_agree += 1;
-                }
+                let base = LogProbs::new(brow, log_sum_exp(brow));
+                self.divergence.push(compare_position(base, LogProbs::new(row, lse), target));
             }
         }
         Ok(())
@@ -442,27 +429,18 @@ impl Accumulators {
                 hidden_rel_err: (self.with_baseline && a.ref_sq > 0.0).then(|| (a.err_sq / a.ref_sq).sqrt()),
             })
             .collect();
+        let (divergence, nll) = (self.divergence, &self.nll);
         let baseline = f.baseline.map(|bp| {
-            let (bmean, bse) = mean_stderr(&self.base_nll);
-            let mut sorted = self.kld.clone();
-            sorted.sort_by(f64::total_cmp);
             let routing: Vec<f64> = layers.iter().filter_map(|l| l.routing_agreement).collect();
             Comparison {
                 baseline_model: bp.display().to_string(),
-                baseline_perplexity: bmean.exp(),
-                baseline_perplexity_stderr: bmean.exp() * bse,
-                baseline_nll_mean: bmean,
-                kld_mean: mean_stderr(&self.kld).0,
-                kld_p99: percentile(&sorted, 0.99),
-                kld_max: sorted.last().copied().unwrap_or(0.0),
-                kld_histogram: log_histogram(&sorted),
-                top1_agreement: self.top1_agree as f64 / self.kld.len().max(1) as f64,
                 routing_agreement: if routing.is_empty() {
                     1.0
                 } else {
                     routing.iter().sum::<f64>() / routing.len() as f64
                 },
                 tensor_errors: self.tensor_errors,
+                ..divergence.finish(nll)
             }
         });
         let _ = f.b;
@@ -512,69 +490,5 @@ fn count_load(load: &mut Vec<u64>, experts: &[usize]) {
             load.resize(e + 1, 0);
         }
         load[e] += 1;
-    }
-}
-
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best
-}
-
-/// Mean and standard error of the mean (sample standard deviation / √n).
-fn mean_stderr(v: &[f64]) -> (f64, f64) {
-    if v.is_empty() {
-        return (0.0, 0.0);
-    }
-    let n = v.len() as f64;
-    let mean = v.iter().sum::<f64>() / n;
-    if v.len() < 2 {
-        return (mean, 0.0);
-    }
-    let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0);
-    (mean, (var / n).sqrt())
-}
-
-/// The `q` quantile of sorted values (nearest rank).
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-/// A histogram of positive values over log-spaced bins: 4 per decade from 1e-8 to 10.
-fn log_histogram(sorted: &[f64]) -> Histogram {
-    let edges: Vec<f64> = (0..=36).map(|i| 10f64.powf(-8.0 + i as f64 / 4.0)).collect();
-    let mut counts = vec![0u64; edges.len() - 1];
-    for &x in sorted {
-        let i = edges.partition_point(|&e| e <= x).saturating_sub(1).min(counts.len() - 1);
-        counts[i] += 1;
-    }
-    Histogram { edges, counts }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stats_helpers_on_hand_worked_values() {
-        let (m, se) = mean_stderr(&[1.0, 2.0, 3.0, 4.0]);
-        assert_eq!(m, 2.5);
-        assert!((se - (5.0f64 / 3.0 / 4.0).sqrt()).abs() < 1e-12);
-        let s: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&s, 0.99), 99.0);
-        assert_eq!(percentile(&s, 1.0), 100.0);
-        let h = log_histogram(&[0.0, 1e-9, 1e-3, 0.5, 100.0]);
-        assert_eq!(h.counts.iter().sum::<u64>(), 5);
-        assert_eq!(h.counts[0], 2);
-        assert_eq!(*h.counts.last().unwrap_or(&0), 1);
-        assert_eq!(h.counts[20], 1); // [1e-3, 10^-2.75)
     }
 }

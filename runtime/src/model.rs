@@ -23,19 +23,14 @@ const TILE_ELEMS: usize = 1 << 20;
 pub struct Linear {
     /// Tensor name of the weight.
     pub name: String,
-    /// `out × in`, as stored.
+    /// `out × in` (rows: output features, columns: input features), as stored; `w.fp8`: its
+    /// input is quantized under W8A8 simulation.
     pub w: Stored,
-    /// Output features.
-    pub out_features: usize,
-    /// Input features.
-    pub in_features: usize,
-    /// The weight was stored in FP8: its input is quantized under W8A8 simulation.
-    pub fp8: bool,
 }
 
 impl Linear {
     fn from_stored(name: String, w: Stored) -> Self {
-        Linear { name, out_features: w.rows, in_features: w.cols, fp8: w.fp8, w }
+        Linear { name, w }
     }
 
     /// Loads `{prefix}.weight` of shape `[out, in]`.
@@ -48,11 +43,11 @@ impl Linear {
     /// `x` is `t × in`; returns `t × out`. Under `act = Some(fmt)` an FP8 layer first rounds its
     /// input to FP8 per token in 1×128 groups, as block-scaled FP8 inference does.
     pub fn forward(&self, x: &[f32], t: usize, act: &Act) -> Result<Vec<f32>> {
-        let mut out = vec![0f32; t * self.out_features];
-        match act.fmt.filter(|_| self.fp8) {
+        let mut out = vec![0f32; t * self.w.rows];
+        match act.fmt.filter(|_| self.w.fp8) {
             Some(fmt) => {
                 let mut xq = x.to_vec();
-                fake_quant_token_groups(&mut xq, t, self.in_features, fmt)
+                fake_quant_token_groups(&mut xq, t, self.w.cols, fmt)
                     .map_err(|source| RuntimeError::ActQuant { layer: act.layer, source })?;
                 product_t(&xq, t, &self.w, &mut out, act.parallel);
             }
@@ -497,7 +492,7 @@ impl Layer {
                 let mut qs = match q_a {
                     Some((qa, qa_norm)) => {
                         let mut c = qa.forward(x, t, act)?;
-                        rms_norm_inplace(&mut c, qa.out_features, qa_norm, MLA_NORM_EPS);
+                        rms_norm_inplace(&mut c, qa.w.rows, qa_norm, MLA_NORM_EPS);
                         q.forward(&c, t, act)?
                     }
                     None => q.forward(x, t, act)?,

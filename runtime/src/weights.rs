@@ -47,7 +47,16 @@ enum StoredData {
     F32(Vec<f32>),
     Bf16(Vec<u16>),
     F16(Vec<u16>),
-    Fp8 { codes: Vec<u8>, lut: &'static [f32; 256], scales: Vec<f32>, geom: ScaleGeometry },
+    Fp8(Box<Fp8Data>),
+}
+
+/// An FP8 matrix's codes with what decodes them.
+#[derive(Clone, Debug)]
+struct Fp8Data {
+    codes: Vec<u8>,
+    lut: &'static [f32; 256],
+    scales: Vec<f32>,
+    geom: ScaleGeometry,
 }
 
 impl Stored {
@@ -75,7 +84,7 @@ impl Stored {
         match &self.data {
             StoredData::F32(v) => v.len() * 4,
             StoredData::Bf16(v) | StoredData::F16(v) => v.len() * 2,
-            StoredData::Fp8 { codes, scales, .. } => codes.len() + scales.len() * 4,
+            StoredData::Fp8(f) => f.codes.len() + f.scales.len() * 4,
         }
     }
 
@@ -95,8 +104,8 @@ impl Stored {
                     *o = half::f16::from_bits(b).to_f32();
                 }
             }
-            StoredData::Fp8 { codes, lut, scales, geom } => {
-                let w = Fp8Weight { codes, lut, scales, geom: *geom };
+            StoredData::Fp8(f) => {
+                let w = Fp8Weight { codes: &f.codes, lut: f.lut, scales: &f.scales, geom: f.geom };
                 w.decode_rows(row0, out, 1, |v, d: &mut [f32]| d[0] = v);
             }
         }
@@ -283,7 +292,7 @@ impl Weights {
             Dtype::F16 => StoredData::F16(halves()),
             d if is_fp8_weight_dtype(d) => {
                 let (lut, scales, geom) = self.fp8_parts(si, t, d)?;
-                StoredData::Fp8 { codes: bytes.to_vec(), lut, scales, geom }
+                StoredData::Fp8(Box::new(Fp8Data { codes: bytes.to_vec(), lut, scales, geom }))
             }
             d => return Err(self.error(Some(si), name, format!("dtype {d:?} is not a float weight type"))),
         };

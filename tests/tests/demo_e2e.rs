@@ -33,6 +33,10 @@ fn demo_fp8_perplexity_within_one_percent_of_bf16_with_nothing_beside_the_binary
         assert!(p != b, "{key}: FP8 changed nothing");
         let top1 = e["top1_agreement"].as_f64().unwrap_or(0.0);
         assert!(top1 > 0.9, "{key}: top-1 agreement {top1}");
+        let top5 = e["top5_agreement"].as_f64().unwrap_or(0.0);
+        assert!(top5 >= top1 && top5 <= 1.0, "{key}: top-5 agreement {top5} against top-1 {top1}");
+        let ratio = e["ln_ppl_ratio"].as_f64().unwrap_or(f64::NAN);
+        assert!((ratio - (p / b).ln()).abs() < 1e-9, "{key}: ln(PPL ratio) {ratio} against {p} / {b}");
     }
     let html = std::fs::read_to_string(out.join("report.html")).expect("report.html");
     assert!(html.contains("<svg"), "report without plots");

@@ -150,7 +150,62 @@ fn streamed_and_resident_evaluation_give_identical_numbers() {
         for k in ["perplexity", "baseline_perplexity", "kld_mean", "top1_agreement", "routing_agreement"] {
             assert!(resident[k].is_number(), "{arch}: {k} missing from --json");
         }
+        assert_llama_cpp_figures_consistent(arch, &resident);
         assert_eq!(without_timing(resident), without_timing(streamed), "{arch}: streamed != resident");
+    }
+}
+
+/// The KL divergence percentiles in llama.cpp's order, highest first.
+const KLD_PERCENTILES: [&str; 8] = ["p99.9", "p99", "p95", "p90", "p50", "p10", "p5", "p1"];
+
+fn number(v: &Value, arch: &str, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or_else(|| panic!("{arch}: {key} missing from --json: {}", v[key]))
+}
+
+/// The llama.cpp figures of an FP8 model against its BF16 baseline agree with each other and with
+/// the perplexities.
+fn assert_llama_cpp_figures_consistent(arch: &str, r: &Value) {
+    let n = |k: &str| number(r, arch, k);
+    let p: Vec<f64> = KLD_PERCENTILES
+        .iter()
+        .map(|k| r["kld_percentiles"][k].as_f64().unwrap_or_else(|| panic!("{arch}: kld_percentiles.{k} missing")))
+        .collect();
+    assert!(p.windows(2).all(|w| w[0] >= w[1]) && p[7] >= 0.0, "{arch}: percentiles not decreasing: {p:?}");
+    assert!(n("kld_max") >= p[0] && p[0] > 0.0, "{arch}: max {} against 99.9% {}", n("kld_max"), p[0]);
+    assert_eq!(n("kld_p99"), p[1], "{arch}: kld_p99 is not kld_percentiles.p99");
+    let ln_ratio = (n("perplexity") / n("baseline_perplexity")).ln();
+    assert!((n("ln_ppl_ratio") - ln_ratio).abs() < 1e-9, "{arch}: ln ratio {} != {ln_ratio}", n("ln_ppl_ratio"));
+    // Paired differences: the shared noise of the two models' NLLs cancels.
+    let separate = n("nll_stderr").hypot(n("baseline_perplexity_stderr") / n("baseline_perplexity"));
+    assert!(n("ln_ppl_ratio_stderr") > 0.0 && n("ln_ppl_ratio_stderr") < separate, "{arch}: paired stderr");
+    assert!(n("delta_p_rms") >= n("delta_p_mean").abs() && n("delta_p_rms") > 0.0, "{arch}: RMS Δp");
+    for k in ["delta_p_mean_stderr", "delta_p_rms_stderr", "kld_mean_stderr", "top1_agreement_stderr"] {
+        assert!(n(k) >= 0.0 && n(k).is_finite(), "{arch}: {k} = {}", n(k));
+    }
+    // The same top-1 is in the top 5, so top-5 agreement is at least top-1 agreement.
+    let (top1, top5, overlap) = (n("top1_agreement"), n("top5_agreement"), n("top5_overlap"));
+    assert!(top1 <= top5 && top5 <= 1.0 && overlap > 0.5 && overlap <= 1.0, "{arch}: {top1} {top5} {overlap}");
+}
+
+#[test]
+fn a_model_against_itself_shows_no_change_in_any_llama_cpp_figure() {
+    for arch in ARCHS {
+        let m = fixture(arch);
+        let r = eval_fixture(&m, arch, &["--baseline", &s(&m)]);
+        let n = |k: &str| number(&r, arch, k);
+        for k in KLD_PERCENTILES {
+            assert_eq!(r["kld_percentiles"][k].as_f64(), Some(0.0), "{arch}: KLD {k}");
+        }
+        for k in ["kld_mean", "kld_max", "kld_p99", "ln_ppl_ratio", "ln_ppl_ratio_stderr"] {
+            assert_eq!(n(k), 0.0, "{arch}: {k}");
+        }
+        for k in ["delta_p_mean", "delta_p_mean_stderr", "delta_p_rms", "delta_p_rms_stderr", "top1_agreement_stderr"] {
+            assert_eq!(n(k), 0.0, "{arch}: {k}");
+        }
+        for k in ["top1_agreement", "top5_agreement", "top5_overlap", "routing_agreement"] {
+            assert_eq!(n(k), 1.0, "{arch}: {k}");
+        }
+        assert_eq!(n("perplexity"), n("baseline_perplexity"), "{arch}: perplexities");
     }
 }
 

@@ -49,6 +49,13 @@ pub(super) fn fmt_percent(share: f64) -> String {
     if share.is_finite() { format!("{:.2}%", share * 100.0) } else { "n/a".to_string() }
 }
 
+/// A share and its standard error as percentages with three decimals, as llama.cpp prints Δp
+/// and "same top p": `-0.123% ± 0.045%`.
+pub(super) fn fmt_percent_plus_minus(share: f64, stderr: f64) -> String {
+    let pct = |x: f64| if x.is_finite() { format!("{:.3}%", x * 100.0 + 0.0) } else { "n/a".to_string() };
+    format!("{} ± {}", pct(share), pct(stderr))
+}
+
 /// A count with thousands separators.
 pub(super) fn fmt_count(n: usize) -> String {
     let digits = n.to_string();
@@ -82,6 +89,8 @@ mod tests {
         assert_eq!(fmt_relative_change(1.0, 0.0), "n/a");
         assert_eq!(fmt_count(1_234_567), "1,234,567");
         assert_eq!(fmt_count(999), "999");
+        assert_eq!(fmt_percent_plus_minus(-0.001234, 0.00045), "-0.123% ± 0.045%");
+        assert_eq!(fmt_percent_plus_minus(f64::NAN, 0.0), "n/a ± 0.000%");
     }
 
     #[test]

@@ -58,6 +58,33 @@ mod tests {
         Histogram { edges, counts }
     }
 
+    /// The figures llama.cpp also reports, each distinct so that a test can find it on the page.
+    fn llama_cpp_figures() -> Comparison {
+        Comparison {
+            kld_mean_stderr: 0.000123,
+            kld_percentiles: crate::metrics::KldPercentiles {
+                p99_9: 0.211,
+                p99: 0.0356,
+                p95: 0.0147,
+                p90: 0.00873,
+                p50: 0.00105,
+                p10: 3.21e-5,
+                p5: 8.76e-6,
+                p1: 4.32e-7,
+            },
+            ln_ppl_ratio: 0.020364,
+            ln_ppl_ratio_stderr: 0.001234,
+            delta_p_mean: -0.001234,
+            delta_p_mean_stderr: 0.000456,
+            delta_p_rms: 0.02345,
+            delta_p_rms_stderr: 0.000678,
+            top1_agreement_stderr: 0.00253,
+            top5_agreement: 0.9952,
+            top5_overlap: 0.9018,
+            ..Comparison::default()
+        }
+    }
+
     fn layer(index: usize, experts: usize, rng: &mut Lcg, with_baseline: bool) -> LayerStats {
         let base: Vec<u64> = (0..experts).map(|_| 200 + (rng.next() * 800.0) as u64).collect();
         let model: Vec<u64> = base.iter().map(|&b| (b as f64 * (0.85 + 0.3 * rng.next())) as u64).collect();
@@ -112,6 +139,7 @@ mod tests {
                 top1_agreement: 0.9731,
                 routing_agreement: 0.9412,
                 tensor_errors: (0..10).map(tensor).collect(),
+                ..llama_cpp_figures()
             }),
         }
     }
@@ -383,6 +411,36 @@ mod tests {
         assert_well_formed(&html);
         assert_eq!(count(&html, "<svg"), 0);
         assert!(html.contains("No MoE layer"));
+    }
+
+    #[test]
+    fn renders_llama_cpp_figures_under_their_names() {
+        let html = render_html(&sample());
+        assert_well_formed(&html);
+        for expected in [
+            "perplexity --kl-divergence",
+            // The percentile row, in llama.cpp's order.
+            "<th class=\"num\">99.9%</th><th class=\"num\">99%</th><th class=\"num\">95%</th>",
+            "<td class=\"num\">0.211</td><td class=\"num\">0.0356</td><td class=\"num\">0.0147</td>\
+             <td class=\"num\">0.00873</td><td class=\"num\">0.00105</td><td class=\"num\">3.21e-5</td>\
+             <td class=\"num\">8.76e-6</td><td class=\"num\">4.32e-7</td>",
+            "<td>Mean KLD</td><td class=\"num\">0.00412 ± 1.23e-4 nats</td>",
+            "<td class=\"num\">0.020364 ± 0.001234</td>",
+            "<td class=\"num\">-0.123% ± 0.046%</td>",
+            "<td>RMS Δp</td><td class=\"num\">2.345% ± 0.068%</td>",
+            "<td>Same top p (top-1 agreement)</td><td class=\"num\">97.310% ± 0.253%</td>",
+            "<td class=\"num\">99.52%</td>",
+            "<td class=\"num\">90.18%</td>",
+            // And in the table of every figure.
+            "0.211 / 0.0356 / 0.0147 / 0.00873 / 0.00105 / 3.21e-5 / 8.76e-6 / 4.32e-7 nats",
+            "-0.123% ± 0.046% / 2.345% ± 0.068%",
+            "99.52% / 90.18%",
+        ] {
+            assert!(html.contains(expected), "missing {expected:?}");
+        }
+        let back = embedded(&html).baseline.expect("baseline survives");
+        assert_eq!(back.kld_percentiles, llama_cpp_figures().kld_percentiles);
+        assert!(close(back.ln_ppl_ratio_stderr, 0.001234) && close(back.top5_overlap, 0.9018));
     }
 
     #[test]

@@ -5,7 +5,9 @@
 
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
-use super::format::{fmt_count, fmt_fixed, fmt_percent, fmt_plus_minus, fmt_relative_change, fmt_shape, fmt_sig};
+use super::format::{
+    fmt_count, fmt_fixed, fmt_percent, fmt_percent_plus_minus, fmt_plus_minus, fmt_relative_change, fmt_shape, fmt_sig,
+};
 use super::plots::{
     TENSOR_BARS, expert_load_plot, hidden_error_plot, kld_histogram_plot, routing_agreement_plot, sorted_tensor_errors,
     tensor_error_plot,
@@ -37,6 +39,7 @@ td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
 th{background:#f4f4f4;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
 table.headline td:first-child{color:#444;white-space:nowrap}table.headline td:last-child{word-break:break-all}
 table.worst{font-size:12.5px}table.worst td.name{word-break:break-all}
+table.compact{font-size:12.5px}th.num{text-align:right}
 svg{display:block;max-width:100%;height:auto;margin:6px 0}
 svg text{font:12px system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;fill:#333}
 svg text.axis{font-size:12.5px;fill:#111}svg text.panel{font-weight:600}
@@ -203,7 +206,48 @@ fn kld_section(c: &Comparison) -> Markup {
             }
             None => p.note { "No KL divergence histogram was recorded." },
         }
+        (llama_cpp_figures(c))
     }
+}
+
+/// The figures of llama.cpp's `perplexity --kl-divergence`, under its names: the percentiles of
+/// the KL divergence in one row, then the per-token statistics.
+fn llama_cpp_figures(c: &Comparison) -> Markup {
+    let levels = c.kld_percentiles.levels();
+    html! {
+        p {
+            "The figures of llama.cpp's " code { "perplexity --kl-divergence" } ", defined as it defines them \
+             (P, Q: the baseline's and the model's distributions; p, q: the probability each gives the \
+             correct token; ± one standard error):"
+        }
+        table.compact {
+            tr { th { "KLD percentile" } @for (label, _) in levels { th.num { (label) } } }
+            tr { td { "nats" } @for (_, value) in levels { td.num { (fmt_sig(value, 3)) } } }
+        }
+        table.compact {
+            @for (label, value) in token_statistics(c) {
+                tr { td { (label) } td.num { (value) } }
+            }
+        }
+    }
+}
+
+/// The rows of the per-token statistics of [`llama_cpp_figures`].
+fn token_statistics(c: &Comparison) -> [(&'static str, String); 7] {
+    [
+        ("Mean KLD", format!("{} ± {} nats", fmt_sig(c.kld_mean, 3), fmt_sig(c.kld_mean_stderr, 3))),
+        ("Mean ln(PPL(Q)/PPL(base)), paired", ln_ppl_ratio(c)),
+        ("Mean Δp = q − p", fmt_percent_plus_minus(c.delta_p_mean, c.delta_p_mean_stderr)),
+        ("RMS Δp", fmt_percent_plus_minus(c.delta_p_rms, c.delta_p_rms_stderr)),
+        ("Same top p (top-1 agreement)", fmt_percent_plus_minus(c.top1_agreement, c.top1_agreement_stderr)),
+        ("Top-5 agreement: P's top 1 in Q's top 5", fmt_percent(c.top5_agreement)),
+        ("Top-5 overlap: |top5(P) ∩ top5(Q)| / 5", fmt_percent(c.top5_overlap)),
+    ]
+}
+
+/// ln(PPL(Q)/PPL(base)) with its standard error, six decimals as llama.cpp prints it.
+fn ln_ppl_ratio(c: &Comparison) -> String {
+    format!("{} ± {}", fmt_fixed(c.ln_ppl_ratio, 6), fmt_fixed(c.ln_ppl_ratio_stderr, 6))
 }
 
 /// The worst tensors as a table, then the largest errors as bars.
@@ -277,12 +321,24 @@ fn figure_rows(r: &EvalResult) -> Vec<(&'static str, Markup)> {
 fn comparison_rows(r: &EvalResult, c: &Comparison) -> Vec<(&'static str, Markup)> {
     let kld = format!("{} / {} / {} nats", fmt_sig(c.kld_mean, 3), fmt_sig(c.kld_p99, 3), fmt_sig(c.kld_max, 3));
     let nll = format!("{} / {} nats", fmt_fixed(r.nll_mean, 4), fmt_fixed(c.baseline_nll_mean, 4));
+    let levels = c.kld_percentiles.levels().map(|(_, value)| fmt_sig(value, 3));
+    let percentiles = format!("{} nats", levels.join(" / "));
+    let delta_p = format!(
+        "{} / {}",
+        fmt_percent_plus_minus(c.delta_p_mean, c.delta_p_mean_stderr),
+        fmt_percent_plus_minus(c.delta_p_rms, c.delta_p_rms_stderr)
+    );
+    let top5 = format!("{} / {}", fmt_percent(c.top5_agreement), fmt_percent(c.top5_overlap));
     vec![
         ("Perplexity (baseline)", html! { (fmt_plus_minus(c.baseline_perplexity, c.baseline_perplexity_stderr)) }),
         ("Perplexity change", html! { b { (fmt_relative_change(r.perplexity, c.baseline_perplexity)) } }),
         ("Mean NLL model / baseline", html! { (nll) }),
+        ("ln(PPL(Q)/PPL(base)), paired", html! { (ln_ppl_ratio(c)) }),
         ("KL divergence mean / p99 / max", html! { (kld) }),
-        ("Top-1 agreement", html! { (fmt_percent(c.top1_agreement)) }),
+        ("KL divergence 99.9 / 99 / 95 / 90 / 50 / 10 / 5 / 1%", html! { (percentiles) }),
+        ("Δp mean / RMS", html! { (delta_p) }),
+        ("Top-1 agreement (same top p)", html! { (fmt_percent_plus_minus(c.top1_agreement, c.top1_agreement_stderr)) }),
+        ("Top-5 agreement / overlap", html! { (top5) }),
         ("Routing agreement", html! { (fmt_percent(c.routing_agreement)) }),
     ]
 }
