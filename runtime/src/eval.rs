@@ -253,8 +253,8 @@ fn run_resident(
     }
     for (wi, w) in wins.iter().enumerate() {
         let t = w.len();
-        let mut hm = m.model.embed(w);
-        let mut hb = b.map(|b| b.model.embed(w));
+        let mut hm = m.model.embed(w)?;
+        let mut hb = b.map(|b| b.model.embed(w)).transpose()?;
         for i in 0..n {
             let rm = lm[i].forward(&m.model.cfg, &m.model.rope, &mut hm, t, m.act)?;
             let rb = match (b, hb.as_mut()) {
@@ -278,8 +278,9 @@ fn run_streamed(
     acc: &mut Accumulators,
     p: &dyn EvalProgress,
 ) -> Result<()> {
-    let mut hm: Vec<Vec<f32>> = wins.iter().map(|w| m.model.embed(w)).collect();
-    let mut hb: Option<Vec<Vec<f32>>> = b.map(|b| wins.iter().map(|w| b.model.embed(w)).collect());
+    let mut hm: Vec<Vec<f32>> = wins.iter().map(|w| m.model.embed(w)).collect::<Result<_>>()?;
+    let mut hb: Option<Vec<Vec<f32>>> =
+        b.map(|b| wins.iter().map(|w| b.model.embed(w)).collect::<Result<_>>()).transpose()?;
     for i in 0..m.model.cfg.num_layers() {
         let l = m.model.layer(i)?;
         let bl = b.map(|b| b.model.layer(i)).transpose()?;

@@ -25,11 +25,11 @@ pub struct Linear {
     pub name: String,
     /// `out × in` (rows: output features, columns: input features), as stored; `w.fp8`: its
     /// input is quantized under W8A8 simulation.
-    pub w: Stored,
+    pub w: Stored<'static>,
 }
 
 impl Linear {
-    fn from_stored(name: String, w: Stored) -> Self {
+    fn from_stored(name: String, w: Stored<'static>) -> Self {
         Linear { name, w }
     }
 
@@ -43,18 +43,24 @@ impl Linear {
     /// `x` is `t × in`; returns `t × out`. Under `act = Some(fmt)` an FP8 layer first rounds its
     /// input to FP8 per token in 1×128 groups, as block-scaled FP8 inference does.
     pub fn forward(&self, x: &[f32], t: usize, act: &Act) -> Result<Vec<f32>> {
-        let mut out = vec![0f32; t * self.w.rows];
-        match act.fmt.filter(|_| self.w.fp8) {
-            Some(fmt) => {
-                let mut xq = x.to_vec();
-                fake_quant_token_groups(&mut xq, t, self.w.cols, fmt)
-                    .map_err(|source| RuntimeError::ActQuant { layer: act.layer, source })?;
-                product_t(&xq, t, &self.w, &mut out, act.parallel);
-            }
-            None => product_t(x, t, &self.w, &mut out, act.parallel),
-        }
-        Ok(out)
+        forward(&self.w, x, t, act)
     }
+}
+
+/// `x · wᵀ` for `x` of `t` rows, its input first rounded to FP8 per token in 1×128 groups when
+/// `w` is FP8 and `act.fmt` says so.
+fn forward(w: &Stored, x: &[f32], t: usize, act: &Act) -> Result<Vec<f32>> {
+    let mut out = vec![0f32; t * w.rows];
+    match act.fmt.filter(|_| w.fp8) {
+        Some(fmt) => {
+            let mut xq = x.to_vec();
+            fake_quant_token_groups(&mut xq, t, w.cols, fmt)
+                .map_err(|source| RuntimeError::ActQuant { layer: act.layer, source })?;
+            product_t(&xq, t, w, &mut out, act.parallel);
+        }
+        None => product_t(x, t, w, &mut out, act.parallel),
+    }
+    Ok(out)
 }
 
 /// `out = x · wᵀ` for `x` of `t` rows: directly when `w` is f32, else a tile of `w`'s rows widened
@@ -554,35 +560,40 @@ impl Layer {
     }
 }
 
-/// The parts of a model outside its decoder layers: embedding, final norm, output head.
+/// Name of the embedding matrix.
+const EMBED: &str = "model.embed_tokens.weight";
+/// Name of the output head.
+const HEAD: &str = "lm_head.weight";
+
+/// The parts of a model outside its decoder layers: embedding, final norm, output head. The
+/// embedding and the head (each vocabulary × hidden, the largest matrices of most models) are read
+/// where they lie in the mapped files when used, and their pages released after: they take memory
+/// only while in use.
 pub struct Model {
     /// Configuration.
     pub cfg: ModelConfig,
     /// Weight source.
     pub weights: Weights,
-    embed: Stored,
     final_norm: Vec<f32>,
-    head: Option<Linear>,
+    /// The head's matrix: `lm_head.weight`, or the embedding when tied.
+    head: &'static str,
     /// Rotary tables for positions up to the window length.
     pub rope: RopeTable,
 }
 
 impl Model {
-    /// Opens a model directory: config, weights, embedding, final norm, output head. Decoder
-    /// layers are loaded on demand ([`Model::layer`]). `max_t` is the longest window.
+    /// Opens a model directory: config, weights, final norm; checks the embedding and the output
+    /// head. Decoder layers are loaded on demand ([`Model::layer`]). `max_t` is the longest window.
     pub fn open(dir: &std::path::Path, max_t: usize) -> Result<Self> {
         let weights = Weights::open(dir)?;
         let cfg = ModelConfig::load(&weights.root().join("config.json"))?;
         let (v, h) = (cfg.vocab, cfg.hidden);
-        let embed = weights.load_matrix("model.embed_tokens.weight", v, h)?;
+        weights.check_matrix(EMBED, v, h)?;
         let final_norm = norm(&weights, "model.norm.weight", h)?;
-        let head = if cfg.tie_word_embeddings && !weights.has("lm_head.weight") {
-            None
-        } else {
-            Some(Linear::load(&weights, "lm_head", v, h)?)
-        };
+        let head = if cfg.tie_word_embeddings && !weights.has(HEAD) { EMBED } else { HEAD };
+        weights.check_matrix(head, v, h)?;
         let rope = RopeTable::new(&cfg.rope.inv_freq, cfg.rope.attention_factor, cfg.rope.interleave, max_t);
-        Ok(Model { cfg, weights, embed, final_norm, head, rope })
+        Ok(Model { cfg, weights, final_norm, head, rope })
     }
 
     /// Loads decoder layer `i`.
@@ -598,13 +609,15 @@ impl Model {
     }
 
     /// The embeddings of `tokens` (`t × hidden`). Token ids were checked against the vocabulary.
-    pub fn embed(&self, tokens: &[u32]) -> Vec<f32> {
+    pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         let h = self.cfg.hidden;
+        let m = self.weights.map_matrix(EMBED, self.cfg.vocab, h)?;
         let mut x = vec![0f32; tokens.len() * h];
         for (row, &tok) in x.chunks_exact_mut(h).zip(tokens) {
-            self.embed.decode_rows(tok as usize, row);
+            m.decode_rows(tok as usize, row);
         }
-        x
+        self.weights.release_all();
+        Ok(x)
     }
 
     /// Logits (`t × vocab`) of the final hidden states `x`.
@@ -613,14 +626,10 @@ impl Model {
         let mut n = vec![0f32; t * h];
         rms_norm(x, h, &self.final_norm, self.cfg.rms_eps, &mut n);
         let act = Act { fmt: act, layer: self.cfg.num_layers(), parallel: true };
-        match &self.head {
-            Some(l) => l.forward(&n, t, &act),
-            None => {
-                let mut out = vec![0f32; t * self.cfg.vocab];
-                product_t(&n, t, &self.embed, &mut out, true);
-                Ok(out)
-            }
-        }
+        let m = self.weights.map_matrix(self.head, self.cfg.vocab, h)?;
+        let out = forward(&m, &n, t, &act);
+        self.weights.release_all();
+        out
     }
 }
 

@@ -5,6 +5,7 @@
 //! `weight_scale_inv` or compressed-tensors `weight_scale`, f32 or ue8m0 scales) dequantize as
 //! `q · s` per block, the way `fp8forge dequant` and serving engines read them.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -29,37 +30,39 @@ pub struct Tensor {
 }
 
 /// A weight matrix `[rows, cols]` kept as it is stored, widened to f32 rows at a time
-/// ([`Stored::decode_rows`]) with the same values a whole-tensor widening gives.
+/// ([`Stored::decode_rows`]) with the same values a whole-tensor widening gives: owned
+/// (`Stored<'static>`, [`Weights::load_matrix`]) or borrowed from the mapped file
+/// ([`Weights::map_matrix`]).
 #[derive(Clone, Debug)]
-pub struct Stored {
+pub struct Stored<'a> {
     /// Rows (output features).
     pub rows: usize,
     /// Columns (input features).
     pub cols: usize,
     /// True when stored in FP8 (its layer's inputs are quantized under `--act-quant fp8`).
     pub fp8: bool,
-    data: StoredData,
+    data: StoredData<'a>,
 }
 
-/// The bytes of a [`Stored`] matrix.
+/// The bytes of a [`Stored`] matrix (BF16 and F16 as little-endian bytes).
 #[derive(Clone, Debug)]
-enum StoredData {
+enum StoredData<'a> {
     F32(Vec<f32>),
-    Bf16(Vec<u16>),
-    F16(Vec<u16>),
-    Fp8(Box<Fp8Data>),
+    Bf16(Cow<'a, [u8]>),
+    F16(Cow<'a, [u8]>),
+    Fp8(Box<Fp8Data<'a>>),
 }
 
 /// An FP8 matrix's codes with what decodes them.
 #[derive(Clone, Debug)]
-struct Fp8Data {
-    codes: Vec<u8>,
+struct Fp8Data<'a> {
+    codes: Cow<'a, [u8]>,
     lut: &'static [f32; 256],
     scales: Vec<f32>,
     geom: ScaleGeometry,
 }
 
-impl Stored {
+impl Stored<'static> {
     /// A matrix of f32 values (`data.len() == rows * cols`).
     pub fn from_f32(data: Vec<f32>, rows: usize, cols: usize, fp8: bool) -> Self {
         Stored { rows, cols, fp8, data: StoredData::F32(data) }
@@ -68,9 +71,12 @@ impl Stored {
     /// A matrix of BF16 bits (for tests of the widening paths).
     #[cfg(test)]
     pub(crate) fn from_bf16_bits(bits: Vec<u16>, rows: usize, cols: usize) -> Self {
-        Stored { rows, cols, fp8: false, data: StoredData::Bf16(bits) }
+        let bytes = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        Stored { rows, cols, fp8: false, data: StoredData::Bf16(Cow::Owned(bytes)) }
     }
+}
 
+impl Stored<'_> {
     /// The values, when stored as f32 (no widening needed).
     pub fn as_f32(&self) -> Option<&[f32]> {
         match &self.data {
@@ -83,7 +89,7 @@ impl Stored {
     pub fn bytes(&self) -> usize {
         match &self.data {
             StoredData::F32(v) => v.len() * 4,
-            StoredData::Bf16(v) | StoredData::F16(v) => v.len() * 2,
+            StoredData::Bf16(v) | StoredData::F16(v) => v.len(),
             StoredData::Fp8(f) => f.codes.len() + f.scales.len() * 4,
         }
     }
@@ -95,13 +101,13 @@ impl Stored {
         match &self.data {
             StoredData::F32(v) => out.copy_from_slice(&v[range]),
             StoredData::Bf16(v) => {
-                for (o, &b) in out.iter_mut().zip(&v[range]) {
-                    *o = f32::from_bits(u32::from(b) << 16);
+                for (o, b) in out.iter_mut().zip(v[range.start * 2..range.end * 2].chunks_exact(2)) {
+                    *o = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
                 }
             }
             StoredData::F16(v) => {
-                for (o, &b) in out.iter_mut().zip(&v[range]) {
-                    *o = half::f16::from_bits(b).to_f32();
+                for (o, b) in out.iter_mut().zip(v[range.start * 2..range.end * 2].chunks_exact(2)) {
+                    *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
                 }
             }
             StoredData::Fp8(f) => {
@@ -275,33 +281,60 @@ impl Weights {
 
     /// Reads the matrix `name` as stored, checking that its shape is `[rows, cols]` and that
     /// every value widens to a finite number. The file pages are released afterwards.
-    pub fn load_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Stored> {
-        let shape = [rows, cols];
-        let (si, t) = self.info(name).ok_or_else(|| self.error(None, name, "missing from the checkpoint".into()))?;
-        if t.shape != shape {
-            return Err(self.error(Some(si), name, format!("shape {:?}, expected {shape:?}", t.shape)));
-        }
-        let file = &self.ckpt.shards[si].file;
-        let bytes = file.data(t);
-        let halves = || bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
-        let data = match t.dtype {
-            Dtype::F32 => {
-                StoredData::F32(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
-            }
-            Dtype::BF16 => StoredData::Bf16(halves()),
-            Dtype::F16 => StoredData::F16(halves()),
-            d if is_fp8_weight_dtype(d) => {
-                let (lut, scales, geom) = self.fp8_parts(si, t, d)?;
-                StoredData::Fp8(Box::new(Fp8Data { codes: bytes.to_vec(), lut, scales, geom }))
-            }
-            d => return Err(self.error(Some(si), name, format!("dtype {d:?} is not a float weight type"))),
-        };
-        file.release(t);
-        let m = Stored { rows, cols, fp8: is_fp8_weight_dtype(t.dtype), data };
+    pub fn load_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Stored<'static>> {
+        let (si, t, bytes) = self.matrix_bytes(name, rows, cols)?;
+        let m = self.matrix(si, t, Cow::Owned(bytes.to_vec()))?;
+        self.ckpt.shards[si].file.release(t);
         if let Some((i, v)) = m.first_non_finite() {
             return Err(self.error(Some(si), name, format!("non-finite value {v} at element {i}")));
         }
         Ok(m)
+    }
+
+    /// The matrix `name` of shape `[rows, cols]` read where it lies in the mapped file, without a
+    /// copy and without checking its values ([`Weights::check_matrix`] does); release its pages
+    /// with [`Weights::release_all`] once used.
+    pub fn map_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Stored<'_>> {
+        let (si, t, bytes) = self.matrix_bytes(name, rows, cols)?;
+        self.matrix(si, t, Cow::Borrowed(bytes))
+    }
+
+    /// Checks that the matrix `name` has shape `[rows, cols]` and that every value widens to a
+    /// finite number, reading it where it lies; its pages are released afterwards.
+    pub fn check_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<()> {
+        let (si, t, bytes) = self.matrix_bytes(name, rows, cols)?;
+        let bad = self.matrix(si, t, Cow::Borrowed(bytes))?.first_non_finite();
+        self.ckpt.shards[si].file.release(t);
+        match bad {
+            Some((i, v)) => Err(self.error(Some(si), name, format!("non-finite value {v} at element {i}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// The shard index, header entry and bytes of the matrix `name`, its shape checked.
+    fn matrix_bytes(&self, name: &str, rows: usize, cols: usize) -> Result<(usize, &TensorInfo, &[u8])> {
+        let (si, t) = self.info(name).ok_or_else(|| self.error(None, name, "missing from the checkpoint".into()))?;
+        if t.shape != [rows, cols] {
+            return Err(self.error(Some(si), name, format!("shape {:?}, expected {:?}", t.shape, [rows, cols])));
+        }
+        Ok((si, t, self.ckpt.shards[si].file.data(t)))
+    }
+
+    /// A [`Stored`] over `bytes`, the data of `t` in shard `si`.
+    fn matrix<'a>(&self, si: usize, t: &TensorInfo, bytes: Cow<'a, [u8]>) -> Result<Stored<'a>> {
+        let data = match t.dtype {
+            Dtype::F32 => {
+                StoredData::F32(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+            }
+            Dtype::BF16 => StoredData::Bf16(bytes),
+            Dtype::F16 => StoredData::F16(bytes),
+            d if is_fp8_weight_dtype(d) => {
+                let (lut, scales, geom) = self.fp8_parts(si, t, d)?;
+                StoredData::Fp8(Box::new(Fp8Data { codes: bytes, lut, scales, geom }))
+            }
+            d => return Err(self.error(Some(si), &t.name, format!("dtype {d:?} is not a float weight type"))),
+        };
+        Ok(Stored { rows: t.shape[0], cols: t.shape[1], fp8: is_fp8_weight_dtype(t.dtype), data })
     }
 
     /// Bytes of all tensors whose name starts with `prefix`, held as stored (vectors, which are

@@ -80,7 +80,7 @@ fn bf16_logits_match_transformers() {
             .collect();
         let m = Model::open(&fixture(arch), 64).expect("open fixture");
         let w = &tokens[..64];
-        let mut h = m.embed(w);
+        let mut h = m.embed(w).expect("embed");
         for i in 0..m.cfg.num_layers() {
             m.layer(i).expect("layer").forward(&m.cfg, &m.rope, &mut h, w.len(), None).expect("forward");
         }
