@@ -20,12 +20,16 @@ use crate::config::{GemmConfig, GemmShape, GpuArch, KernelKind, Multicast, is_le
 use crate::cublaslt::{Baseline, CublasLt, LtArgs, LtPlan, activation_scales_for_cublas, weight_scales_for_cublas};
 use crate::cuda::{Device, DeviceBuffer, Graph};
 use crate::error::KernelError;
-use crate::gemm::{DEFAULT_RASTER_GROUP, GemmArgs, GemmKernel};
+use crate::gemm::{DEFAULT_RASTER_GROUP, GemmArgs, GemmKernel, MIndices};
 use crate::problem::HostProblem;
 use crate::reference::{Comparison, compare, e4m3_table, f32_to_bf16, gemm_references};
 
 /// A NaN bf16 (all ones): what outputs are poisoned with before a checked run.
 pub const POISON: u16 = 0xFFFF;
+
+/// How long one checked call may run before it counts as hung (the largest benchmark problem
+/// takes milliseconds).
+pub const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How to measure.
 #[derive(Clone, Debug)]
@@ -230,7 +234,7 @@ struct Fp8Set {
     b: Rotation<u8>,
     sb: Rotation<f32>,
     d: Rotation<u16>,
-    m_indices: Option<DeviceBuffer<i32>>,
+    m_indices: Option<MIndices>,
 }
 
 /// What a cuBLASLt baseline reads besides [`Fp8Set`], and its own output.
@@ -329,7 +333,7 @@ impl<'d> ShapeBench<'d> {
             b: Rotation::new(dev, &problem.b, copies)?,
             sb: Rotation::new(dev, &problem.sb, copies)?,
             d: Rotation::new(dev, &vec![POISON; shape.m * shape.n], copies)?,
-            m_indices: problem.m_indices.as_ref().map(|i| dev.upload(i)).transpose()?,
+            m_indices: problem.m_indices.as_ref().map(|i| MIndices::upload(dev, i, shape.experts())).transpose()?,
         };
         Ok(ShapeBench { dev, shape: *shape, opts: opts.clone(), problem, rows, reference, rotate, fp8 })
     }
@@ -361,7 +365,7 @@ impl<'d> ShapeBench<'d> {
         }
         let mut captured = Vec::new();
         for (mut row, imp) in ready {
-            match self.check_and_capture(&mut row, &imp) {
+            match self.check_and_capture(&mut row, &imp)? {
                 Some(graph) => captured.push(Captured { row, graph, _imp: imp }),
                 None => out.push(row),
             }
@@ -406,7 +410,7 @@ impl<'d> ShapeBench<'d> {
                     b: fp8.b.get(i),
                     sb: fp8.sb.get(i),
                     d: fp8.d.get(i),
-                    m_indices: fp8.m_indices.as_ref().map(|b| b.all()),
+                    m_indices: fp8.m_indices.as_ref(),
                 };
                 kernel.launch(self.dev, &self.shape, &args, self.opts.raster_group)
             }
@@ -417,7 +421,19 @@ impl<'d> ShapeBench<'d> {
     /// Runs `imp` once on a poisoned output and compares it with the reference; when it passes
     /// (or is a baseline, which is timed even when it is off), captures its graph. `None` when
     /// the row is finished: it failed, and `row.error` says why.
-    fn check_and_capture(&self, row: &mut BenchRow, imp: &Impl) -> Option<Graph> {
+    ///
+    /// # Errors
+    ///
+    /// Only an error after which the device cannot be used ([`KernelError::is_device_lost`]: a
+    /// kernel faulted or hangs); every other failure is the row's.
+    fn check_and_capture(&self, row: &mut BenchRow, imp: &Impl) -> Result<Option<Graph>, KernelError> {
+        let finished = |row: &mut BenchRow, e: KernelError, what: &str| {
+            if e.is_device_lost() {
+                return Err(e);
+            }
+            row.error = Some(format!("{what}{e}"));
+            Ok(None)
+        };
         match self.check(imp) {
             Ok(c) => {
                 row.rel_err = Some(c.rel_err);
@@ -428,22 +444,16 @@ impl<'d> ShapeBench<'d> {
                         c.rel_err, c.non_finite
                     ));
                     if matches!(imp, Impl::Ours(_)) {
-                        return None;
+                        return Ok(None);
                     }
                 }
             }
-            Err(e) => {
-                row.error = Some(e.to_string());
-                return None;
-            }
+            Err(e) => return finished(row, e, ""),
         }
         let calls = self.opts.calls_per_graph.max(20) as usize;
         match self.dev.capture(|| (0..calls).try_for_each(|i| self.enqueue(imp, i))) {
-            Ok(g) => Some(g),
-            Err(e) => {
-                row.error = Some(format!("graph capture: {e}"));
-                None
-            }
+            Ok(g) => Ok(Some(g)),
+            Err(e) => finished(row, e, "graph capture: "),
         }
     }
 
@@ -457,7 +467,7 @@ impl<'d> ShapeBench<'d> {
         };
         dev.fill_u16(&d0, POISON)?;
         self.enqueue(imp, 0)?;
-        dev.synchronize()?;
+        dev.synchronize_within(CHECK_TIMEOUT)?;
         let mut host = vec![0u16; shape.m * shape.n];
         dev.copy_to_host(&d0, &mut host)?;
         let non_finite = host.par_iter().filter(|&&v| !crate::reference::bf16_to_f32(v).is_finite()).count();

@@ -239,25 +239,25 @@ impl GemmInputs<'_> {
 
 /// Checks a grouped row-to-expert map: every entry in `-1..experts`, and every aligned 128-row
 /// block holding one expert's rows followed only by padding (-1) rows, which is what lets a
-/// kernel read a tile's expert off its first row.
+/// kernel read a tile's expert off its first row (and index B and SB with it).
 ///
 /// # Errors
 ///
-/// [`KernelError::Input`] naming the first offending row.
+/// [`KernelError::ExpertOutOfRange`] or [`KernelError::GroupLayout`] naming the first offending
+/// row.
 pub fn validate_m_indices(m_indices: &[i32], experts: usize) -> Result<(), KernelError> {
-    let bad = |row: usize, why: &str| KernelError::Input { what: "m_indices", detail: format!("row {row}: {why}") };
     for (b, block) in m_indices.chunks(GROUP_ALIGN).enumerate() {
         let first = block[0];
         let mut padding = first < 0;
         for (i, &e) in block.iter().enumerate() {
             let row = b * GROUP_ALIGN + i;
-            if e < -1 || e >= experts as i32 {
-                return Err(bad(row, &format!("expert {e} is not in -1..{experts}")));
+            if e < -1 || i64::from(e) >= experts as i64 {
+                return Err(KernelError::ExpertOutOfRange { row, expert: e, experts });
             }
             if e < 0 {
                 padding = true;
             } else if padding || e != first {
-                return Err(bad(row, "an aligned 128-row block must hold one expert's rows, then only padding"));
+                return Err(KernelError::GroupLayout { row });
             }
         }
     }
@@ -602,11 +602,19 @@ mod tests {
         assert!(validate_m_indices(&grouped_layout(&[5, 0, 300]), 3).is_ok());
         let mut idx = grouped_layout(&[5, 300]);
         idx[10] = 1; // a second expert inside the first 128-row block
-        assert!(validate_m_indices(&idx, 2).is_err());
+        assert!(matches!(validate_m_indices(&idx, 2), Err(KernelError::GroupLayout { row: 10 })));
         let mut idx = grouped_layout(&[5]);
         idx[7] = 0; // expert row after padding
-        assert!(validate_m_indices(&idx, 1).is_err());
-        assert!(validate_m_indices(&grouped_layout(&[5]), 0).is_err());
+        assert!(matches!(validate_m_indices(&idx, 1), Err(KernelError::GroupLayout { row: 7 })));
+        assert!(matches!(
+            validate_m_indices(&grouped_layout(&[5]), 0),
+            Err(KernelError::ExpertOutOfRange { row: 0, expert: 0, experts: 0 })
+        ));
+        let mut idx = grouped_layout(&[5, 3]);
+        idx[128] = 7; // an expert that does not exist
+        assert!(matches!(validate_m_indices(&idx, 2), Err(KernelError::ExpertOutOfRange { row: 128, expert: 7, .. })));
+        idx[128] = -2;
+        assert!(matches!(validate_m_indices(&idx, 2), Err(KernelError::ExpertOutOfRange { row: 128, expert: -2, .. })));
     }
 
     #[test]

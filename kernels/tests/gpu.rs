@@ -21,7 +21,7 @@ use fp8forge_kernels::config::{
 };
 use fp8forge_kernels::cublaslt::{Baseline, CublasLt, LtArgs, activation_scales_for_cublas, weight_scales_for_cublas};
 use fp8forge_kernels::cuda::Device;
-use fp8forge_kernels::gemm::{ActQuantKernel, DEFAULT_RASTER_GROUP, GemmArgs, GemmKernel};
+use fp8forge_kernels::gemm::{ActQuantKernel, DEFAULT_RASTER_GROUP, GemmArgs, GemmKernel, MIndices};
 use fp8forge_kernels::problem::{HostProblem, Rng};
 use fp8forge_kernels::reference::{
     Comparison, ScaleFormat, act_quant_ref, bf16_to_f32, compare, e4m3_table, f32_to_bf16, gemm_references,
@@ -117,7 +117,7 @@ fn run_one(dev: &Device, kernel: &GemmKernel, case: &Case) -> Result<(Comparison
     let b = dev.upload(&p.b).map_err(e)?;
     let sb = dev.upload(&p.sb).map_err(e)?;
     let d = dev.alloc::<u16>(shape.m * shape.n).map_err(e)?;
-    let idx = p.m_indices.as_ref().map(|i| dev.upload(i)).transpose().map_err(e)?;
+    let idx = p.m_indices.as_ref().map(|i| MIndices::upload(dev, i, shape.experts())).transpose().map_err(e)?;
     dev.fill_u16(&d.all(), POISON).map_err(e)?;
     let args = GemmArgs {
         a: a.all(),
@@ -125,7 +125,7 @@ fn run_one(dev: &Device, kernel: &GemmKernel, case: &Case) -> Result<(Comparison
         b: b.all(),
         sb: sb.all(),
         d: d.all(),
-        m_indices: idx.as_ref().map(|b| b.all()),
+        m_indices: idx.as_ref(),
     };
     kernel.launch(dev, &shape, &args, DEFAULT_RASTER_GROUP).map_err(e)?;
     dev.synchronize().map_err(e)?;
