@@ -43,6 +43,15 @@ pub fn cache_key(spec: &KernelSpec, arch: GpuArch, nvrtc_version: (i32, i32)) ->
     hex(&h.finalize())
 }
 
+/// Whether `spec` for `arch` is in the cache already (a later [`compile_cached`] only reads it).
+/// False when NVRTC (whose version is part of the key) or the cache directory is missing.
+pub fn is_cached(spec: &KernelSpec, arch: GpuArch) -> bool {
+    let (Ok(version), Some(dir)) = (nvrtc::version(), cache_dir()) else { return false };
+    let key = cache_key(spec, arch, version);
+    dir.join(format!("{key}.log")).is_file()
+        && fs::metadata(dir.join(format!("{key}.cubin"))).is_ok_and(|m| m.len() > 0)
+}
+
 /// Compiles `spec` for `arch`, or reads it from the cache.
 ///
 /// # Errors

@@ -485,12 +485,11 @@ impl Module {
     ///
     /// [`KernelError::Cuda`].
     pub fn function(&self, name: &str, smem_bytes: u32) -> Result<Function, KernelError> {
-        let cname = CString::new(name)
-            .map_err(|_| KernelError::Cuda {
-                call: "cuModuleGetFunction".into(),
-                status: "NUL in name".into(),
-                context_lost: false,
-            })?;
+        let cname = CString::new(name).map_err(|_| KernelError::Cuda {
+            call: "cuModuleGetFunction".into(),
+            status: "NUL in name".into(),
+            context_lost: false,
+        })?;
         let mut f = ptr::null_mut();
         // SAFETY: live module, valid name.
         unsafe {

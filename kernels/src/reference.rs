@@ -408,6 +408,62 @@ pub fn compare(out: &[u16], reference: &[f64]) -> Result<Comparison, KernelError
     Ok(Comparison { rel_err, max_abs_err: max_abs, non_finite, first_non_finite: first })
 }
 
+/// The relative part of the contract check's element tolerance: `|out − ref|` may exceed one
+/// bf16 ulp by this fraction of the reference's RMS. The tensor cores sum each 128-wide K block's
+/// partial in their own order and precision (Hopper's FP8 accumulation keeps about 14 mantissa
+/// bits before the promotion), so the kernel is not bit-exact; a wrong scale block moves an
+/// output by at least half of that block's contribution, far above this. Not yet measured on a
+/// GPU: the `contract_worst` column of the GPU report (worst error / tolerance) calibrates it.
+pub const CONTRACT_RMS_TOL: f64 = 5e-3;
+
+/// How a kernel's bf16 output compares with [`gemm_contract`]'s, element by element.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct ContractComparison {
+    /// Outputs outside `ulp(ref) + CONTRACT_RMS_TOL · rms(ref)` (non-finite outputs included).
+    pub mismatches: usize,
+    /// Index of the first of them.
+    pub first_mismatch: Option<usize>,
+    /// Largest `|out − ref| / (ulp(ref) + CONTRACT_RMS_TOL · rms(ref))` (≤ 1 passes).
+    pub worst: f64,
+}
+
+impl ContractComparison {
+    /// True when every output is within the tolerance.
+    pub fn passes(&self) -> bool {
+        self.mismatches == 0
+    }
+}
+
+/// One unit in the last place of a bf16 number of magnitude `x` (at least the smallest normal's).
+pub fn bf16_ulp(x: f64) -> f64 {
+    let exp = (((x.abs() as f32).to_bits() >> 23) & 0xff) as i32;
+    2f64.powi(exp.max(1) - 127 - 7)
+}
+
+/// Compares bf16 outputs (bits) with the contract's bf16 outputs of the same elements: each must
+/// be within one bf16 ulp of the larger of the two plus [`CONTRACT_RMS_TOL`] × the reference's RMS.
+///
+/// # Errors
+///
+/// [`KernelError::BufferLength`] when the lengths differ.
+pub fn compare_contract(out: &[u16], contract: &[u16]) -> Result<ContractComparison, KernelError> {
+    check_len("output", contract.len(), out.len())?;
+    let sum2: f64 = contract.iter().map(|&c| f64::from(bf16_to_f32(c)).powi(2)).sum();
+    let rms = (sum2 / contract.len().max(1) as f64).sqrt();
+    let (mut mismatches, mut first, mut worst) = (0usize, None, 0f64);
+    for (i, (&o, &c)) in out.iter().zip(contract).enumerate() {
+        let (o, c) = (f64::from(bf16_to_f32(o)), f64::from(bf16_to_f32(c)));
+        let tol = bf16_ulp(o.abs().max(c.abs())) + CONTRACT_RMS_TOL * rms;
+        let ratio = if o.is_finite() { (o - c).abs() / tol } else { f64::INFINITY };
+        worst = worst.max(ratio);
+        if ratio > 1.0 {
+            mismatches += 1;
+            first.get_or_insert(i);
+        }
+    }
+    Ok(ContractComparison { mismatches, first_mismatch: first, worst })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -630,6 +686,45 @@ mod tests {
             // The references are not trivially zero.
             assert!(r.iter().filter(|x| **x != 0.0).count() > r.len() / 2, "{shape}");
         }
+    }
+
+    /// The acceptance data (scales spread by powers of two) and the contract check together
+    /// catch a kernel that reads one wrong scale block.
+    #[test]
+    fn contract_check_catches_a_swapped_scale_block() {
+        let shape = GemmShape::dense(64, 384, 1024);
+        let p = crate::problem::HostProblem::random_block_scaled(&shape, 42, &[], 3).unwrap();
+        let good = gemm_contract(&shape, &p.inputs()).unwrap();
+        assert!(compare_contract(&good, &good).unwrap().passes());
+        // One bf16 ulp off everywhere still passes.
+        let nudged: Vec<u16> = good.iter().map(|&b| if b & 0x7fff == 0 { b } else { b + 1 }).collect();
+        assert!(compare_contract(&nudged, &good).unwrap().passes());
+        // Weight scales: swap K blocks 2 and 5 of the second 128-column block.
+        let kb = shape.k_blocks();
+        let (i, j) = (kb + 2, kb + 5);
+        assert_ne!(p.sb[i], p.sb[j], "the generator must make these differ for the test to mean anything");
+        let mut sb = p.sb.clone();
+        sb.swap(i, j);
+        let wrong = gemm_contract(&shape, &GemmInputs { sb: &sb, ..p.inputs() }).unwrap();
+        let c = compare_contract(&wrong, &good).unwrap();
+        assert!(!c.passes() && c.mismatches >= 64, "{c:?}");
+        // Activation scales: swap two groups of one row.
+        let mut sa = p.sa.clone();
+        let (a, b) = (3 * kb, 3 * kb + 1);
+        assert_ne!(sa[a], sa[b]);
+        sa.swap(a, b);
+        let wrong = gemm_contract(&shape, &GemmInputs { sa: &sa, ..p.inputs() }).unwrap();
+        let c = compare_contract(&wrong, &good).unwrap();
+        assert!(!c.passes(), "{c:?}");
+        assert_eq!(c.first_mismatch.map(|i| i / shape.n), Some(3), "only row 3 is wrong: {c:?}");
+    }
+
+    #[test]
+    fn bf16_ulp_follows_the_exponent() {
+        assert_eq!(bf16_ulp(1.0), 2f64.powi(-7));
+        assert_eq!(bf16_ulp(1.99), 2f64.powi(-7));
+        assert_eq!(bf16_ulp(-2.0), 2f64.powi(-6));
+        assert!(bf16_ulp(0.0) > 0.0);
     }
 
     #[test]
