@@ -78,6 +78,64 @@ pub fn compile_cached(spec: &KernelSpec, arch: GpuArch) -> Result<Compiled, Kern
     Ok(compiled)
 }
 
+/// What building one variant into the cache gave.
+#[derive(Debug)]
+pub struct BuildOutcome {
+    /// The variant.
+    pub spec: KernelSpec,
+    /// It was in the cache before (nothing was compiled).
+    pub was_cached: bool,
+    /// Its cache key (the files are `<key>.cubin` and `<key>.log`), when NVRTC's version is known.
+    pub key: Option<String>,
+    /// ptxas's report, or why the variant cannot be built (a compile error, a spill).
+    pub result: Result<ResourceUsage, KernelError>,
+}
+
+/// Builds every one of `specs` for `arch` into the cache, in parallel: one outcome per variant,
+/// in order; a variant that fails (compile error, spill) is recorded and the others go on.
+pub fn build_all(specs: &[KernelSpec], arch: GpuArch) -> Vec<BuildOutcome> {
+    use rayon::prelude::*;
+    let version = nvrtc::version().ok();
+    specs
+        .par_iter()
+        .map(|spec| BuildOutcome {
+            spec: *spec,
+            was_cached: is_cached(spec, arch),
+            key: version.map(|v| cache_key(spec, arch, v)),
+            result: compile_cached(spec, arch).map(|c| c.resources),
+        })
+        .collect()
+}
+
+/// The build report: a header, then one TSV line per variant (label, arch, status, registers,
+/// stack, spill stores and loads, ptxas warnings, cache key).
+pub fn build_report(outcomes: &[BuildOutcome], arch: GpuArch) -> String {
+    let mut tsv =
+        String::from("variant\tarch\tstatus\tregisters\tstack\tspill_stores\tspill_loads\twarnings\tcache_key\n");
+    for o in outcomes {
+        let clean = |t: &str| t.replace(['\t', '\n'], " ");
+        let key = o.key.as_deref().unwrap_or("-");
+        let line = match &o.result {
+            Ok(r) => format!(
+                "{}\t{arch}\t{}\t{}\t{}\t{}\t{}\t{}\t{key}",
+                o.spec.label(),
+                if o.was_cached { "cached" } else { "built" },
+                r.registers,
+                r.stack_bytes,
+                r.spill_stores,
+                r.spill_loads,
+                clean(&r.warnings.join("; "))
+            ),
+            Err(e) => {
+                format!("{}\t{arch}\tfailed: {}\t-\t-\t-\t-\t-\t{key}", o.spec.label(), clean(&e.to_string()))
+            }
+        };
+        tsv += &line;
+        tsv.push('\n');
+    }
+    tsv
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
 ///
 /// # Errors
@@ -116,6 +174,29 @@ mod tests {
         assert_ne!(k, cache_key(&g, GpuArch::Sm90a, (13, 0)));
         assert_ne!(k, cache_key(&a, GpuArch::Sm90, (13, 0)));
         assert_ne!(k, cache_key(&a, GpuArch::Sm90a, (13, 2)));
+    }
+
+    #[test]
+    fn build_report_has_a_line_per_variant_failures_included() {
+        let ok = BuildOutcome {
+            spec: KernelSpec::Gemm { config: GemmConfig::wgmma(128, 128, 4, Multicast::None), grouped: false },
+            was_cached: true,
+            key: Some("abc".into()),
+            result: Ok(ResourceUsage { registers: 168, ..ResourceUsage::default() }),
+        };
+        let spilled = BuildOutcome {
+            spec: KernelSpec::Gemm { config: GemmConfig::wgmma(64, 192, 4, Multicast::None), grouped: true },
+            was_cached: false,
+            key: None,
+            result: Err(KernelError::Nvrtc { call: "nvrtcCompileProgram", status: "boom\tx".into() }),
+        };
+        let tsv = build_report(&[ok, spilled], GpuArch::Sm90a);
+        let lines: Vec<&str> = tsv.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[1].starts_with("gemm wgmma_bm128_bn128_s4_mc1_sw128\tsm_90a\tcached\t168\t"));
+        assert!(lines[2].contains(" grouped\tsm_90a\tfailed: "), "{}", lines[2]);
+        assert!(lines.iter().all(|l| l.split('\t').count() == 9), "{tsv}");
+        assert!(lines[1].ends_with("\tabc") && lines[2].ends_with("\t-"));
     }
 
     #[test]
