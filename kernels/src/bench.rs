@@ -17,7 +17,10 @@ use rayon::prelude::*;
 use serde::{Serialize, Serializer};
 
 use crate::config::{GemmConfig, GemmShape, GpuArch, KernelKind, Multicast, is_legal, search_space};
-use crate::cublaslt::{Baseline, CublasLt, LtArgs, LtPlan, activation_scales_for_cublas, weight_scales_for_cublas};
+use crate::cublaslt::{
+    Baseline, CublasLt, LtArgs, LtPlan, LtScales, activation_scale_len, activation_scales_for_cublas, weight_scale_ld,
+    weight_scales_for_cublas,
+};
 use crate::cuda::{Device, DeviceBuffer, Graph};
 use crate::error::KernelError;
 use crate::gemm::{DEFAULT_RASTER_GROUP, GemmArgs, GemmKernel, MIndices};
@@ -567,12 +570,6 @@ fn lt_setup(
     let shape = &p.shape;
     let (m, n, k, kb, nb) = (shape.m, shape.n, shape.k, shape.k_blocks(), shape.n_blocks());
     let ranges = expert_ranges(p);
-    let mut plans = Vec::new();
-    for (e, &(_, rows)) in ranges.iter().enumerate() {
-        if rows > 0 {
-            plans.push((lt.plan(baseline, rows, n, k)?, e));
-        }
-    }
     let ops = match baseline {
         Baseline::Bf16 => {
             // The dequantized operands, rounded to bf16.
@@ -614,7 +611,28 @@ fn lt_setup(
             }
         }
     };
+    // Planned with the scale pointers of the first copy set (the heuristic sees the operation as
+    // it runs); each call sets its own copy's pointers again.
+    let mut plans = Vec::new();
+    let mut a_scale_off = 0usize;
+    for (e, &(_, rows)) in ranges.iter().enumerate() {
+        if rows > 0 {
+            let scales = lt_scales(&ops, 0, a_scale_off, e * nb * weight_scale_ld(kb));
+            plans.push((lt.plan(baseline, rows, n, k, scales)?, e));
+            a_scale_off += activation_scale_len(rows, kb);
+        }
+    }
     Ok((plans, ops))
+}
+
+/// The scale pointers of operand copy `i` at these offsets (in floats), or none for BF16.
+fn lt_scales(ops: &LtOperands, i: usize, a_off: usize, b_off: usize) -> LtScales {
+    match ops {
+        LtOperands::Bf16 { .. } => LtScales::default(),
+        LtOperands::Fp8Block { a_scales, b_scales, .. } => {
+            LtScales { a: a_scales.get(i).ptr() + (a_off * 4) as u64, b: b_scales.get(i).ptr() + (b_off * 4) as u64 }
+        }
+    }
 }
 
 /// Enqueues baseline call `i`: one cuBLASLt matmul per expert (one for a dense shape).
@@ -628,7 +646,6 @@ fn lt_enqueue(
     i: usize,
 ) -> Result<(), KernelError> {
     let (n, k, kb, nb) = (shape.n, shape.k, shape.k_blocks(), shape.n_blocks());
-    let kb4 = kb.next_multiple_of(4);
     let mut row0 = 0usize;
     let mut a_scale_off = 0usize;
     for (plan, e) in plans {
@@ -642,16 +659,19 @@ fn lt_enqueue(
                 a_scales: 0,
                 b_scales: 0,
             },
-            LtOperands::Fp8Block { a_scales, b_scales, .. } => LtArgs {
-                a: fp8.a.get(i).ptr() + (row0 * k) as u64,
-                b: fp8.b.get(i).ptr() + (e * n * k) as u64,
-                d,
-                a_scales: a_scales.get(i).ptr() + (a_scale_off * 4) as u64,
-                b_scales: b_scales.get(i).ptr() + (e * nb * kb4 * 4) as u64,
-            },
+            LtOperands::Fp8Block { .. } => {
+                let scales = lt_scales(ops, i, a_scale_off, e * nb * weight_scale_ld(kb));
+                LtArgs {
+                    a: fp8.a.get(i).ptr() + (row0 * k) as u64,
+                    b: fp8.b.get(i).ptr() + (e * n * k) as u64,
+                    d,
+                    a_scales: scales.a,
+                    b_scales: scales.b,
+                }
+            }
         };
         lt.run(dev, plan, &args)?;
-        a_scale_off += rows.next_multiple_of(4) * kb;
+        a_scale_off += activation_scale_len(rows, kb);
         row0 += rows;
     }
     Ok(())
