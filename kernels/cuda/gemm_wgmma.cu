@@ -34,6 +34,31 @@
 #define B_BOX_ROWS (MC == 2 ? BN / 2 : BN)
 #define NACC (BN / 2)
 #define SW_MODE (SW == 128 ? 1 : (SW == 64 ? 2 : 3))
+// Shared memory this layout uses: 1024 bytes of alignment slack, the stages' tiles, and one full
+// and one empty mbarrier (8 bytes each) per stage.
+#define SMEM_USED (1024 + STAGES * (STAGE_BYTES + 16))
+
+// Every knob checked at compile time against what the host assumes (kernels/src/config.rs:
+// check_config, is_legal, smem_bytes, threads; HOST_SMEM and HOST_THREADS are the host's launch
+// values), so the CI's NVRTC build of every variant enforces host/device agreement.
+static_assert(BM == 64 || BM == 128 || BM == 256, "BM must be 64, 128 or 256 (64-row slabs on 1 or 2 consumer warpgroups)");
+static_assert(BN % 8 == 0 && BN >= 16 && BN <= 256,
+              "BN must be a multiple of 8 in 16..256: wgmma N; 8-column groups never straddle a 128-column scale "
+              "block; a tile meets at most three scale blocks");
+static_assert(BN <= (BM == 256 ? 128 : 184), "BN over the register limit of this BM (config.rs wgmma_max_block_n)");
+static_assert(SW == 32 || SW == 64 || SW == 128, "SW must be 32, 64 or 128");
+static_assert(A_BYTES % 1024 == 0 && B_BYTES % 1024 == 0, "tiles must keep the 1024-byte alignment of the swizzle atoms");
+static_assert(STAGES >= 2 && STAGES <= 8, "STAGES must be 2..MAX_STAGES (8)");
+static_assert(SMEM_USED <= 232448, "stages x stage bytes exceed the 227 KiB of opt-in shared memory of sm_90");
+static_assert(HOST_SMEM >= SMEM_USED && HOST_SMEM <= 232448, "the host's launch shared memory does not match this layout");
+static_assert(HOST_THREADS == THREADS, "host and kernel disagree on the block size");
+static_assert(MC == 0 || MC == 1 || MC == 2, "MC: 0 none, 1 A, 2 B");
+static_assert(CLUSTER == (MC == 0 ? 1 : 2), "multicast needs a cluster of two CTAs, no multicast a cluster of one");
+static_assert(MC != 1 || (BM / 2) % 8 == 0, "A multicast: each CTA loads BM/2 rows, a multiple of 8");
+static_assert(MC != 2 || BN % 16 == 0, "B multicast: each CTA loads BN/2 rows, a multiple of 8");
+static_assert(GROUPED == 0 || GROUPED == 1, "GROUPED: 0 or 1");
+static_assert(!GROUPED || 128 % BM == 0, "grouped: a tile must lie inside one expert's 128-row aligned run");
+static_assert(!GROUPED || MC != 2, "grouped: no B multicast (paired M tiles may belong to different experts)");
 
 // A CUtensorMap, opaque: 128 bytes, 64-byte aligned, passed by value as a __grid_constant__.
 struct __align__(64) TmaDesc {

@@ -185,3 +185,31 @@ fn a_compile_error_is_reported_with_the_log() {
         other => panic!("expected a compile error, got {:?}", other.map(|c| c.log)),
     }
 }
+
+/// The static_asserts at the top of the kernels refuse a configuration the host would never
+/// build (so a host/device disagreement fails the CI's compile of every variant).
+#[test]
+fn a_bad_configuration_is_refused_by_the_static_asserts() {
+    if !nvrtc_or_skip("a_bad_configuration_is_refused_by_the_static_asserts") {
+        return;
+    }
+    let cases = [
+        // 12 stages of 128x128: more than MAX_STAGES and than the opt-in shared memory.
+        (GemmConfig::wgmma(128, 128, 12, fp8forge_kernels::Multicast::None), "STAGES must be 2..MAX_STAGES"),
+        // BN over the register limit of BM = 256.
+        (GemmConfig::wgmma(256, 184, 2, fp8forge_kernels::Multicast::None), "register limit"),
+        // mma.sync with a 96-row tile.
+        (GemmConfig::mma(96, 64, 2, 2, 2), "BM must be 64 or 128"),
+    ];
+    for (config, message) in cases {
+        let spec = KernelSpec::Gemm { config, grouped: false };
+        match nvrtc::compile(&spec, GpuArch::Sm90a) {
+            Err(KernelError::Compile { log, .. }) => {
+                assert!(log.contains("static assert") && log.contains(message), "{}: {log}", spec.label());
+            }
+            other => {
+                panic!("{}: expected the static_assert to refuse it, got {:?}", spec.label(), other.map(|c| c.log))
+            }
+        }
+    }
+}
