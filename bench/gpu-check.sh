@@ -113,7 +113,7 @@ prepare() {
     [ "$failed" -eq 0 ] || echo "gpu-check: WARNING: $failed variant(s) failed to build (build_report.tsv); the GPU tests record them per variant"
     awk -F'\t' 'NR > 1 && $9 != "-" && $3 !~ /^failed/ {print $9 ".cubin"; print $9 ".log"}' "$BUNDLE/build_report.tsv" \
         > "$target/gpu-kernel-cache.list"
-    tar -czf "$BUNDLE/kernel-cache.tar.gz" -C "$cache" -T "$target/gpu-kernel-cache.list"
+    XZ_OPT=-9 tar -cJf "$BUNDLE/kernel-cache.tar.xz" -C "$cache" -T "$target/gpu-kernel-cache.list"
     {
         echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD -- . || echo ' (with uncommitted changes)')"
         echo "prepared $(date -u +%FT%TZ) on $(uname -m)"
@@ -273,14 +273,16 @@ run() {
     mkdir -p "$OUT"
     : > "$OUT/summary.txt"
     log "gpu-check run $(date -u +%FT%TZ): budget ${BUDGET}s, output $OUT"
-    for f in "$TESTS" "$BIN" "$BUNDLE/kernel-cache.tar.gz"; do
+    for f in "$TESTS" "$BIN" "$BUNDLE/kernel-cache.tar.xz"; do
         [ -e "$f" ] || { log "gpu-check: $f missing: run 'bash bench/gpu-check.sh prepare' and carry $BUNDLE"; exit 1; }
     done
     local t=$SECONDS
     environment
     export FP8FORGE_KERNEL_CACHE=${FP8FORGE_KERNEL_CACHE:-/tmp/fp8forge-kernel-cache}
     mkdir -p "$FP8FORGE_KERNEL_CACHE"
-    timeout -k 5 60 tar -xzf "$BUNDLE/kernel-cache.tar.gz" -C "$FP8FORGE_KERNEL_CACHE" ||
+    timeout -k 5 60 tar -xJf "$BUNDLE/kernel-cache.tar.xz" -C "$FP8FORGE_KERNEL_CACHE" 2>>"$OUT/env.txt" ||
+        timeout -k 5 60 python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+            "$BUNDLE/kernel-cache.tar.xz" "$FP8FORGE_KERNEL_CACHE" ||
         log "gpu-check: the kernel cache did not unpack: kernels will be compiled here"
     echo "kernel cache: $FP8FORGE_KERNEL_CACHE, $(ls "$FP8FORGE_KERNEL_CACHE" | grep -c '\.cubin$') cubins" | tee -a "$OUT/env.txt"
     export FP8FORGE_GPU_REPORT=$OUT/gpu_report.tsv RUST_BACKTRACE=1
