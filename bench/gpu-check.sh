@@ -37,10 +37,10 @@ LIMIT_MB=${FP8FORGE_BUNDLE_LIMIT_MB:-60}
 SMOKE_DENSE="wgmma_bm64_bn128_s4_mc1_sw128 wgmma_bm128_bn128_s4_mc1_sw128 wgmma_bm256_bn128_s4_mc1_sw128
 wgmma_bm128_bn160_s4_mc1_sw128 wgmma_bm128_bn128_s4_mcA2_sw128 wgmma_bm128_bn128_s4_mcB2_sw128"
 SMOKE_GROUPED="wgmma_bm128_bn128_s4_mc1_sw128"
-# The wgmma families of the search space (fp8forge_kernels::filter::families; a unit test keeps
-# this list equal to it); mma.sync runs as its own step before them.
+# The wgmma families of the search space, then the speed variants (fp8forge_kernels::filter::
+# families; a unit test keeps this list equal to it); mma.sync runs as its own step before them.
 FAMILIES="wgmma_bm64_mc1 wgmma_bm64_mcA2 wgmma_bm64_mcB2 wgmma_bm128_mc1 wgmma_bm128_mcA2 wgmma_bm128_mcB2
-wgmma_bm256_mc1 wgmma_bm256_mcA2 wgmma_bm256_mcB2"
+wgmma_bm256_mc1 wgmma_bm256_mcA2 wgmma_bm256_mcB2 speed"
 # BENCH_TARGETS.md: M x N x K (dense), then tokens-per-expert x N x K : experts (grouped).
 BENCH_NK="2112x7168 24576x1536 32768x512 7168x16384 4096x7168 7168x2048"
 BENCH_GROUPED="8192x4096x7168:4 8192x7168x2048:4 4096x4096x7168:8 4096x7168x2048:8"

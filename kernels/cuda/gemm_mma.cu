@@ -28,7 +28,7 @@ static_assert(BN == 64 || BN == 128, "BN must be 64 or 128");
 static_assert(WM >= 1 && WM <= 4 && WN >= 1 && WN <= 4 && WM * WN <= 8, "1 to 4 warps each way, at most 8 in all");
 static_assert(BM % (16 * WM) == 0 && BN % (8 * WN) == 0, "each warp's tile must be a multiple of 16 rows and 8 columns");
 static_assert(2 * MT * NT * 4 <= 64, "at most 64 accumulator registers per thread (a 32x32 warp tile)");
-static_assert(STAGES >= 2 && STAGES <= 8, "STAGES must be 2..MAX_STAGES (8)");
+static_assert(STAGES >= 2 && STAGES <= 16, "STAGES must be 2..MAX_STAGES (16)");
 static_assert(STAGES * STAGE_BYTES <= 232448, "stages x stage bytes exceed the 227 KiB of opt-in shared memory");
 static_assert(HOST_SMEM >= STAGES * STAGE_BYTES && HOST_SMEM <= 232448, "the host's launch shared memory does not match this layout");
 static_assert(HOST_THREADS == THREADS, "host and kernel disagree on the block size");

@@ -5,9 +5,10 @@
 //! A filter is a comma-separated list of terms; a configuration is selected when any term selects
 //! it, and an empty filter selects the whole search space:
 //!
-//! - `family:NAME` — every configuration of the search space whose [`family`] is exactly `NAME`:
-//!   `mma` (the mma.sync kernel) or `wgmma_bm{64,128,256}_{mc1,mcA2,mcB2}` (BLOCK_M and multicast
-//!   of the wgmma kernel), e.g. `family:wgmma_bm128_mcA2`;
+//! - `family:NAME` — every configuration of the search space and of the speed variants whose
+//!   [`family`] is exactly `NAME`: `mma` (the mma.sync kernel), `wgmma_bm{64,128,256}_{mc1,mcA2,mcB2}`
+//!   (BLOCK_M and multicast of the wgmma kernel), e.g. `family:wgmma_bm128_mcA2`, or `speed`
+//!   ([`speed_variants`]: pipelines deeper than the search space's);
 //! - `id:ID` or a bare `ID` — exactly that configuration (parsed with
 //!   [`GemmConfig::from_str`](std::str::FromStr), so it need not be in the search space), e.g.
 //!   `wgmma_bm128_bn160_s4_mc1_sw128`.
@@ -15,7 +16,7 @@
 //! Nothing is matched by substring: `mma` alone is not an id, and `family:mma` never selects a
 //! wgmma configuration.
 
-use crate::config::{GemmConfig, GpuArch, KernelKind, Multicast, Why, search_space};
+use crate::config::{GemmConfig, GpuArch, KernelKind, Multicast, SEARCH_MAX_STAGES, Why, search_space, speed_variants};
 
 /// A filter term that cannot be used.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -38,11 +39,13 @@ pub enum FilterError {
     },
 }
 
-/// The family of a configuration: `mma`, or `wgmma_bm<BM>_<multicast>` with the multicast token
-/// of its id (`mc1`, `mcA2`, `mcB2`).
+/// The family of a configuration: `mma`; `speed` for a wgmma pipeline deeper than
+/// [`SEARCH_MAX_STAGES`] or with compile-time B-scale selection; else `wgmma_bm<BM>_<multicast>` with the multicast token of its id
+/// (`mc1`, `mcA2`, `mcB2`).
 pub fn family(cfg: &GemmConfig) -> String {
     match cfg.kind {
         KernelKind::MmaSync { .. } => "mma".to_string(),
+        KernelKind::Wgmma if cfg.stages > SEARCH_MAX_STAGES || cfg.static_b_scales => "speed".to_string(),
         KernelKind::Wgmma => {
             let mc = match cfg.multicast {
                 Multicast::None => "mc1",
@@ -54,10 +57,15 @@ pub fn family(cfg: &GemmConfig) -> String {
     }
 }
 
-/// The families of `arch`'s search space, in search-space order (each once).
+/// Every configuration a filter chooses from: the search space, then the speed variants.
+fn candidates(arch: GpuArch) -> Vec<GemmConfig> {
+    search_space(arch).into_iter().chain(speed_variants(arch)).collect()
+}
+
+/// The families of `arch`'s search space and speed variants, in that order (each once).
 pub fn families(arch: GpuArch) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for cfg in search_space(arch) {
+    for cfg in candidates(arch) {
         let f = family(&cfg);
         if !out.contains(&f) {
             out.push(f);
@@ -108,10 +116,10 @@ impl VariantFilter {
             })
     }
 
-    /// The configurations selected on `arch`: the search space's, in order, then the named ids
-    /// that are not in it; each once.
+    /// The configurations selected on `arch`: the search space's and the speed variants, in
+    /// order, then the named ids that are not among them; each once.
     pub fn select(&self, arch: GpuArch) -> Vec<GemmConfig> {
-        let mut out: Vec<GemmConfig> = search_space(arch).into_iter().filter(|c| self.selects(c)).collect();
+        let mut out: Vec<GemmConfig> = candidates(arch).into_iter().filter(|c| self.selects(c)).collect();
         for t in &self.terms {
             if let Term::Id(c) = t
                 && !out.contains(c)
@@ -140,9 +148,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sm90a_has_ten_families_and_sm89_one() {
+    fn sm90a_has_eleven_families_and_sm89_one() {
         let f = families(GpuArch::Sm90a);
-        assert_eq!(f.len(), 10, "{f:?}");
+        assert_eq!(f.len(), 11, "{f:?}");
+        assert_eq!(f.last().map(String::as_str), Some("speed"));
         assert!(f.contains(&"mma".to_string()) && f.contains(&"wgmma_bm256_mcB2".to_string()));
         assert_eq!(families(GpuArch::Sm89), vec!["mma".to_string()]);
     }
@@ -159,13 +168,15 @@ mod tests {
     }
 
     #[test]
-    fn every_search_space_config_is_in_exactly_one_family() {
+    fn every_config_is_in_exactly_one_family() {
         let arch = GpuArch::Sm90a;
         let total: usize = families(arch)
             .iter()
             .map(|f| VariantFilter::parse(&format!("family:{f}"), arch).unwrap().select(arch).len())
             .sum();
-        assert_eq!(total, search_space(arch).len());
+        assert_eq!(total, search_space(arch).len() + speed_variants(arch).len());
+        let speed = VariantFilter::parse("family:speed", arch).unwrap().select(arch);
+        assert_eq!(speed, speed_variants(arch));
     }
 
     #[test]
@@ -185,6 +196,6 @@ mod tests {
         assert!(matches!(VariantFilter::parse("mma_", arch), Err(FilterError::BadId { .. })));
         assert!(matches!(VariantFilter::parse("family:wgmma", arch), Err(FilterError::UnknownFamily { .. })));
         assert!(VariantFilter::parse(" , ", arch).unwrap().is_empty());
-        assert_eq!(VariantFilter::parse("", arch).unwrap().select(arch).len(), search_space(arch).len());
+        assert_eq!(VariantFilter::parse("", arch).unwrap().select(arch), candidates(arch));
     }
 }

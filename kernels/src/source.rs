@@ -78,6 +78,7 @@ impl KernelSpec {
                         };
                         s += &format!("#define MC {mc}\n#define CLUSTER {}\n", config.cluster_size());
                         s += &format!("#define SW {}\n", config.swizzle.bytes());
+                        s += &format!("#define SB_STATIC {}\n", u32::from(config.static_b_scales));
                         s += COMMON;
                         s += &wgmma_wrapper(config.block_n);
                         s += GEMM_WGMMA;
@@ -100,10 +101,11 @@ impl KernelSpec {
 }
 
 /// Every kernel variant a device of architecture `arch` may run: each configuration of the search
-/// space, dense and (where it supports them) grouped, and the activation quantization kernels.
+/// space and of the speed variants (`config::speed_variants`), dense and (where it supports
+/// them) grouped, and the activation quantization kernels.
 pub fn all_variants(arch: GpuArch) -> Vec<KernelSpec> {
     let mut out = Vec::new();
-    for config in crate::config::search_space(arch) {
+    for config in crate::config::search_space(arch).into_iter().chain(crate::config::speed_variants(arch)) {
         out.push(KernelSpec::Gemm { config, grouped: false });
         if crate::config::supports_grouped(&config) {
             out.push(KernelSpec::Gemm { config, grouped: true });

@@ -194,8 +194,10 @@ fn a_bad_configuration_is_refused_by_the_static_asserts() {
         return;
     }
     let cases = [
-        // 12 stages of 128x128: more than MAX_STAGES and than the opt-in shared memory.
-        (GemmConfig::wgmma(128, 128, 12, fp8forge_kernels::Multicast::None), "STAGES must be 2..MAX_STAGES"),
+        // 12 stages of 128x128: more than the opt-in shared memory.
+        (GemmConfig::wgmma(128, 128, 12, fp8forge_kernels::Multicast::None), "opt-in shared memory"),
+        // 20 stages of a tiny tile: more than MAX_STAGES.
+        (GemmConfig::wgmma(64, 16, 20, fp8forge_kernels::Multicast::None), "STAGES must be 2..MAX_STAGES"),
         // BN over the register limit of BM = 256.
         (GemmConfig::wgmma(256, 184, 2, fp8forge_kernels::Multicast::None), "register limit"),
         // mma.sync with a 96-row tile.
