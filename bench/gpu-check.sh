@@ -139,9 +139,11 @@ elapsed() { echo $((SECONDS - T0)); }
 
 log() { echo "$*" | tee -a "$OUT/summary.txt"; }
 
-# Appends one line per step to summary.txt: elapsed, seconds, status, name.
+# Appends one line per step to summary.txt: elapsed, seconds, name, status.
+FAILS=0
 record() {
-    printf '%5ss %4ss  %-24s %s\n' "$(elapsed)" "$2" "$3" "$1" >> "$OUT/summary.txt"
+    case $3 in FAILED* | TIMEOUT*) FAILS=$((FAILS + 1)) ;; esac
+    printf '%5ss %4ss  %-44s %s\n' "$(elapsed)" "$2" "$1" "$3" >> "$OUT/summary.txt"
 }
 
 # step NAME LIMIT_S RESERVE_S LOG CMD...: runs CMD in its own process under timeout -k 5, with
@@ -162,7 +164,7 @@ step() {
     timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$logf" "$tmp"
     local rc=${PIPESTATUS[0]} status
     case $rc in
-        0) if grep -q '^SKIPPED' "$tmp"; then status="skipped ($(grep -m1 -o 'no CUDA device' "$tmp" || echo 'see log'))"; else status=ok; fi ;;
+        0) if grep -q 'SKIPPED' "$tmp"; then status="skipped ($(grep -m1 -o 'no CUDA device' "$tmp" || echo 'see log'))"; else status=ok; fi ;;
         124 | 137) status="TIMEOUT after ${limit}s" ;;
         *) status="FAILED (exit $rc)" ;;
     esac
@@ -231,7 +233,11 @@ bench_shape() {
     case $rc in
         0) status=ok ;;
         124 | 137) status="TIMEOUT after ${limit}s" ;;
-        *) status="FAILED (exit $rc: $(tail -1 "$OUT/bench.log" | cut -c1-120))" ;;
+        *) if tail -1 "$OUT/bench.log" | grep -q 'no CUDA device'; then
+               status="skipped (no CUDA device)"
+           else
+               status="FAILED (exit $rc: $(tail -1 "$OUT/bench.log" | cut -c1-120))"
+           fi ;;
     esac
     echo "=== [+$(elapsed)s] bench $name: $status" | tee -a "$OUT/bench.log"
     record "bench $name" $((SECONDS - t)) "$status"
@@ -272,6 +278,9 @@ PY
 run() {
     mkdir -p "$OUT"
     : > "$OUT/summary.txt"
+    : > "$OUT/bench.jsonl"
+    : > "$OUT/gpu_tests.log"
+    : > "$OUT/bench.log"
     log "gpu-check run $(date -u +%FT%TZ): budget ${BUDGET}s, output $OUT"
     for f in "$TESTS" "$BIN" "$BUNDLE/kernel-cache.tar.xz"; do
         [ -e "$f" ] || { log "gpu-check: $f missing: run 'bash bench/gpu-check.sh prepare' and carry $BUNDLE"; exit 1; }
@@ -325,18 +334,24 @@ run() {
     } >> "$OUT/env.txt"
     local files
     files=$(find "$OUT" -maxdepth 1 -type f | wc -l)
-    log "gpu-check done in $(elapsed)s; $files files in $OUT"
+    log "gpu-check done in $(elapsed)s; $files files in $OUT; $FAILS step(s) failed or timed out"
     echo "---- summary"
     cat "$OUT/summary.txt"
     echo "---- bench"
     cat "$OUT/bench.txt" 2>/dev/null
     echo "---- failures in gpu_report.tsv"
-    awk -F'\t' 'NR > 1 && $8 != "ok" && $8 !~ /^ok:/' "$OUT/gpu_report.tsv" 2>/dev/null | head -40
+    [ -f "$OUT/gpu_report.tsv" ] && awk -F'\t' 'NR > 1 && $8 != "ok" && $8 !~ /^ok:/' "$OUT/gpu_report.tsv" | head -40
+    [ "$FAILS" -eq 0 ]
 }
 
-case "$MODE" in
-    prepare) prepare ;;
-    run) run ;;
-    size-check) size_check ;;
-    *) usage ;;
-esac
+main() {
+    case "$MODE" in
+        prepare) prepare ;;
+        run) run ;;
+        size-check) size_check ;;
+        *) usage ;;
+    esac
+}
+
+# One line, so that bash has read all of it before running (the file may be edited meanwhile).
+main "$@"; exit $?
