@@ -117,7 +117,11 @@ prepare() {
     {
         echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD -- . || echo ' (with uncommitted changes)')"
         echo "prepared $(date -u +%FT%TZ) on $(uname -m)"
-        echo "nvrtc $(ls "${LD_LIBRARY_PATH%%:*}" 2>/dev/null | grep -o 'libnvrtc.so.13[.0-9]*' | sort | tail -1)"
+        local lib
+        lib=$(ls "${LD_LIBRARY_PATH%%:*}" 2>/dev/null | grep -o 'libnvrtc.so.13[.0-9]*' | sort | tail -1)
+        echo "nvrtc $lib"
+        # The cache keys' NVRTC version (MAJOR.MINOR), so that `run` uses the cache whatever NVRTC it finds.
+        echo "nvrtc_key $(echo "$lib" | sed -E 's/^libnvrtc\.so\.([0-9]+)\.([0-9]+).*/\1.\2/')"
         echo "variants $(($(wc -l < "$BUNDLE/build_report.tsv") - 1)), failed $failed, cubins $(($(wc -l < "$target/gpu-kernel-cache.list") / 2))"
     } > "$BUNDLE/MANIFEST"
     cat "$BUNDLE/MANIFEST"
@@ -288,12 +292,16 @@ run() {
     local t=$SECONDS
     environment
     export FP8FORGE_KERNEL_CACHE=${FP8FORGE_KERNEL_CACHE:-/tmp/fp8forge-kernel-cache}
+    # Use the bundled cache as built (NVRTC 13.0 from the wheel), whatever NVRTC this machine has.
+    local key
+    key=$(awk '$1 == "nvrtc_key" && $2 ~ /^[0-9]+\.[0-9]+$/ {print $2}' "$BUNDLE/MANIFEST" 2>/dev/null)
+    [ -n "$key" ] && export FP8FORGE_KERNEL_CACHE_NVRTC=${FP8FORGE_KERNEL_CACHE_NVRTC:-$key}
     mkdir -p "$FP8FORGE_KERNEL_CACHE"
     timeout -k 5 60 tar -xJf "$BUNDLE/kernel-cache.tar.xz" -C "$FP8FORGE_KERNEL_CACHE" 2>>"$OUT/env.txt" ||
         timeout -k 5 60 python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
             "$BUNDLE/kernel-cache.tar.xz" "$FP8FORGE_KERNEL_CACHE" ||
         log "gpu-check: the kernel cache did not unpack: kernels will be compiled here"
-    echo "kernel cache: $FP8FORGE_KERNEL_CACHE, $(ls "$FP8FORGE_KERNEL_CACHE" | grep -c '\.cubin$') cubins" | tee -a "$OUT/env.txt"
+    echo "kernel cache: $FP8FORGE_KERNEL_CACHE, $(ls "$FP8FORGE_KERNEL_CACHE" | grep -c '\.cubin$') cubins, keys of NVRTC ${FP8FORGE_KERNEL_CACHE_NVRTC:-(the one loaded)}" | tee -a "$OUT/env.txt"
     export FP8FORGE_GPU_REPORT=$OUT/gpu_report.tsv RUST_BACKTRACE=1
     if have_gpu; then
         export FP8FORGE_REQUIRE_GPU=1

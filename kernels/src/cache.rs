@@ -1,7 +1,7 @@
 //! The on-disk compile cache: `$FP8FORGE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/fp8forge/kernels/`,
 //! else `~/.cache/fp8forge/kernels/`. One `<key>.cubin` (and `<key>.log`) per variant, the key
 //! being sha256 of the program text, the NVRTC options, the target architecture and the NVRTC
-//! version; files are written to a temporary name and renamed, so a reader never sees half a
+//! version (or `$FP8FORGE_KERNEL_CACHE_NVRTC`, see [`key_version`]); files are written to a temporary name and renamed, so a reader never sees half a
 //! file. The cache is best effort: a directory that cannot be written only costs a recompile.
 
 use std::fs;
@@ -43,10 +43,31 @@ pub fn cache_key(spec: &KernelSpec, arch: GpuArch, nvrtc_version: (i32, i32)) ->
     hex(&h.finalize())
 }
 
+/// The NVRTC version the cache keys name: `$FP8FORGE_KERNEL_CACHE_NVRTC` (`MAJOR.MINOR`) when set,
+/// so that a cache built elsewhere (`bench/gpu-check.sh prepare`, NVRTC 13.0 from the pip wheel)
+/// is used as it is on a machine whose NVRTC differs or is missing; else the loaded NVRTC's.
+///
+/// # Errors
+///
+/// [`KernelError::NoNvrtc`] when the variable is unset (or not `MAJOR.MINOR`) and NVRTC cannot
+/// be loaded.
+pub fn key_version() -> Result<(i32, i32), KernelError> {
+    match std::env::var("FP8FORGE_KERNEL_CACHE_NVRTC").ok().as_deref().and_then(parse_version) {
+        Some(v) => Ok(v),
+        None => nvrtc::version(),
+    }
+}
+
+/// `MAJOR.MINOR` as numbers.
+fn parse_version(text: &str) -> Option<(i32, i32)> {
+    let (major, minor) = text.trim().split_once('.')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
 /// Whether `spec` for `arch` is in the cache already (a later [`compile_cached`] only reads it).
 /// False when NVRTC (whose version is part of the key) or the cache directory is missing.
 pub fn is_cached(spec: &KernelSpec, arch: GpuArch) -> bool {
-    let (Ok(version), Some(dir)) = (nvrtc::version(), cache_dir()) else { return false };
+    let (Ok(version), Some(dir)) = (key_version(), cache_dir()) else { return false };
     let key = cache_key(spec, arch, version);
     dir.join(format!("{key}.log")).is_file()
         && fs::metadata(dir.join(format!("{key}.cubin"))).is_ok_and(|m| m.len() > 0)
@@ -58,7 +79,7 @@ pub fn is_cached(spec: &KernelSpec, arch: GpuArch) -> bool {
 ///
 /// As [`nvrtc::compile`]; cache I/O errors are not errors (the kernel is compiled instead).
 pub fn compile_cached(spec: &KernelSpec, arch: GpuArch) -> Result<Compiled, KernelError> {
-    let version = nvrtc::version()?;
+    let version = key_version()?;
     let Some(dir) = cache_dir() else { return nvrtc::compile(spec, arch) };
     let key = cache_key(spec, arch, version);
     let cubin_path = dir.join(format!("{key}.cubin"));
@@ -95,7 +116,7 @@ pub struct BuildOutcome {
 /// in order; a variant that fails (compile error, spill) is recorded and the others go on.
 pub fn build_all(specs: &[KernelSpec], arch: GpuArch) -> Vec<BuildOutcome> {
     use rayon::prelude::*;
-    let version = nvrtc::version().ok();
+    let version = key_version().ok();
     specs
         .par_iter()
         .map(|spec| BuildOutcome {
@@ -174,6 +195,14 @@ mod tests {
         assert_ne!(k, cache_key(&g, GpuArch::Sm90a, (13, 0)));
         assert_ne!(k, cache_key(&a, GpuArch::Sm90, (13, 0)));
         assert_ne!(k, cache_key(&a, GpuArch::Sm90a, (13, 2)));
+    }
+
+    #[test]
+    fn cache_nvrtc_versions_parse() {
+        assert_eq!(parse_version("13.0"), Some((13, 0)));
+        assert_eq!(parse_version(" 12.9\n"), Some((12, 9)));
+        assert_eq!(parse_version("13"), None);
+        assert_eq!(parse_version("x.y"), None);
     }
 
     #[test]
