@@ -117,11 +117,10 @@ prepare() {
     {
         echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD -- . || echo ' (with uncommitted changes)')"
         echo "prepared $(date -u +%FT%TZ) on $(uname -m)"
-        local lib
-        lib=$(ls "${LD_LIBRARY_PATH%%:*}" 2>/dev/null | grep -o 'libnvrtc.so.13[.0-9]*' | sort | tail -1)
-        echo "nvrtc $lib"
         # The cache keys' NVRTC version (MAJOR.MINOR), so that `run` uses the cache whatever NVRTC it finds.
-        echo "nvrtc_key $(echo "$lib" | sed -E 's/^libnvrtc\.so\.([0-9]+)\.([0-9]+).*/\1.\2/')"
+        echo "nvrtc_key $(python3 -c 'import ctypes
+l = ctypes.CDLL("libnvrtc.so.13"); a, b = ctypes.c_int(), ctypes.c_int()
+l.nvrtcVersion(ctypes.byref(a), ctypes.byref(b)); print(f"{a.value}.{b.value}")')"
         echo "variants $(($(wc -l < "$BUNDLE/build_report.tsv") - 1)), failed $failed, cubins $(($(wc -l < "$target/gpu-kernel-cache.list") / 2))"
     } > "$BUNDLE/MANIFEST"
     cat "$BUNDLE/MANIFEST"
