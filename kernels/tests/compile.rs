@@ -4,7 +4,9 @@
 //! variant and no local-memory access.
 //!
 //! Without NVRTC this test fails if `FP8FORGE_REQUIRE_NVRTC=1` (as in CI), and otherwise says on
-//! stderr, outside the test harness's capture, that it skipped and why.
+//! stderr, outside the test harness's capture, that it skipped and why. Variants go through the
+//! kernel cache (`FP8FORGE_KERNEL_CACHE`): after `bench/gpu-check.sh prepare`, point it at
+//! `target/gpu-kernel-cache` to check the bundled build without compiling it again.
 
 use std::io::Write;
 use std::path::Path;
@@ -76,10 +78,12 @@ fn fxhash(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
-/// Compiles `specs` for their architecture in parallel; returns the failures and the results.
+/// Compiles `specs` for their architecture in parallel, through the kernel cache (a hit is the
+/// same program, options and NVRTC version, so the same CUBIN and ptxas log; a CI machine starts
+/// with an empty cache); returns the failures and the results.
 fn compile_all(specs: &[(KernelSpec, GpuArch)]) -> (Vec<String>, Vec<(KernelSpec, GpuArch, Compiled)>) {
     let results: Vec<(KernelSpec, GpuArch, Result<Compiled, KernelError>)> =
-        specs.par_iter().map(|(s, arch)| (*s, *arch, nvrtc::compile(s, *arch))).collect();
+        specs.par_iter().map(|(s, arch)| (*s, *arch, fp8forge_kernels::cache::compile_cached(s, *arch))).collect();
     let mut failures = Vec::new();
     let mut ok = Vec::new();
     for (spec, arch, r) in results {
