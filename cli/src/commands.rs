@@ -77,6 +77,11 @@ enum Command {
         #[command(subcommand)]
         what: crate::bench::BenchWhat,
     },
+    /// The GPU kernels: build them into the kernel cache (no GPU needed).
+    Kernels {
+        #[command(subcommand)]
+        what: crate::kernels::KernelsWhat,
+    },
     /// Evaluate a model on text: perplexity, and against a baseline KL divergence, top-1 and routing agreement.
     Eval(EvalArgs),
 }
@@ -278,6 +283,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Demo(a) => run_demo(a),
         Command::Autotune(a) => crate::autotune::run(a),
         Command::Bench { what } => crate::bench::run(what),
+        Command::Kernels { what } => crate::kernels::run(what),
     }
 }
 

@@ -6,6 +6,7 @@ mod bench;
 mod commands;
 mod demo;
 mod failure;
+mod kernels;
 mod output;
 
 use std::process::ExitCode;

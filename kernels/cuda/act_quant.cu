@@ -6,6 +6,8 @@
 // x: bf16 [M, K] row-major; q: e4m3 [M, K]; scales: f32 [M, K/128] row-major. K % 128 == 0.
 // One warp per group: lane l holds channels 4l..4l+3. Requires: UE8M0 (0 or 1).
 
+static_assert(UE8M0 == 0 || UE8M0 == 1, "UE8M0: 0 (f32 scales) or 1 (power-of-two scales)");
+
 extern "C" __global__ void __launch_bounds__(256) fp8_act_quant(const u16* __restrict__ x, u8* __restrict__ q,
                                                                float* __restrict__ scales, int M, int K) {
     const int KB = K / 128;

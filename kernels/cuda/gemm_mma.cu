@@ -21,6 +21,20 @@
 #define NT (WTN / 8)
 #define STAGE_BYTES ((BM + BN) * ROW_BYTES)
 
+// Every knob checked at compile time against what the host assumes (kernels/src/config.rs:
+// check_config, smem_bytes, threads; HOST_SMEM and HOST_THREADS are the host's launch values).
+static_assert(BM == 64 || BM == 128, "BM must be 64 or 128");
+static_assert(BN == 64 || BN == 128, "BN must be 64 or 128");
+static_assert(WM >= 1 && WM <= 4 && WN >= 1 && WN <= 4 && WM * WN <= 8, "1 to 4 warps each way, at most 8 in all");
+static_assert(BM % (16 * WM) == 0 && BN % (8 * WN) == 0, "each warp's tile must be a multiple of 16 rows and 8 columns");
+static_assert(2 * MT * NT * 4 <= 64, "at most 64 accumulator registers per thread (a 32x32 warp tile)");
+static_assert(STAGES >= 2 && STAGES <= 16, "STAGES must be 2..MAX_STAGES (16)");
+static_assert(STAGES * STAGE_BYTES <= 232448, "stages x stage bytes exceed the 227 KiB of opt-in shared memory");
+static_assert(HOST_SMEM >= STAGES * STAGE_BYTES && HOST_SMEM <= 232448, "the host's launch shared memory does not match this layout");
+static_assert(HOST_THREADS == THREADS, "host and kernel disagree on the block size");
+static_assert(GROUPED == 0 || GROUPED == 1, "GROUPED: 0 or 1");
+static_assert(!GROUPED || 128 % BM == 0, "grouped: a tile must lie inside one expert's 128-row aligned run");
+
 __device__ __forceinline__ void cp_async_16(u32 dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
                  : "memory");

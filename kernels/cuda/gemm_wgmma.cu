@@ -20,8 +20,9 @@
 // shares B the same way. The host makes the paired dimension's tile count even.
 //
 // Configuration (#defines): BM in {64, 128, 256}, BN (multiple of 8, <= 256), STAGES, MC (0 none,
-// 1 A, 2 B), CLUSTER (1 or 2), SW (32, 64, 128), GROUPED (see gemm_mma.cu), and the generated
-// wgmma_m64k32(float (&)[BN / 2], u64, u64, int).
+// 1 A, 2 B), CLUSTER (1 or 2), SW (32, 64, 128), GROUPED (see gemm_mma.cu), SB_STATIC (1: the
+// B-scale block of each 8-column group chosen at compile time, for BN not dividing 128), and the
+// generated wgmma_m64k32(float (&)[BN / 2], u64, u64, int).
 
 #define NUM_MATH_WG (BM >= 128 ? 2 : 1)
 #define SLABS (BM / 64 / NUM_MATH_WG)
@@ -34,6 +35,33 @@
 #define B_BOX_ROWS (MC == 2 ? BN / 2 : BN)
 #define NACC (BN / 2)
 #define SW_MODE (SW == 128 ? 1 : (SW == 64 ? 2 : 3))
+// Shared memory this layout uses: 1024 bytes of alignment slack, the stages' tiles, and one full
+// and one empty mbarrier (8 bytes each) per stage.
+#define SMEM_USED (1024 + STAGES * (STAGE_BYTES + 16))
+
+// Every knob checked at compile time against what the host assumes (kernels/src/config.rs:
+// check_config, is_legal, smem_bytes, threads; HOST_SMEM and HOST_THREADS are the host's launch
+// values), so the CI's NVRTC build of every variant enforces host/device agreement.
+static_assert(BM == 64 || BM == 128 || BM == 256, "BM must be 64, 128 or 256 (64-row slabs on 1 or 2 consumer warpgroups)");
+static_assert(BN % 8 == 0 && BN >= 16 && BN <= 256,
+              "BN must be a multiple of 8 in 16..256: wgmma N; 8-column groups never straddle a 128-column scale "
+              "block; a tile meets at most three scale blocks");
+static_assert(BN <= (BM == 256 ? 128 : 184), "BN over the register limit of this BM (config.rs wgmma_max_block_n)");
+static_assert(SW == 32 || SW == 64 || SW == 128, "SW must be 32, 64 or 128");
+static_assert(A_BYTES % 1024 == 0 && B_BYTES % 1024 == 0, "tiles must keep the 1024-byte alignment of the swizzle atoms");
+static_assert(STAGES >= 2 && STAGES <= 16, "STAGES must be 2..MAX_STAGES (16)");
+static_assert(SMEM_USED <= 232448, "stages x stage bytes exceed the 227 KiB of opt-in shared memory of sm_90");
+static_assert(HOST_SMEM >= SMEM_USED && HOST_SMEM <= 232448, "the host's launch shared memory does not match this layout");
+static_assert(HOST_THREADS == THREADS, "host and kernel disagree on the block size");
+static_assert(MC == 0 || MC == 1 || MC == 2, "MC: 0 none, 1 A, 2 B");
+static_assert(CLUSTER == (MC == 0 ? 1 : 2), "multicast needs a cluster of two CTAs, no multicast a cluster of one");
+static_assert(MC != 1 || (BM / 2) % 8 == 0, "A multicast: each CTA loads BM/2 rows, a multiple of 8");
+static_assert(MC != 2 || BN % 16 == 0, "B multicast: each CTA loads BN/2 rows, a multiple of 8");
+static_assert(GROUPED == 0 || GROUPED == 1, "GROUPED: 0 or 1");
+static_assert(!GROUPED || 128 % BM == 0, "grouped: a tile must lie inside one expert's 128-row aligned run");
+static_assert(!GROUPED || MC != 2, "grouped: no B multicast (paired M tiles may belong to different experts)");
+static_assert(SB_STATIC == 0 || SB_STATIC == 1, "SB_STATIC: 0 or 1");
+static_assert(!SB_STATIC || 128 % BN != 0, "compile-time B-scale selection is for BN not dividing 128");
 
 // A CUtensorMap, opaque: 128 bytes, 64-byte aligned, passed by value as a __grid_constant__.
 struct __align__(64) TmaDesc {
@@ -141,6 +169,39 @@ __device__ __forceinline__ bool next_tile(int step, int num_m, int num_n, int ra
     raster_tile(t, num_m, num_n, raster_group, mb, nb);
 #endif
     return true;
+}
+
+// Promotion of one slab, acc += part * (sa * sb), with the B-scale block of each 8-column group
+// fixed at compile time: 8-column groups [0, SPLIT8) use scale block nb0, [SPLIT8, SPLIT8 + 16)
+// nb0 + 1, the rest nb0 + 2 (SPLIT8 >= BN / 8: the whole tile lies in block nb0).
+template <int SPLIT8>
+__device__ __forceinline__ void promote_split(float (&acc)[NACC], const float (&part)[NACC], float sa0, float sa1,
+                                              const float (&sb)[3]) {
+#pragma unroll
+    for (int g8 = 0; g8 < BN / 8; ++g8) {
+        const float sbv = g8 >= SPLIT8 + 16 ? sb[2] : (g8 >= SPLIT8 ? sb[1] : sb[0]);
+        const float s0 = sa0 * sbv, s1 = sa1 * sbv;
+        acc[4 * g8 + 0] = fmaf(part[4 * g8 + 0], s0, acc[4 * g8 + 0]);
+        acc[4 * g8 + 1] = fmaf(part[4 * g8 + 1], s0, acc[4 * g8 + 1]);
+        acc[4 * g8 + 2] = fmaf(part[4 * g8 + 2], s1, acc[4 * g8 + 2]);
+        acc[4 * g8 + 3] = fmaf(part[4 * g8 + 3], s1, acc[4 * g8 + 3]);
+    }
+}
+
+// Dispatches the tile's split (`split8` = first 8-column group in block nb0 + 1, 1..16; uniform
+// across the CTA) to the promotion compiled for it.
+template <int K>
+__device__ __forceinline__ void promote_dispatch(int split8, float (&acc)[NACC], const float (&part)[NACC], float sa0,
+                                                 float sa1, const float (&sb)[3]) {
+    if constexpr (K >= BN / 8 || K >= 16) {
+        promote_split<(BN / 8 < 16 ? BN / 8 : 16)>(acc, part, sa0, sa1, sb);
+    } else {
+        if (split8 == K) {
+            promote_split<K>(acc, part, sa0, sa1, sb);
+        } else {
+            promote_dispatch<K + 1>(split8, acc, part, sa0, sa1, sb);
+        }
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
@@ -266,7 +327,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
             // Columns [n0, n0 + BN) meet at most three 128-wide scale blocks: nb0, nb0 + 1, nb0 + 2.
             const int nb1 = min(nb0 + 1, NB - 1), nb2 = min(nb0 + 2, NB - 1);
             const int split1 = (nb0 + 1) * 128 - n0;  // first tile column in block nb0 + 1
+#if !SB_STATIC
             const int split2 = split1 + 128;
+#endif
 
             float acc[SLABS][NACC];
 #pragma unroll
@@ -326,6 +389,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
                     for (int i = 0; i < NACC; ++i) fence_reg(part[i]);
                     // Promotion: acc += partial * (sa * sb).
+#if SB_STATIC
+                    promote_dispatch<1>(split1 / 8, acc[sl], part, csa[sl][0], csa[sl][1], csb);
+#else
 #pragma unroll
                     for (int g8 = 0; g8 < BN / 8; ++g8) {
                         const int c = 8 * g8;
@@ -336,6 +402,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
                         acc[sl][4 * g8 + 2] = fmaf(part[4 * g8 + 2], s1, acc[sl][4 * g8 + 2]);
                         acc[sl][4 * g8 + 3] = fmaf(part[4 * g8 + 3], s1, acc[sl][4 * g8 + 3]);
                     }
+#endif
                 }
                 // This warp is done with stage s (its wgmmas completed at the wait above).
                 if (lane == 0) {

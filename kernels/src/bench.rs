@@ -17,15 +17,22 @@ use rayon::prelude::*;
 use serde::{Serialize, Serializer};
 
 use crate::config::{GemmConfig, GemmShape, GpuArch, KernelKind, Multicast, is_legal, search_space};
-use crate::cublaslt::{Baseline, CublasLt, LtArgs, LtPlan, activation_scales_for_cublas, weight_scales_for_cublas};
+use crate::cublaslt::{
+    Baseline, CublasLt, LtArgs, LtPlan, LtScales, activation_scale_len, activation_scales_for_cublas, weight_scale_ld,
+    weight_scales_for_cublas,
+};
 use crate::cuda::{Device, DeviceBuffer, Graph};
 use crate::error::KernelError;
-use crate::gemm::{DEFAULT_RASTER_GROUP, GemmArgs, GemmKernel};
+use crate::gemm::{DEFAULT_RASTER_GROUP, GemmArgs, GemmKernel, MIndices};
 use crate::problem::HostProblem;
 use crate::reference::{Comparison, compare, e4m3_table, f32_to_bf16, gemm_references};
 
 /// A NaN bf16 (all ones): what outputs are poisoned with before a checked run.
 pub const POISON: u16 = 0xFFFF;
+
+/// How long one checked call may run before it counts as hung (the largest benchmark problem
+/// takes milliseconds).
+pub const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How to measure.
 #[derive(Clone, Debug)]
@@ -230,7 +237,7 @@ struct Fp8Set {
     b: Rotation<u8>,
     sb: Rotation<f32>,
     d: Rotation<u16>,
-    m_indices: Option<DeviceBuffer<i32>>,
+    m_indices: Option<MIndices>,
 }
 
 /// What a cuBLASLt baseline reads besides [`Fp8Set`], and its own output.
@@ -329,7 +336,7 @@ impl<'d> ShapeBench<'d> {
             b: Rotation::new(dev, &problem.b, copies)?,
             sb: Rotation::new(dev, &problem.sb, copies)?,
             d: Rotation::new(dev, &vec![POISON; shape.m * shape.n], copies)?,
-            m_indices: problem.m_indices.as_ref().map(|i| dev.upload(i)).transpose()?,
+            m_indices: problem.m_indices.as_ref().map(|i| MIndices::upload(dev, i, shape.experts())).transpose()?,
         };
         Ok(ShapeBench { dev, shape: *shape, opts: opts.clone(), problem, rows, reference, rotate, fp8 })
     }
@@ -361,7 +368,7 @@ impl<'d> ShapeBench<'d> {
         }
         let mut captured = Vec::new();
         for (mut row, imp) in ready {
-            match self.check_and_capture(&mut row, &imp) {
+            match self.check_and_capture(&mut row, &imp)? {
                 Some(graph) => captured.push(Captured { row, graph, _imp: imp }),
                 None => out.push(row),
             }
@@ -406,7 +413,7 @@ impl<'d> ShapeBench<'d> {
                     b: fp8.b.get(i),
                     sb: fp8.sb.get(i),
                     d: fp8.d.get(i),
-                    m_indices: fp8.m_indices.as_ref().map(|b| b.all()),
+                    m_indices: fp8.m_indices.as_ref(),
                 };
                 kernel.launch(self.dev, &self.shape, &args, self.opts.raster_group)
             }
@@ -417,7 +424,19 @@ impl<'d> ShapeBench<'d> {
     /// Runs `imp` once on a poisoned output and compares it with the reference; when it passes
     /// (or is a baseline, which is timed even when it is off), captures its graph. `None` when
     /// the row is finished: it failed, and `row.error` says why.
-    fn check_and_capture(&self, row: &mut BenchRow, imp: &Impl) -> Option<Graph> {
+    ///
+    /// # Errors
+    ///
+    /// Only an error after which the device cannot be used ([`KernelError::is_device_lost`]: a
+    /// kernel faulted or hangs); every other failure is the row's.
+    fn check_and_capture(&self, row: &mut BenchRow, imp: &Impl) -> Result<Option<Graph>, KernelError> {
+        let finished = |row: &mut BenchRow, e: KernelError, what: &str| {
+            if e.is_device_lost() {
+                return Err(e);
+            }
+            row.error = Some(format!("{what}{e}"));
+            Ok(None)
+        };
         match self.check(imp) {
             Ok(c) => {
                 row.rel_err = Some(c.rel_err);
@@ -428,22 +447,16 @@ impl<'d> ShapeBench<'d> {
                         c.rel_err, c.non_finite
                     ));
                     if matches!(imp, Impl::Ours(_)) {
-                        return None;
+                        return Ok(None);
                     }
                 }
             }
-            Err(e) => {
-                row.error = Some(e.to_string());
-                return None;
-            }
+            Err(e) => return finished(row, e, ""),
         }
         let calls = self.opts.calls_per_graph.max(20) as usize;
         match self.dev.capture(|| (0..calls).try_for_each(|i| self.enqueue(imp, i))) {
-            Ok(g) => Some(g),
-            Err(e) => {
-                row.error = Some(format!("graph capture: {e}"));
-                None
-            }
+            Ok(g) => Ok(Some(g)),
+            Err(e) => finished(row, e, "graph capture: "),
         }
     }
 
@@ -457,7 +470,7 @@ impl<'d> ShapeBench<'d> {
         };
         dev.fill_u16(&d0, POISON)?;
         self.enqueue(imp, 0)?;
-        dev.synchronize()?;
+        dev.synchronize_within(CHECK_TIMEOUT)?;
         let mut host = vec![0u16; shape.m * shape.n];
         dev.copy_to_host(&d0, &mut host)?;
         let non_finite = host.par_iter().filter(|&&v| !crate::reference::bf16_to_f32(v).is_finite()).count();
@@ -557,12 +570,6 @@ fn lt_setup(
     let shape = &p.shape;
     let (m, n, k, kb, nb) = (shape.m, shape.n, shape.k, shape.k_blocks(), shape.n_blocks());
     let ranges = expert_ranges(p);
-    let mut plans = Vec::new();
-    for (e, &(_, rows)) in ranges.iter().enumerate() {
-        if rows > 0 {
-            plans.push((lt.plan(baseline, rows, n, k)?, e));
-        }
-    }
     let ops = match baseline {
         Baseline::Bf16 => {
             // The dequantized operands, rounded to bf16.
@@ -604,7 +611,28 @@ fn lt_setup(
             }
         }
     };
+    // Planned with the scale pointers of the first copy set (the heuristic sees the operation as
+    // it runs); each call sets its own copy's pointers again.
+    let mut plans = Vec::new();
+    let mut a_scale_off = 0usize;
+    for (e, &(_, rows)) in ranges.iter().enumerate() {
+        if rows > 0 {
+            let scales = lt_scales(&ops, 0, a_scale_off, e * nb * weight_scale_ld(kb));
+            plans.push((lt.plan(baseline, rows, n, k, scales)?, e));
+            a_scale_off += activation_scale_len(rows, kb);
+        }
+    }
     Ok((plans, ops))
+}
+
+/// The scale pointers of operand copy `i` at these offsets (in floats), or none for BF16.
+fn lt_scales(ops: &LtOperands, i: usize, a_off: usize, b_off: usize) -> LtScales {
+    match ops {
+        LtOperands::Bf16 { .. } => LtScales::default(),
+        LtOperands::Fp8Block { a_scales, b_scales, .. } => {
+            LtScales { a: a_scales.get(i).ptr() + (a_off * 4) as u64, b: b_scales.get(i).ptr() + (b_off * 4) as u64 }
+        }
+    }
 }
 
 /// Enqueues baseline call `i`: one cuBLASLt matmul per expert (one for a dense shape).
@@ -618,7 +646,6 @@ fn lt_enqueue(
     i: usize,
 ) -> Result<(), KernelError> {
     let (n, k, kb, nb) = (shape.n, shape.k, shape.k_blocks(), shape.n_blocks());
-    let kb4 = kb.next_multiple_of(4);
     let mut row0 = 0usize;
     let mut a_scale_off = 0usize;
     for (plan, e) in plans {
@@ -632,16 +659,19 @@ fn lt_enqueue(
                 a_scales: 0,
                 b_scales: 0,
             },
-            LtOperands::Fp8Block { a_scales, b_scales, .. } => LtArgs {
-                a: fp8.a.get(i).ptr() + (row0 * k) as u64,
-                b: fp8.b.get(i).ptr() + (e * n * k) as u64,
-                d,
-                a_scales: a_scales.get(i).ptr() + (a_scale_off * 4) as u64,
-                b_scales: b_scales.get(i).ptr() + (e * nb * kb4 * 4) as u64,
-            },
+            LtOperands::Fp8Block { .. } => {
+                let scales = lt_scales(ops, i, a_scale_off, e * nb * weight_scale_ld(kb));
+                LtArgs {
+                    a: fp8.a.get(i).ptr() + (row0 * k) as u64,
+                    b: fp8.b.get(i).ptr() + (e * n * k) as u64,
+                    d,
+                    a_scales: scales.a,
+                    b_scales: scales.b,
+                }
+            }
         };
         lt.run(dev, plan, &args)?;
-        a_scale_off += rows.next_multiple_of(4) * kb;
+        a_scale_off += activation_scale_len(rows, kb);
         row0 += rows;
     }
     Ok(())

@@ -1,7 +1,7 @@
 //! The on-disk compile cache: `$FP8FORGE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/fp8forge/kernels/`,
 //! else `~/.cache/fp8forge/kernels/`. One `<key>.cubin` (and `<key>.log`) per variant, the key
 //! being sha256 of the program text, the NVRTC options, the target architecture and the NVRTC
-//! version; files are written to a temporary name and renamed, so a reader never sees half a
+//! version (or `$FP8FORGE_KERNEL_CACHE_NVRTC`, see [`key_version`]); files are written to a temporary name and renamed, so a reader never sees half a
 //! file. The cache is best effort: a directory that cannot be written only costs a recompile.
 
 use std::fs;
@@ -43,13 +43,43 @@ pub fn cache_key(spec: &KernelSpec, arch: GpuArch, nvrtc_version: (i32, i32)) ->
     hex(&h.finalize())
 }
 
+/// The NVRTC version the cache keys name: `$FP8FORGE_KERNEL_CACHE_NVRTC` (`MAJOR.MINOR`) when set,
+/// so that a cache built elsewhere (`bench/gpu-check.sh prepare`, NVRTC 13.0 from the pip wheel)
+/// is used as it is on a machine whose NVRTC differs or is missing; else the loaded NVRTC's.
+///
+/// # Errors
+///
+/// [`KernelError::NoNvrtc`] when the variable is unset (or not `MAJOR.MINOR`) and NVRTC cannot
+/// be loaded.
+pub fn key_version() -> Result<(i32, i32), KernelError> {
+    match std::env::var("FP8FORGE_KERNEL_CACHE_NVRTC").ok().as_deref().and_then(parse_version) {
+        Some(v) => Ok(v),
+        None => nvrtc::version(),
+    }
+}
+
+/// `MAJOR.MINOR` as numbers.
+fn parse_version(text: &str) -> Option<(i32, i32)> {
+    let (major, minor) = text.trim().split_once('.')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// Whether `spec` for `arch` is in the cache already (a later [`compile_cached`] only reads it).
+/// False when NVRTC (whose version is part of the key) or the cache directory is missing.
+pub fn is_cached(spec: &KernelSpec, arch: GpuArch) -> bool {
+    let (Ok(version), Some(dir)) = (key_version(), cache_dir()) else { return false };
+    let key = cache_key(spec, arch, version);
+    dir.join(format!("{key}.log")).is_file()
+        && fs::metadata(dir.join(format!("{key}.cubin"))).is_ok_and(|m| m.len() > 0)
+}
+
 /// Compiles `spec` for `arch`, or reads it from the cache.
 ///
 /// # Errors
 ///
 /// As [`nvrtc::compile`]; cache I/O errors are not errors (the kernel is compiled instead).
 pub fn compile_cached(spec: &KernelSpec, arch: GpuArch) -> Result<Compiled, KernelError> {
-    let version = nvrtc::version()?;
+    let version = key_version()?;
     let Some(dir) = cache_dir() else { return nvrtc::compile(spec, arch) };
     let key = cache_key(spec, arch, version);
     let cubin_path = dir.join(format!("{key}.cubin"));
@@ -67,6 +97,64 @@ pub fn compile_cached(spec: &KernelSpec, arch: GpuArch) -> Result<Compiled, Kern
             write_atomic(&log_path, compiled.log.as_bytes()).and_then(|_| write_atomic(&cubin_path, &compiled.cubin));
     }
     Ok(compiled)
+}
+
+/// What building one variant into the cache gave.
+#[derive(Debug)]
+pub struct BuildOutcome {
+    /// The variant.
+    pub spec: KernelSpec,
+    /// It was in the cache before (nothing was compiled).
+    pub was_cached: bool,
+    /// Its cache key (the files are `<key>.cubin` and `<key>.log`), when NVRTC's version is known.
+    pub key: Option<String>,
+    /// ptxas's report, or why the variant cannot be built (a compile error, a spill).
+    pub result: Result<ResourceUsage, KernelError>,
+}
+
+/// Builds every one of `specs` for `arch` into the cache, in parallel: one outcome per variant,
+/// in order; a variant that fails (compile error, spill) is recorded and the others go on.
+pub fn build_all(specs: &[KernelSpec], arch: GpuArch) -> Vec<BuildOutcome> {
+    use rayon::prelude::*;
+    let version = key_version().ok();
+    specs
+        .par_iter()
+        .map(|spec| BuildOutcome {
+            spec: *spec,
+            was_cached: is_cached(spec, arch),
+            key: version.map(|v| cache_key(spec, arch, v)),
+            result: compile_cached(spec, arch).map(|c| c.resources),
+        })
+        .collect()
+}
+
+/// The build report: a header, then one TSV line per variant (label, arch, status, registers,
+/// stack, spill stores and loads, ptxas warnings, cache key).
+pub fn build_report(outcomes: &[BuildOutcome], arch: GpuArch) -> String {
+    let mut tsv =
+        String::from("variant\tarch\tstatus\tregisters\tstack\tspill_stores\tspill_loads\twarnings\tcache_key\n");
+    for o in outcomes {
+        let clean = |t: &str| t.replace(['\t', '\n'], " ");
+        let key = o.key.as_deref().unwrap_or("-");
+        let line = match &o.result {
+            Ok(r) => format!(
+                "{}\t{arch}\t{}\t{}\t{}\t{}\t{}\t{}\t{key}",
+                o.spec.label(),
+                if o.was_cached { "cached" } else { "built" },
+                r.registers,
+                r.stack_bytes,
+                r.spill_stores,
+                r.spill_loads,
+                clean(&r.warnings.join("; "))
+            ),
+            Err(e) => {
+                format!("{}\t{arch}\tfailed: {}\t-\t-\t-\t-\t-\t{key}", o.spec.label(), clean(&e.to_string()))
+            }
+        };
+        tsv += &line;
+        tsv.push('\n');
+    }
+    tsv
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
@@ -107,6 +195,37 @@ mod tests {
         assert_ne!(k, cache_key(&g, GpuArch::Sm90a, (13, 0)));
         assert_ne!(k, cache_key(&a, GpuArch::Sm90, (13, 0)));
         assert_ne!(k, cache_key(&a, GpuArch::Sm90a, (13, 2)));
+    }
+
+    #[test]
+    fn cache_nvrtc_versions_parse() {
+        assert_eq!(parse_version("13.0"), Some((13, 0)));
+        assert_eq!(parse_version(" 12.9\n"), Some((12, 9)));
+        assert_eq!(parse_version("13"), None);
+        assert_eq!(parse_version("x.y"), None);
+    }
+
+    #[test]
+    fn build_report_has_a_line_per_variant_failures_included() {
+        let ok = BuildOutcome {
+            spec: KernelSpec::Gemm { config: GemmConfig::wgmma(128, 128, 4, Multicast::None), grouped: false },
+            was_cached: true,
+            key: Some("abc".into()),
+            result: Ok(ResourceUsage { registers: 168, ..ResourceUsage::default() }),
+        };
+        let spilled = BuildOutcome {
+            spec: KernelSpec::Gemm { config: GemmConfig::wgmma(64, 192, 4, Multicast::None), grouped: true },
+            was_cached: false,
+            key: None,
+            result: Err(KernelError::Nvrtc { call: "nvrtcCompileProgram", status: "boom\tx".into() }),
+        };
+        let tsv = build_report(&[ok, spilled], GpuArch::Sm90a);
+        let lines: Vec<&str> = tsv.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[1].starts_with("gemm wgmma_bm128_bn128_s4_mc1_sw128\tsm_90a\tcached\t168\t"));
+        assert!(lines[2].contains(" grouped\tsm_90a\tfailed: "), "{}", lines[2]);
+        assert!(lines.iter().all(|l| l.split('\t').count() == 9), "{tsv}");
+        assert!(lines[1].ends_with("\tabc") && lines[2].ends_with("\t-"));
     }
 
     #[test]

@@ -18,8 +18,11 @@ use serde::Serialize;
 pub const BLOCK_K: u32 = 128;
 /// Largest dynamic shared memory one block may use on sm_89/sm_90 (227 KiB).
 pub const SMEM_LIMIT: u32 = 232_448;
-/// Deepest pipeline the search space and the kernels allow.
-pub const MAX_STAGES: u32 = 8;
+/// Deepest pipeline the kernels allow (their static_asserts say the same); only
+/// [`speed_variants`] go past [`SEARCH_MAX_STAGES`].
+pub const MAX_STAGES: u32 = 16;
+/// Deepest pipeline of the search space.
+pub const SEARCH_MAX_STAGES: u32 = 8;
 /// In the M-grouped contiguous layout every expert's run of rows starts at a multiple of this.
 pub const GROUP_ALIGN: usize = 128;
 /// Extra shared memory the wgmma kernel asks for to align its tiles to 1024 bytes.
@@ -141,12 +144,25 @@ pub struct GemmConfig {
     pub multicast: Multicast,
     /// Operand tile layout.
     pub swizzle: Swizzle,
+    /// wgmma with BLOCK_N not dividing 128: the B-scale block of each 8-column group is chosen
+    /// at compile time (one branch per tile start dispatches to a promotion unrolled for that
+    /// split) instead of per group at run time. A speed variant (id suffix `_sbc`), not searched.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub static_b_scales: bool,
 }
 
 impl GemmConfig {
     /// A wgmma configuration with 128-byte swizzle.
     pub fn wgmma(block_m: u32, block_n: u32, stages: u32, multicast: Multicast) -> GemmConfig {
-        GemmConfig { kind: KernelKind::Wgmma, block_m, block_n, stages, multicast, swizzle: Swizzle::B128 }
+        GemmConfig {
+            kind: KernelKind::Wgmma,
+            block_m,
+            block_n,
+            stages,
+            multicast,
+            swizzle: Swizzle::B128,
+            static_b_scales: false,
+        }
     }
 
     /// An mma.sync configuration.
@@ -158,6 +174,7 @@ impl GemmConfig {
             stages,
             multicast: Multicast::None,
             swizzle: Swizzle::Padded,
+            static_b_scales: false,
         }
     }
 
@@ -172,12 +189,13 @@ impl GemmConfig {
                     Multicast::B => "mcB2".to_string(),
                 };
                 format!(
-                    "wgmma_bm{}_bn{}_s{}_{}_sw{}",
+                    "wgmma_bm{}_bn{}_s{}_{}_sw{}{}",
                     self.block_m,
                     self.block_n,
                     self.stages,
                     mc,
-                    self.swizzle.bytes()
+                    self.swizzle.bytes(),
+                    if self.static_b_scales { "_sbc" } else { "" }
                 )
             }
             KernelKind::MmaSync { warps_m, warps_n } => {
@@ -253,7 +271,11 @@ impl FromStr for GemmConfig {
     /// Parses an id written by [`GemmConfig::id`].
     fn from_str(s: &str) -> Result<GemmConfig, Why> {
         let bad = || Why::BadId { id: s.to_string() };
-        let mut parts = s.split('_');
+        let (core, static_b_scales) = match s.strip_suffix("_sbc") {
+            Some(core) => (core, true),
+            None => (s, false),
+        };
+        let mut parts = core.split('_');
         let kind = parts.next().ok_or_else(bad)?;
         let num = |p: Option<&str>, prefix: &str| -> Result<u32, Why> {
             p.and_then(|p| p.strip_prefix(prefix)).and_then(|v| v.parse().ok()).ok_or_else(bad)
@@ -275,7 +297,7 @@ impl FromStr for GemmConfig {
                     128 => Swizzle::B128,
                     _ => return Err(bad()),
                 };
-                GemmConfig { kind: KernelKind::Wgmma, block_m, block_n, stages, multicast, swizzle }
+                GemmConfig { kind: KernelKind::Wgmma, block_m, block_n, stages, multicast, swizzle, static_b_scales }
             }
             "mma" => {
                 let block_m = num(parts.next(), "bm")?;
@@ -285,6 +307,9 @@ impl FromStr for GemmConfig {
                 let warps_m = wm.parse().map_err(|_| bad())?;
                 let warps_n = wn.parse().map_err(|_| bad())?;
                 let stages = num(parts.next(), "s")?;
+                if static_b_scales {
+                    return Err(bad());
+                }
                 GemmConfig::mma(block_m, block_n, warps_m, warps_n, stages)
             }
             _ => return Err(bad()),
@@ -537,6 +562,12 @@ pub fn check_config(cfg: &GemmConfig) -> Result<(), Why> {
             if !matches!(cfg.swizzle, Swizzle::B32 | Swizzle::B64 | Swizzle::B128) {
                 return Err(Why::Swizzle { swizzle: cfg.swizzle, kind: "wgmma (32, 64 or 128 bytes)" });
             }
+            if cfg.static_b_scales && 128 % bn == 0 {
+                return Err(Why::BlockN {
+                    block_n: bn,
+                    rule: "not a divisor of 128 with compile-time B-scale selection (a divisor never splits a scale block)",
+                });
+            }
         }
         KernelKind::MmaSync { warps_m, warps_n } => {
             if ![64, 128].contains(&bm) {
@@ -562,6 +593,9 @@ pub fn check_config(cfg: &GemmConfig) -> Result<(), Why> {
             }
             if cfg.swizzle != Swizzle::Padded {
                 return Err(Why::Swizzle { swizzle: cfg.swizzle, kind: "mma.sync (padded rows)" });
+            }
+            if cfg.static_b_scales {
+                return Err(Why::BlockN { block_n: bn, rule: "compile-time B-scale selection is a wgmma variant" });
             }
         }
     }
@@ -621,7 +655,7 @@ pub fn search_space(arch: GpuArch) -> Vec<GemmConfig> {
             for bn in (16..=wgmma_max_block_n(bm)).step_by(8) {
                 for mc in [Multicast::None, Multicast::A, Multicast::B] {
                     let probe = GemmConfig::wgmma(bm, bn, 2, mc);
-                    let deepest = probe.max_stages();
+                    let deepest = probe.max_stages().min(SEARCH_MAX_STAGES);
                     let mut depths = vec![4.min(deepest), deepest];
                     depths.dedup();
                     for stages in depths {
@@ -649,6 +683,37 @@ pub fn search_space(arch: GpuArch) -> Vec<GemmConfig> {
     out
 }
 
+/// Selectable variants outside the search space, for speed work that cannot be measured where it
+/// is written (each must pass the sm_90a compile check; none replaces a search-space variant):
+/// - every wgmma tile of the search space small enough for more than [`SEARCH_MAX_STAGES`]
+///   stages, at the deepest pipeline that fits (at most [`MAX_STAGES`] = 16), e.g. BM = 64,
+///   BN ≤ 136;
+/// - every wgmma tile without multicast whose BLOCK_N does not divide 128, with 4 stages (or its
+///   deepest pipeline if shallower), with the B-scale selection at compile time
+///   ([`GemmConfig::static_b_scales`]).
+///
+/// Empty for an architecture without wgmma. Their family is `speed` (see `filter`).
+pub fn speed_variants(arch: GpuArch) -> Vec<GemmConfig> {
+    let mut out: Vec<GemmConfig> = Vec::new();
+    let space = search_space(arch);
+    for cfg in space.iter().filter(|c| c.kind == KernelKind::Wgmma) {
+        let deep = GemmConfig { stages: cfg.max_stages(), ..*cfg };
+        if deep.stages > SEARCH_MAX_STAGES && check_config(&deep).is_ok() && !out.contains(&deep) {
+            out.push(deep);
+        }
+    }
+    let four_stages = |c: &&GemmConfig| c.stages == 4.min(c.max_stages());
+    for cfg in
+        space.iter().filter(|c| c.kind == KernelKind::Wgmma && c.multicast == Multicast::None).filter(four_stages)
+    {
+        let sbc = GemmConfig { static_b_scales: true, ..*cfg };
+        if check_config(&sbc).is_ok() {
+            out.push(sbc);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -668,6 +733,27 @@ mod tests {
     }
 
     #[test]
+    fn speed_variants_are_deep_small_tiles_outside_the_search_space() {
+        let space = search_space(GpuArch::Sm90a);
+        let speed = speed_variants(GpuArch::Sm90a);
+        assert!(!speed.is_empty());
+        for cfg in &speed {
+            check_config(cfg).unwrap_or_else(|e| panic!("{cfg}: {e}"));
+            assert!(cfg.static_b_scales || (cfg.stages > SEARCH_MAX_STAGES && cfg.stages <= MAX_STAGES), "{cfg}");
+            assert!(cfg.smem_bytes() <= SMEM_LIMIT, "{cfg}");
+            assert!(!space.contains(cfg), "{cfg} is in the search space");
+            let back: GemmConfig = cfg.id().parse().unwrap();
+            assert_eq!(&back, cfg);
+        }
+        assert!(speed.iter().any(|c| c.block_m == 64 && c.block_n == 64 && c.stages == 14), "{speed:?}");
+        let sbc: Vec<&GemmConfig> = speed.iter().filter(|c| c.static_b_scales).collect();
+        assert!(sbc.iter().all(|c| 128 % c.block_n != 0 && c.multicast == Multicast::None));
+        assert!(sbc.iter().any(|c| c.id() == "wgmma_bm128_bn160_s4_mc1_sw128_sbc"), "{sbc:?}");
+        assert!(space.iter().all(|c| c.stages <= SEARCH_MAX_STAGES));
+        assert!(speed_variants(GpuArch::Sm89).is_empty());
+    }
+
+    #[test]
     fn sm89_search_space_has_no_wgmma() {
         let space = search_space(GpuArch::Sm89);
         assert!(!space.is_empty());
@@ -679,9 +765,23 @@ mod tests {
         assert_eq!(GemmConfig::wgmma(128, 128, 4, Multicast::A).id(), "wgmma_bm128_bn128_s4_mcA2_sw128");
         assert_eq!(GemmConfig::wgmma(64, 88, 8, Multicast::None).id(), "wgmma_bm64_bn88_s8_mc1_sw128");
         assert_eq!(GemmConfig::mma(128, 64, 2, 2, 3).id(), "mma_bm128_bn64_w2x2_s3");
-        for bad in
-            ["", "wgmma", "wgmma_bm128_bn128_s4_mcC2_sw128", "wgmma_bm128_bn128_s4_mc1_sw128_x", "mma_bm64_bn64_w2_s2"]
-        {
+        let sbc = GemmConfig { static_b_scales: true, ..GemmConfig::wgmma(128, 96, 4, Multicast::None) };
+        assert_eq!(sbc.id(), "wgmma_bm128_bn96_s4_mc1_sw128_sbc");
+        assert_eq!("wgmma_bm128_bn96_s4_mc1_sw128_sbc".parse::<GemmConfig>(), Ok(sbc));
+        assert!(check_config(&sbc).is_ok());
+        assert!(
+            check_config(&GemmConfig { static_b_scales: true, ..GemmConfig::wgmma(128, 64, 4, Multicast::None) })
+                .is_err()
+        );
+        for bad in [
+            "",
+            "wgmma",
+            "wgmma_bm128_bn128_s4_mcC2_sw128",
+            "wgmma_bm128_bn128_s4_mc1_sw128_x",
+            "mma_bm64_bn64_w2_s2",
+            "mma_bm64_bn64_w2x2_s2_sbc",
+            "wgmma_bm128_bn96_s4_mc1_sw128_sbc_sbc",
+        ] {
             assert!(bad.parse::<GemmConfig>().is_err(), "{bad:?} parsed");
         }
     }

@@ -56,6 +56,16 @@ impl Baseline {
     }
 }
 
+/// The device addresses of the FP8 block scales in cuBLASLt's layouts ([`activation_scales_for_cublas`],
+/// [`weight_scales_for_cublas`]); both 0 for the BF16 baseline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LtScales {
+    /// Our A's (the activations') 1×128 scales.
+    pub a: u64,
+    /// Our B's (the weights') 128×128 scales.
+    pub b: u64,
+}
+
 /// One planned matmul: descriptors and the algorithm the heuristic chose.
 pub struct LtPlan {
     desc: lt::cublasLtMatmulDesc_t,
@@ -87,8 +97,9 @@ impl Drop for LtPlan {
 
 impl LtPlan {
     /// The operation: f32 compute, cuBLAS's A (our B) transposed, and with FP8 block scaling the
-    /// scale modes (weights 128×128 blocks, activations 1×128 vectors). No layouts yet.
-    fn describe(baseline: Baseline, m: usize, n: usize, k: usize) -> Result<LtPlan, KernelError> {
+    /// scale modes (weights 128×128 blocks, activations 1×128 vectors) and the scale pointers, so
+    /// that the heuristic sees the operation as it will run. No layouts yet.
+    fn describe(baseline: Baseline, m: usize, n: usize, k: usize, scales: LtScales) -> Result<LtPlan, KernelError> {
         use lt::cublasLtMatmulDescAttributes_t as D;
         let mut desc = ptr::null_mut();
         // SAFETY: valid out-pointer; the descriptor created is owned by the plan below, whose
@@ -127,8 +138,29 @@ impl LtPlan {
             let vec = lt::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F as u32;
             set(D::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, blk)?;
             set(D::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, vec)?;
+            plan.set_scale_pointers(scales)?;
         }
         Ok(plan)
+    }
+
+    /// Sets the scale pointers (cuBLAS's A = our B's scales, its B = our A's) on the descriptor.
+    fn set_scale_pointers(&self, scales: LtScales) -> Result<(), KernelError> {
+        use lt::cublasLtMatmulDescAttributes_t as D;
+        if scales.a == 0 || scales.b == 0 {
+            return Err(KernelError::Input {
+                what: "scales",
+                detail: "FP8 block scaling needs both scale pointers before the heuristic query".into(),
+            });
+        }
+        for (attr, p) in
+            [(D::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, scales.b), (D::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, scales.a)]
+        {
+            // SAFETY: live descriptor; the value outlives the call, which copies its 8 bytes.
+            check("cublasLtMatmulDescSetAttribute(scale pointer)", unsafe {
+                lt::cublasLtMatmulDescSetAttribute(self.desc, attr, (&p as *const u64).cast(), 8)
+            })?;
+        }
+        Ok(())
     }
 
     /// The matrix layouts, column-major: cuBLAS's A is K×N (our B), its B K×M (our A), D N×M.
@@ -193,15 +225,25 @@ impl CublasLt {
         unsafe { lt::cublasLtGetVersion() }
     }
 
-    /// Plans `D[M, N] = A[M, K]·B[N, K]ᵀ` for `baseline`: the operation's descriptor, the
-    /// matrix layouts, then the algorithm cuBLASLt's heuristic picks.
+    /// Plans `D[M, N] = A[M, K]·B[N, K]ᵀ` for `baseline`: the operation's descriptor (with
+    /// FP8 block scaling, its scale modes and `scales`' pointers), the matrix layouts, then the
+    /// algorithm cuBLASLt's heuristic picks. [`CublasLt::run`] sets the scale pointers again for
+    /// each call (they may point to another copy of the same layout).
     ///
     /// # Errors
     ///
+    /// [`KernelError::Input`] for FP8 block scaling without both scale pointers,
     /// [`KernelError::CublasLt`], including `CUBLAS_STATUS_NOT_SUPPORTED` when no algorithm
     /// serves the problem (e.g. block scaling on a cuBLASLt older than 12.9).
-    pub fn plan(&self, baseline: Baseline, m: usize, n: usize, k: usize) -> Result<LtPlan, KernelError> {
-        let mut plan = LtPlan::describe(baseline, m, n, k)?;
+    pub fn plan(
+        &self,
+        baseline: Baseline,
+        m: usize,
+        n: usize,
+        k: usize,
+        scales: LtScales,
+    ) -> Result<LtPlan, KernelError> {
+        let mut plan = LtPlan::describe(baseline, m, n, k, scales)?;
         plan.lay_out()?;
         plan.algo = self.heuristic(&plan)?;
         Ok(plan)
@@ -255,26 +297,17 @@ impl CublasLt {
     ///
     /// [`KernelError::BufferLength`] for a D of the wrong size, [`KernelError::CublasLt`].
     pub fn run(&self, dev: &Device, plan: &LtPlan, args: &LtArgs) -> Result<(), KernelError> {
-        use lt::cublasLtMatmulDescAttributes_t as D;
         if args.d.len() != plan.m * plan.n {
             return Err(KernelError::BufferLength { what: "D", expected: plan.m * plan.n, got: args.d.len() });
         }
         let (alpha, beta) = (1f32, 0f32);
-        // SAFETY: the plan's descriptors are live; the addresses are device buffers of the sizes
-        // the plan describes (the caller's contract, D checked above); the scale pointers are set
-        // on the descriptor before the call that reads them.
+        // SAFETY (the block below): the plan's descriptors are live; the addresses are device
+        // buffers of the sizes the plan describes (the caller's contract, D checked above); the
+        // scale pointers were set on the descriptor above, before the call that reads them.
+        if plan.baseline == Baseline::Fp8Block {
+            plan.set_scale_pointers(LtScales { a: args.a_scales, b: args.b_scales })?;
+        }
         unsafe {
-            if plan.baseline == Baseline::Fp8Block {
-                for (attr, p) in [
-                    (D::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, args.b_scales),
-                    (D::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, args.a_scales),
-                ] {
-                    check(
-                        "cublasLtMatmulDescSetAttribute(scale pointer)",
-                        lt::cublasLtMatmulDescSetAttribute(plan.desc, attr, (&p as *const u64).cast(), 8),
-                    )?;
-                }
-            }
             check(
                 "cublasLtMatmul",
                 lt::cublasLtMatmul(
@@ -309,26 +342,48 @@ impl Drop for CublasLt {
     }
 }
 
+/// The leading dimension of the activation scales in cuBLASLt's VEC128_32F layout for `m` rows:
+/// the scale tensor is "outer-dim major" (M fastest) and its outer dimension is padded to a
+/// multiple of 4 (16 bytes of f32), as cuBLASLt requires for 1D block scaling and PyTorch's
+/// `_scaled_mm` hands it over (M not a multiple of 4 gets zero scales in the padding).
+pub fn activation_scale_ld(m: usize) -> usize {
+    m.next_multiple_of(4)
+}
+
+/// Floats of the activation scales of `m` rows and `kb` K blocks in cuBLASLt's layout (every
+/// such block starts 16-byte aligned when they are laid back to back, as per expert in a grouped
+/// baseline).
+pub fn activation_scale_len(m: usize, kb: usize) -> usize {
+    kb * activation_scale_ld(m)
+}
+
+/// The leading dimension of the weight scales in cuBLASLt's BLK128x128_32F layout: K blocks
+/// fastest, their count padded to a multiple of 4.
+pub fn weight_scale_ld(kb: usize) -> usize {
+    kb.next_multiple_of(4)
+}
+
 /// Our activation scales `[M, KB]` (row-major) in cuBLASLt's VEC128_32F layout: `[KB][M4]`, M
-/// fastest, M padded to a multiple of 4 with zeros. Returns the buffer and M4.
+/// fastest, M padded to a multiple of 4 with zeros ([`activation_scale_ld`]). Returns the buffer
+/// and M4.
 pub fn activation_scales_for_cublas(sa: &[f32], m: usize, kb: usize) -> (Vec<f32>, usize) {
-    let m4 = m.next_multiple_of(4);
-    let mut out = vec![0f32; kb * m4];
+    let ld = activation_scale_ld(m);
+    let mut out = vec![0f32; activation_scale_len(m, kb)];
     for r in 0..m {
         for b in 0..kb {
-            out[b * m4 + r] = sa[r * kb + b];
+            out[b * ld + r] = sa[r * kb + b];
         }
     }
-    (out, m4)
+    (out, ld)
 }
 
 /// Our weight scales `[NB, KB]` (row-major) in cuBLASLt's BLK128x128_32F layout: `[NB][KB4]`,
-/// K-blocks fastest, their count padded to a multiple of 4 with zeros. Returns the buffer.
+/// K-blocks fastest, their count padded to a multiple of 4 with zeros ([`weight_scale_ld`]).
 pub fn weight_scales_for_cublas(sb: &[f32], nb: usize, kb: usize) -> Vec<f32> {
-    let kb4 = kb.next_multiple_of(4);
-    let mut out = vec![0f32; nb * kb4];
+    let ld = weight_scale_ld(kb);
+    let mut out = vec![0f32; nb * ld];
     for i in 0..nb {
-        out[i * kb4..i * kb4 + kb].copy_from_slice(&sb[i * kb..(i + 1) * kb]);
+        out[i * ld..i * ld + kb].copy_from_slice(&sb[i * kb..(i + 1) * kb]);
     }
     out
 }
@@ -346,5 +401,38 @@ mod tests {
         assert_eq!(t, vec![0.0, 10.0, 20.0, 0.0, 1.0, 11.0, 21.0, 0.0]);
         let sb = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         assert_eq!(weight_scales_for_cublas(&sb, 2, 3), vec![1.0, 2.0, 3.0, 0.0, 4.0, 5.0, 6.0, 0.0]);
+    }
+
+    #[test]
+    fn activation_scales_are_padded_to_four_rows_for_every_m() {
+        let kb = 3;
+        for m in 1..=9 {
+            let sa: Vec<f32> = (0..m * kb).map(|i| 1.0 + i as f32).collect();
+            let (t, ld) = activation_scales_for_cublas(&sa, m, kb);
+            assert_eq!(ld % 4, 0, "m = {m}");
+            assert!(ld >= m && ld < m + 4);
+            assert_eq!(t.len(), activation_scale_len(m, kb));
+            for r in 0..ld {
+                for b in 0..kb {
+                    let want = if r < m { sa[r * kb + b] } else { 0.0 };
+                    assert_eq!(t[b * ld + r], want, "m = {m}, row {r}, block {b}");
+                }
+            }
+            // Experts' blocks laid back to back stay 16-byte aligned.
+            assert_eq!((activation_scale_len(m, kb) * 4) % 16, 0);
+        }
+    }
+
+    #[test]
+    fn weight_scales_are_padded_to_four_k_blocks() {
+        for kb in 1..=9 {
+            let sb: Vec<f32> = (0..2 * kb).map(|i| 1.0 + i as f32).collect();
+            let t = weight_scales_for_cublas(&sb, 2, kb);
+            let ld = weight_scale_ld(kb);
+            assert_eq!(ld % 4, 0);
+            assert_eq!(t.len(), 2 * ld);
+            assert_eq!(t.iter().filter(|&&x| x != 0.0).count(), 2 * kb);
+            assert_eq!(t[ld], sb[kb]);
+        }
     }
 }

@@ -3,11 +3,14 @@
 //! Every call's status is checked and turned into [`KernelError::Cuda`] naming the call.
 //!
 //! Everything here runs on the thread that opened the [`Device`] (the context is made current
-//! there); the handles are not `Send`.
+//! there); the handles are not `Send`. Every copy, fill and launch goes to the device's one
+//! stream, in order: the stream is non-blocking, so work on the legacy default stream would not
+//! be ordered with it.
 
 use std::ffi::{CStr, CString, c_void};
 use std::marker::PhantomData;
 use std::ptr;
+use std::time::{Duration, Instant};
 
 use cudarc::driver::sys::{self, CUresult};
 
@@ -19,7 +22,26 @@ pub(crate) fn check(call: &str, r: CUresult) -> Result<(), KernelError> {
     if r == CUresult::CUDA_SUCCESS {
         return Ok(());
     }
-    Err(KernelError::Cuda { call: call.to_string(), status: describe(r) })
+    Err(KernelError::Cuda { call: call.to_string(), status: describe(r), context_lost: loses_context(r) })
+}
+
+/// True for the errors after which the CUDA context is unusable (a kernel faulted): every later
+/// call in the process fails too, so a caller should stop using the device.
+fn loses_context(r: CUresult) -> bool {
+    use CUresult as R;
+    matches!(
+        r,
+        R::CUDA_ERROR_ILLEGAL_ADDRESS
+            | R::CUDA_ERROR_LAUNCH_TIMEOUT
+            | R::CUDA_ERROR_HARDWARE_STACK_ERROR
+            | R::CUDA_ERROR_ILLEGAL_INSTRUCTION
+            | R::CUDA_ERROR_MISALIGNED_ADDRESS
+            | R::CUDA_ERROR_INVALID_ADDRESS_SPACE
+            | R::CUDA_ERROR_INVALID_PC
+            | R::CUDA_ERROR_LAUNCH_FAILED
+            | R::CUDA_ERROR_ASSERT
+            | R::CUDA_ERROR_CONTEXT_IS_DESTROYED
+    )
 }
 
 fn describe(r: CUresult) -> String {
@@ -160,6 +182,30 @@ impl Device {
         check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(self.stream) })
     }
 
+    /// Waits for everything on the stream, but at most `limit`: a kernel that does not finish by
+    /// then (a deadlocked pipeline) is reported instead of blocking the caller for ever. The
+    /// work stays queued; after a timeout the device is busy and the process should end.
+    ///
+    /// # Errors
+    ///
+    /// [`KernelError::Timeout`], or [`KernelError::Cuda`] for an error a kernel raised.
+    pub fn synchronize_within(&self, limit: Duration) -> Result<(), KernelError> {
+        let start = Instant::now();
+        let mut pause = Duration::from_micros(20);
+        loop {
+            // SAFETY: live stream.
+            let r = unsafe { sys::cuStreamQuery(self.stream) };
+            if r != CUresult::CUDA_ERROR_NOT_READY {
+                return check("cuStreamQuery", r);
+            }
+            if start.elapsed() >= limit {
+                return Err(KernelError::Timeout { seconds: limit.as_secs_f64() });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+    }
+
     /// Free and total device memory, bytes.
     ///
     /// # Errors
@@ -196,7 +242,8 @@ impl Device {
         Ok(buf)
     }
 
-    /// Copies `host` into `dst` (synchronously; lengths must match).
+    /// Copies `host` into `dst` on the stream (after the work queued before it), and waits for the
+    /// copy, so `host` may change once this returns. Lengths must match.
     ///
     /// # Errors
     ///
@@ -205,14 +252,16 @@ impl Device {
         if host.len() != dst.len {
             return Err(KernelError::BufferLength { what: "device copy", expected: dst.len, got: host.len() });
         }
-        self.synchronize()?;
-        // SAFETY: dst holds len elements; host is a valid slice of the same length.
-        check("cuMemcpyHtoD", unsafe {
-            sys::cuMemcpyHtoD_v2(dst.ptr, host.as_ptr().cast(), std::mem::size_of_val(host))
-        })
+        // SAFETY: dst holds len elements; host is a valid slice of the same length, and stays
+        // borrowed until the stream (this copy included) has finished below.
+        check("cuMemcpyHtoDAsync", unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst.ptr, host.as_ptr().cast(), std::mem::size_of_val(host), self.stream)
+        })?;
+        self.synchronize()
     }
 
-    /// Copies `src` into `host` (synchronously, after the stream's work; lengths must match).
+    /// Copies `src` into `host` on the stream (after the work queued before it, whose errors
+    /// surface here), and waits for it. Lengths must match.
     ///
     /// # Errors
     ///
@@ -221,14 +270,16 @@ impl Device {
         if host.len() != src.len {
             return Err(KernelError::BufferLength { what: "host copy", expected: src.len, got: host.len() });
         }
-        self.synchronize()?;
-        // SAFETY: src holds len elements; host is a valid mutable slice of the same length.
-        check("cuMemcpyDtoH", unsafe {
-            sys::cuMemcpyDtoH_v2(host.as_mut_ptr().cast(), src.ptr, std::mem::size_of_val(host))
-        })
+        // SAFETY: src holds len elements; host is a valid mutable slice of the same length, and
+        // stays borrowed until the stream (this copy included) has finished below.
+        check("cuMemcpyDtoHAsync", unsafe {
+            sys::cuMemcpyDtoHAsync_v2(host.as_mut_ptr().cast(), src.ptr, std::mem::size_of_val(host), self.stream)
+        })?;
+        self.synchronize()
     }
 
-    /// Copies device to device (`src` into `dst`, same length), synchronously.
+    /// Copies device to device (`src` into `dst`, same length) on the stream, ordered with the
+    /// launches before and after it; does not wait.
     ///
     /// # Errors
     ///
@@ -237,9 +288,10 @@ impl Device {
         if src.len != dst.len {
             return Err(KernelError::BufferLength { what: "device-to-device copy", expected: dst.len, got: src.len });
         }
-        self.synchronize()?;
-        // SAFETY: both ranges hold len elements.
-        check("cuMemcpyDtoD", unsafe { sys::cuMemcpyDtoD_v2(dst.ptr, src.ptr, src.len * std::mem::size_of::<T>()) })
+        // SAFETY: both ranges hold len elements, in buffers the slices borrow.
+        check("cuMemcpyDtoDAsync", unsafe {
+            sys::cuMemcpyDtoDAsync_v2(dst.ptr, src.ptr, src.len * std::mem::size_of::<T>(), self.stream)
+        })
     }
 
     /// Fills a 16-bit buffer with `value` (e.g. a NaN bf16 to poison an output), on the stream.
@@ -433,8 +485,11 @@ impl Module {
     ///
     /// [`KernelError::Cuda`].
     pub fn function(&self, name: &str, smem_bytes: u32) -> Result<Function, KernelError> {
-        let cname = CString::new(name)
-            .map_err(|_| KernelError::Cuda { call: "cuModuleGetFunction".into(), status: "NUL in name".into() })?;
+        let cname = CString::new(name).map_err(|_| KernelError::Cuda {
+            call: "cuModuleGetFunction".into(),
+            status: "NUL in name".into(),
+            context_lost: false,
+        })?;
         let mut f = ptr::null_mut();
         // SAFETY: live module, valid name.
         unsafe {

@@ -119,6 +119,55 @@ pub enum KernelError {
         call: String,
         /// The error name and description from the driver.
         status: String,
+        /// The error left the CUDA context unusable (a kernel faulted: illegal address,
+        /// misaligned access, ...): every later call in this process fails too.
+        context_lost: bool,
+    },
+    /// The device did not finish its queued work in time (a kernel that never ends).
+    #[error("the GPU did not finish within {seconds} s: a kernel hangs (deadlocked pipeline?)")]
+    Timeout {
+        /// How long was waited.
+        seconds: f64,
+    },
+    /// A device address is not aligned as the kernel's accesses need.
+    #[error("device address of {what} ({address:#x}) is not {align}-byte aligned")]
+    Misaligned {
+        /// Which operand.
+        what: &'static str,
+        /// Its address.
+        address: u64,
+        /// The alignment it needs, in bytes.
+        align: u64,
+    },
+    /// A row-to-expert map names an expert that does not exist.
+    #[error("m_indices[{row}] = {expert}: not -1 (padding) nor an expert of 0..{experts}")]
+    ExpertOutOfRange {
+        /// The row.
+        row: usize,
+        /// The value found.
+        expert: i32,
+        /// The number of experts.
+        experts: usize,
+    },
+    /// A row-to-expert map breaks the M-grouped contiguous layout.
+    #[error(
+        "m_indices row {row}: each aligned 128-row block must hold one expert's rows followed only by padding (-1)"
+    )]
+    GroupLayout {
+        /// The first row that breaks the layout.
+        row: usize,
+    },
+    /// The `m_indices` given to a launch were checked for another problem.
+    #[error("m_indices were checked for {rows} rows and {experts} experts, the launch has {m} rows and {e} experts")]
+    GroupMismatch {
+        /// Rows the map was checked for.
+        rows: usize,
+        /// Experts the map was checked for.
+        experts: usize,
+        /// Rows of the launch.
+        m: usize,
+        /// Experts of the launch.
+        e: usize,
     },
     /// A cuBLASLt call failed.
     #[error("cuBLASLt call {call} failed: status {status}")]
@@ -148,7 +197,17 @@ impl KernelError {
                 | KernelError::Shape { .. }
                 | KernelError::BufferLength { .. }
                 | KernelError::Input { .. }
+                | KernelError::Misaligned { .. }
+                | KernelError::ExpertOutOfRange { .. }
+                | KernelError::GroupLayout { .. }
+                | KernelError::GroupMismatch { .. }
         )
+    }
+
+    /// True when the device can no longer be used by this process: a kernel faulted (the
+    /// context is lost) or hangs. A test or benchmark should record the failure and stop.
+    pub fn is_device_lost(&self) -> bool {
+        matches!(self, KernelError::Cuda { context_lost: true, .. } | KernelError::Timeout { .. })
     }
 
     /// True when there is no GPU (or driver) to run on, or none the kernels are built for, so a

@@ -8,17 +8,53 @@ use cudarc::driver::sys;
 
 use crate::cache::compile_cached;
 use crate::config::{GemmConfig, GemmShape, GpuArch, KernelKind, Multicast, Swizzle, is_legal};
-use crate::cuda::{Device, DeviceSlice, Function, LaunchDims, Module, check};
+use crate::cuda::{Device, DeviceBuffer, DeviceSlice, Function, LaunchDims, Module, check};
 use crate::error::KernelError;
 use crate::nvrtc::ResourceUsage;
-use crate::reference::ScaleFormat;
+use crate::reference::{ScaleFormat, validate_m_indices};
 use crate::source::KernelSpec;
 
 /// Default band height (in tiles) of the rasterized tile order.
 pub const DEFAULT_RASTER_GROUP: u32 = 8;
 
+/// A grouped problem's row-to-expert map on the device, checked on the host when uploaded: every
+/// value is -1 (padding) or one of the experts, in the M-grouped contiguous layout. The kernels
+/// index B and SB with these values, so a launch takes only a checked map.
+pub struct MIndices {
+    buf: DeviceBuffer<i32>,
+    experts: usize,
+}
+
+impl MIndices {
+    /// Checks `host` for `experts` experts, then uploads it.
+    ///
+    /// # Errors
+    ///
+    /// [`KernelError::ExpertOutOfRange`] or [`KernelError::GroupLayout`] for a map the kernels
+    /// cannot follow, [`KernelError::Cuda`] for the upload.
+    pub fn upload(dev: &Device, host: &[i32], experts: usize) -> Result<MIndices, KernelError> {
+        validate_m_indices(host, experts)?;
+        Ok(MIndices { buf: dev.upload(host)?, experts })
+    }
+
+    /// Rows (the grouped M).
+    pub fn rows(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The number of experts the values were checked against.
+    pub fn experts(&self) -> usize {
+        self.experts
+    }
+
+    /// The map on the device.
+    pub fn slice(&self) -> DeviceSlice<'_, i32> {
+        self.buf.all()
+    }
+}
+
 /// The device operands of one GEMM (see `reference` for layouts).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct GemmArgs<'a> {
     /// A codes `[M, K]` (16-byte aligned).
     pub a: DeviceSlice<'a, u8>,
@@ -28,13 +64,25 @@ pub struct GemmArgs<'a> {
     pub b: DeviceSlice<'a, u8>,
     /// B scales `[E, ceil(N/128), K/128]`.
     pub sb: DeviceSlice<'a, f32>,
-    /// D, bf16 bits `[M, N]`.
+    /// D, bf16 bits `[M, N]` (4-byte aligned: pairs of outputs are stored as one word).
     pub d: DeviceSlice<'a, u16>,
-    /// Grouped only: `m_indices[M]`.
-    pub m_indices: Option<DeviceSlice<'a, i32>>,
+    /// Grouped only: `m_indices[M]`, checked.
+    pub m_indices: Option<&'a MIndices>,
+}
+
+/// `Ok` when `address` is a multiple of `align`.
+///
+/// # Errors
+///
+/// [`KernelError::Misaligned`] naming the operand.
+pub fn check_aligned(what: &'static str, address: u64, align: u64) -> Result<(), KernelError> {
+    if address.is_multiple_of(align) { Ok(()) } else { Err(KernelError::Misaligned { what, address, align }) }
 }
 
 impl GemmArgs<'_> {
+    /// Checks every buffer against `shape` before a launch: lengths, alignment (A and B 16 bytes
+    /// for TMA and 16-byte copies, D 4 bytes for paired bf16 stores), and a grouped problem's
+    /// map checked for this many rows and experts.
     fn validate(&self, shape: &GemmShape) -> Result<(), KernelError> {
         let len = |what, expected: usize, got: usize| {
             if expected == got { Ok(()) } else { Err(KernelError::BufferLength { what, expected, got }) }
@@ -45,23 +93,19 @@ impl GemmArgs<'_> {
         len("B", e * n * k, self.b.len())?;
         len("SB", e * shape.n_blocks() * shape.k_blocks(), self.sb.len())?;
         len("D", m * n, self.d.len())?;
-        match (shape.groups, &self.m_indices) {
-            (Some(_), Some(idx)) => len("m_indices", m, idx.len()),
-            (None, None) => Ok(()),
+        match (shape.groups, self.m_indices) {
+            (Some(_), Some(idx)) if idx.rows() != m || idx.experts() != e => {
+                Err(KernelError::GroupMismatch { rows: idx.rows(), experts: idx.experts(), m, e })
+            }
+            (Some(_), Some(_)) | (None, None) => Ok(()),
             (Some(_), None) => {
                 Err(KernelError::Input { what: "m_indices", detail: "missing for a grouped shape".into() })
             }
             (None, Some(_)) => Err(KernelError::Input { what: "m_indices", detail: "given for a dense shape".into() }),
         }?;
-        for (what, p) in [("A", self.a.ptr()), ("B", self.b.ptr())] {
-            if p % 16 != 0 {
-                return Err(KernelError::Input {
-                    what,
-                    detail: format!("device address {p:#x} is not 16-byte aligned"),
-                });
-            }
-        }
-        Ok(())
+        check_aligned("A", self.a.ptr(), 16)?;
+        check_aligned("B", self.b.ptr(), 16)?;
+        check_aligned("D", self.d.ptr(), 4)
     }
 }
 
@@ -176,7 +220,7 @@ impl GemmKernel {
         let dims = self.dims(dev, shape);
         let f = &self.func;
         let (mut sa, mut sb, mut d) = (args.sa.ptr(), args.sb.ptr(), args.d.ptr());
-        let mut idx = args.m_indices.map_or(0, |s| s.ptr());
+        let mut idx = args.m_indices.map_or(0, |s| s.slice().ptr());
         let (mut m, mut n, mut k) = (shape.m as i32, shape.n as i32, shape.k as i32);
         let mut raster = raster_group.max(1) as i32;
         // The two kernels differ only in their first three parameters: wgmma takes A and B as
@@ -211,7 +255,8 @@ impl GemmKernel {
         ];
         // SAFETY: the parameters match the kernel's list (fp8_gemm_wgmma: two CUtensorMap by
         // value, four device pointers, four ints; fp8_gemm_mma: six device pointers, four ints),
-        // every pointee outlives the call; validate() checked every buffer's size.
+        // every pointee outlives the call; validate() checked every buffer's size and alignment,
+        // and MIndices guarantees every expert index the kernel follows is in range.
         unsafe { f.launch(dev, dims, &mut params) }
     }
 }
@@ -343,5 +388,22 @@ impl ActQuantKernel {
         ];
         // SAFETY: matches fp8_act_quant(const u16*, u8*, float*, int, int); sizes checked above.
         unsafe { self.func.launch(dev, dims, &mut params) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alignment_is_checked_per_operand() {
+        assert!(check_aligned("D", 0x1000, 4).is_ok());
+        assert!(check_aligned("A", 0x1010, 16).is_ok());
+        assert!(matches!(
+            check_aligned("D", 0x1002, 4),
+            Err(KernelError::Misaligned { what: "D", address: 0x1002, align: 4 })
+        ));
+        assert!(matches!(check_aligned("B", 0x1008, 16), Err(KernelError::Misaligned { what: "B", .. })));
+        assert!(KernelError::Misaligned { what: "D", address: 2, align: 4 }.is_bad_input());
     }
 }

@@ -8,6 +8,7 @@
 //! - [`reference`](mod@reference): the contracts, on the CPU.
 //! - [`source`], [`nvrtc`], [`cache`]: program text, compilation to CUBIN, the disk cache.
 //! - [`cuda`], [`gemm`], [`cublaslt`]: the device, the launch wrappers, the cuBLASLt baselines.
+//! - [`filter`]: exact selection of variants by family or id (`FP8FORGE_GPU_FILTER`).
 //! - [`problem`]: random quantized problems for tests and benchmarks; [`bench`](mod@bench): the `bench gemm` method.
 
 #![deny(missing_docs)]
@@ -18,6 +19,7 @@ pub mod config;
 pub mod cublaslt;
 pub mod cuda;
 mod error;
+pub mod filter;
 pub mod gemm;
 pub mod nvrtc;
 pub mod problem;

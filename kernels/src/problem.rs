@@ -68,19 +68,38 @@ impl HostProblem {
     ///
     /// [`KernelError::Shape`] for an invalid shape.
     pub fn random(shape: &GemmShape, seed: u64, tokens: &[usize]) -> Result<HostProblem, KernelError> {
+        HostProblem::random_block_scaled(shape, seed, tokens, 0)
+    }
+
+    /// As [`HostProblem::random`], but before quantizing, each 1×128 activation group and each
+    /// 128×128 weight block is multiplied by `2^e`, `e` drawn uniformly from the integers
+    /// `-max_exp..=max_exp` (seeded): the codes are those of the unscaled data and the scales
+    /// differ from block to block by exact powers of two, so a kernel that applies the scale of a
+    /// wrong block (or of a neighbouring group) gives a visibly wrong output. `max_exp = 0` is
+    /// [`HostProblem::random`].
+    ///
+    /// # Errors
+    ///
+    /// [`KernelError::Shape`] for an invalid shape.
+    pub fn random_block_scaled(
+        shape: &GemmShape,
+        seed: u64,
+        tokens: &[usize],
+        max_exp: u32,
+    ) -> Result<HostProblem, KernelError> {
         shape.validate().map_err(|why| KernelError::Shape { shape: shape.to_string(), why })?;
         let (m, n, k, e) = (shape.m, shape.n, shape.k, shape.experts());
         // Rows are drawn in parallel chunks, each from its own stream, so the data depends on
         // the seed only (not on the thread count).
-        let x = random_rows(m, k, seed, 1.0);
+        let mut x = random_rows(m, k, seed, 1.0);
+        spread_blocks(&mut x, k, 1, max_exp, seed ^ 0xA5A5_5A5A);
         let (a, sa) = act_quant_ref(&x, m, k, ScaleFormat::F32)?;
         let mut b = Vec::with_capacity(e * n * k);
         let mut sb = Vec::new();
         for expert in 0..e {
-            let w: Vec<f32> = random_rows(n, k, seed ^ (0xB0B0_0000 + expert as u64) << 20, 0.02)
-                .into_iter()
-                .map(bf16_to_f32)
-                .collect();
+            let mut w16 = random_rows(n, k, seed ^ (0xB0B0_0000 + expert as u64) << 20, 0.02);
+            spread_blocks(&mut w16, k, 128, max_exp, seed ^ (0x5CA1_E000 + expert as u64) << 16);
+            let w: Vec<f32> = w16.into_iter().map(bf16_to_f32).collect();
             let (codes, scales) = quantize_weight_ref(&w, n, k, ScaleFormat::F32);
             b.extend(codes);
             sb.extend(scales);
@@ -105,6 +124,34 @@ fn random_rows(rows: usize, cols: usize, seed: u64, sigma: f32) -> Vec<u16> {
         }
     });
     out
+}
+
+/// The exponent of block `(row_block, col_block)` (of `rows_per_block` × 128 elements) drawn
+/// uniformly from `-max_exp..=max_exp`, from `seed` and the block's index alone.
+pub fn block_exponent(seed: u64, row_block: usize, col_block: usize, max_exp: u32) -> i32 {
+    if max_exp == 0 {
+        return 0;
+    }
+    let mut rng = Rng::new(seed ^ ((row_block as u64) << 24) ^ (col_block as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let span = 2 * u64::from(max_exp) + 1;
+    (rng.next_u64() % span) as i32 - max_exp as i32
+}
+
+/// Multiplies each `rows_per_block × 128` block of the bf16 matrix `x` (`cols` wide, row-major)
+/// by `2^e`, `e` from [`block_exponent`]. Exact in bf16 while no value leaves its normal range
+/// (true for the test data's magnitudes and `max_exp` ≤ 3).
+fn spread_blocks(x: &mut [u16], cols: usize, rows_per_block: usize, max_exp: u32, seed: u64) {
+    if max_exp == 0 || cols == 0 {
+        return;
+    }
+    x.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
+        for (j, chunk) in row.chunks_mut(128).enumerate() {
+            let factor = 2f32.powi(block_exponent(seed, r / rows_per_block, j, max_exp));
+            for v in chunk {
+                *v = f32_to_bf16(bf16_to_f32(*v) * factor);
+            }
+        }
+    });
 }
 
 /// A row-to-expert map of exactly `m` rows (a multiple of 128) for `experts` experts, with token
@@ -139,6 +186,47 @@ mod tests {
         assert_eq!(idx.iter().filter(|&&e| e == 0).count(), 100);
         assert_eq!(idx.iter().filter(|&&e| e == 2).count(), 300);
         assert_eq!(idx.iter().filter(|&&e| e == 3).count(), 512);
+    }
+
+    #[test]
+    fn spread_scales_differ_by_powers_of_two_across_blocks() {
+        let shape = GemmShape::grouped(256, 1000, 1024, 2);
+        let plain = HostProblem::random(&shape, 9, &[100]).unwrap();
+        let spread = HostProblem::random_block_scaled(&shape, 9, &[100], 3).unwrap();
+        // The codes are the unscaled data's; every scale is the unscaled one times 2^e, |e| <= 3.
+        assert_eq!(plain.a, spread.a);
+        assert_eq!(plain.b, spread.b);
+        let exponents = |p: &[f32], s: &[f32]| -> Vec<i32> {
+            p.iter()
+                .zip(s)
+                .map(|(&p, &s)| {
+                    let r = s / p;
+                    let e = r.log2().round() as i32;
+                    assert_eq!(r, 2f32.powi(e), "ratio {r} is not a power of two");
+                    assert!((-3..=3).contains(&e), "exponent {e}");
+                    e
+                })
+                .collect()
+        };
+        for (p, s) in [(&plain.sa, &spread.sa), (&plain.sb, &spread.sb)] {
+            let e = exponents(p, s);
+            let distinct: std::collections::BTreeSet<i32> = e.iter().copied().collect();
+            assert_eq!(distinct.len(), 7, "all seven exponents appear: {distinct:?}");
+        }
+        // Neighbouring blocks differ often (a wrong-block read changes the result).
+        let e = exponents(&plain.sb, &spread.sb);
+        let kb = shape.k_blocks();
+        let differing = e.chunks(kb).flat_map(|row| row.windows(2)).filter(|w| w[0] != w[1]).count();
+        assert!(differing * 2 > e.len() / kb * (kb - 1), "{differing} of neighbouring K blocks differ");
+    }
+
+    #[test]
+    fn block_exponents_are_seeded_and_in_range() {
+        assert_eq!(block_exponent(1, 2, 3, 3), block_exponent(1, 2, 3, 3));
+        assert_eq!(block_exponent(1, 2, 3, 0), 0);
+        let all: Vec<i32> = (0..1000).map(|i| block_exponent(7, i / 10, i % 10, 3)).collect();
+        assert!(all.iter().all(|e| (-3..=3).contains(e)));
+        assert!(all.contains(&-3) && all.contains(&3));
     }
 
     #[test]

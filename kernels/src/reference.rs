@@ -239,25 +239,25 @@ impl GemmInputs<'_> {
 
 /// Checks a grouped row-to-expert map: every entry in `-1..experts`, and every aligned 128-row
 /// block holding one expert's rows followed only by padding (-1) rows, which is what lets a
-/// kernel read a tile's expert off its first row.
+/// kernel read a tile's expert off its first row (and index B and SB with it).
 ///
 /// # Errors
 ///
-/// [`KernelError::Input`] naming the first offending row.
+/// [`KernelError::ExpertOutOfRange`] or [`KernelError::GroupLayout`] naming the first offending
+/// row.
 pub fn validate_m_indices(m_indices: &[i32], experts: usize) -> Result<(), KernelError> {
-    let bad = |row: usize, why: &str| KernelError::Input { what: "m_indices", detail: format!("row {row}: {why}") };
     for (b, block) in m_indices.chunks(GROUP_ALIGN).enumerate() {
         let first = block[0];
         let mut padding = first < 0;
         for (i, &e) in block.iter().enumerate() {
             let row = b * GROUP_ALIGN + i;
-            if e < -1 || e >= experts as i32 {
-                return Err(bad(row, &format!("expert {e} is not in -1..{experts}")));
+            if e < -1 || i64::from(e) >= experts as i64 {
+                return Err(KernelError::ExpertOutOfRange { row, expert: e, experts });
             }
             if e < 0 {
                 padding = true;
             } else if padding || e != first {
-                return Err(bad(row, "an aligned 128-row block must hold one expert's rows, then only padding"));
+                return Err(KernelError::GroupLayout { row });
             }
         }
     }
@@ -406,6 +406,62 @@ pub fn compare(out: &[u16], reference: &[f64]) -> Result<Comparison, KernelError
     }
     let rel_err = if ref2 > 0.0 { (diff2 / ref2).sqrt() } else { diff2.sqrt() };
     Ok(Comparison { rel_err, max_abs_err: max_abs, non_finite, first_non_finite: first })
+}
+
+/// The relative part of the contract check's element tolerance: `|out − ref|` may exceed one
+/// bf16 ulp by this fraction of the reference's RMS. The tensor cores sum each 128-wide K block's
+/// partial in their own order and precision (Hopper's FP8 accumulation keeps about 14 mantissa
+/// bits before the promotion), so the kernel is not bit-exact; a wrong scale block moves an
+/// output by at least half of that block's contribution, far above this. Not yet measured on a
+/// GPU: the `contract_worst` column of the GPU report (worst error / tolerance) calibrates it.
+pub const CONTRACT_RMS_TOL: f64 = 5e-3;
+
+/// How a kernel's bf16 output compares with [`gemm_contract`]'s, element by element.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct ContractComparison {
+    /// Outputs outside `ulp(ref) + CONTRACT_RMS_TOL · rms(ref)` (non-finite outputs included).
+    pub mismatches: usize,
+    /// Index of the first of them.
+    pub first_mismatch: Option<usize>,
+    /// Largest `|out − ref| / (ulp(ref) + CONTRACT_RMS_TOL · rms(ref))` (≤ 1 passes).
+    pub worst: f64,
+}
+
+impl ContractComparison {
+    /// True when every output is within the tolerance.
+    pub fn passes(&self) -> bool {
+        self.mismatches == 0
+    }
+}
+
+/// One unit in the last place of a bf16 number of magnitude `x` (at least the smallest normal's).
+pub fn bf16_ulp(x: f64) -> f64 {
+    let exp = (((x.abs() as f32).to_bits() >> 23) & 0xff) as i32;
+    2f64.powi(exp.max(1) - 127 - 7)
+}
+
+/// Compares bf16 outputs (bits) with the contract's bf16 outputs of the same elements: each must
+/// be within one bf16 ulp of the larger of the two plus [`CONTRACT_RMS_TOL`] × the reference's RMS.
+///
+/// # Errors
+///
+/// [`KernelError::BufferLength`] when the lengths differ.
+pub fn compare_contract(out: &[u16], contract: &[u16]) -> Result<ContractComparison, KernelError> {
+    check_len("output", contract.len(), out.len())?;
+    let sum2: f64 = contract.iter().map(|&c| f64::from(bf16_to_f32(c)).powi(2)).sum();
+    let rms = (sum2 / contract.len().max(1) as f64).sqrt();
+    let (mut mismatches, mut first, mut worst) = (0usize, None, 0f64);
+    for (i, (&o, &c)) in out.iter().zip(contract).enumerate() {
+        let (o, c) = (f64::from(bf16_to_f32(o)), f64::from(bf16_to_f32(c)));
+        let tol = bf16_ulp(o.abs().max(c.abs())) + CONTRACT_RMS_TOL * rms;
+        let ratio = if o.is_finite() { (o - c).abs() / tol } else { f64::INFINITY };
+        worst = worst.max(ratio);
+        if ratio > 1.0 {
+            mismatches += 1;
+            first.get_or_insert(i);
+        }
+    }
+    Ok(ContractComparison { mismatches, first_mismatch: first, worst })
 }
 
 #[cfg(test)]
@@ -602,11 +658,19 @@ mod tests {
         assert!(validate_m_indices(&grouped_layout(&[5, 0, 300]), 3).is_ok());
         let mut idx = grouped_layout(&[5, 300]);
         idx[10] = 1; // a second expert inside the first 128-row block
-        assert!(validate_m_indices(&idx, 2).is_err());
+        assert!(matches!(validate_m_indices(&idx, 2), Err(KernelError::GroupLayout { row: 10 })));
         let mut idx = grouped_layout(&[5]);
         idx[7] = 0; // expert row after padding
-        assert!(validate_m_indices(&idx, 1).is_err());
-        assert!(validate_m_indices(&grouped_layout(&[5]), 0).is_err());
+        assert!(matches!(validate_m_indices(&idx, 1), Err(KernelError::GroupLayout { row: 7 })));
+        assert!(matches!(
+            validate_m_indices(&grouped_layout(&[5]), 0),
+            Err(KernelError::ExpertOutOfRange { row: 0, expert: 0, experts: 0 })
+        ));
+        let mut idx = grouped_layout(&[5, 3]);
+        idx[128] = 7; // an expert that does not exist
+        assert!(matches!(validate_m_indices(&idx, 2), Err(KernelError::ExpertOutOfRange { row: 128, expert: 7, .. })));
+        idx[128] = -2;
+        assert!(matches!(validate_m_indices(&idx, 2), Err(KernelError::ExpertOutOfRange { row: 128, expert: -2, .. })));
     }
 
     #[test]
@@ -622,6 +686,45 @@ mod tests {
             // The references are not trivially zero.
             assert!(r.iter().filter(|x| **x != 0.0).count() > r.len() / 2, "{shape}");
         }
+    }
+
+    /// The acceptance data (scales spread by powers of two) and the contract check together
+    /// catch a kernel that reads one wrong scale block.
+    #[test]
+    fn contract_check_catches_a_swapped_scale_block() {
+        let shape = GemmShape::dense(64, 384, 1024);
+        let p = crate::problem::HostProblem::random_block_scaled(&shape, 42, &[], 3).unwrap();
+        let good = gemm_contract(&shape, &p.inputs()).unwrap();
+        assert!(compare_contract(&good, &good).unwrap().passes());
+        // One bf16 ulp off everywhere still passes.
+        let nudged: Vec<u16> = good.iter().map(|&b| if b & 0x7fff == 0 { b } else { b + 1 }).collect();
+        assert!(compare_contract(&nudged, &good).unwrap().passes());
+        // Weight scales: swap K blocks 2 and 5 of the second 128-column block.
+        let kb = shape.k_blocks();
+        let (i, j) = (kb + 2, kb + 5);
+        assert_ne!(p.sb[i], p.sb[j], "the generator must make these differ for the test to mean anything");
+        let mut sb = p.sb.clone();
+        sb.swap(i, j);
+        let wrong = gemm_contract(&shape, &GemmInputs { sb: &sb, ..p.inputs() }).unwrap();
+        let c = compare_contract(&wrong, &good).unwrap();
+        assert!(!c.passes() && c.mismatches >= 64, "{c:?}");
+        // Activation scales: swap two groups of one row.
+        let mut sa = p.sa.clone();
+        let (a, b) = (3 * kb, 3 * kb + 1);
+        assert_ne!(sa[a], sa[b]);
+        sa.swap(a, b);
+        let wrong = gemm_contract(&shape, &GemmInputs { sa: &sa, ..p.inputs() }).unwrap();
+        let c = compare_contract(&wrong, &good).unwrap();
+        assert!(!c.passes(), "{c:?}");
+        assert_eq!(c.first_mismatch.map(|i| i / shape.n), Some(3), "only row 3 is wrong: {c:?}");
+    }
+
+    #[test]
+    fn bf16_ulp_follows_the_exponent() {
+        assert_eq!(bf16_ulp(1.0), 2f64.powi(-7));
+        assert_eq!(bf16_ulp(1.99), 2f64.powi(-7));
+        assert_eq!(bf16_ulp(-2.0), 2f64.powi(-6));
+        assert!(bf16_ulp(0.0) > 0.0);
     }
 
     #[test]

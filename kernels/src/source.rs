@@ -16,7 +16,7 @@ pub const GEMM_MMA: &str = include_str!("../cuda/gemm_mma.cu");
 pub const ACT_QUANT: &str = include_str!("../cuda/act_quant.cu");
 
 /// Bumped whenever the way programs are assembled (this file) changes meaning.
-const ASSEMBLY_VERSION: &str = "fp8forge-kernels-source-v1";
+const ASSEMBLY_VERSION: &str = "fp8forge-kernels-source-v2";
 
 /// One kernel variant: what NVRTC compiles as one program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -67,6 +67,8 @@ impl KernelSpec {
                     s += &format!("#define {k} {v}\n");
                 }
                 s += &format!("#define GROUPED {}\n", u32::from(*grouped));
+                // The host's launch values, checked against the kernel's layout by static_asserts.
+                s += &format!("#define HOST_SMEM {}\n#define HOST_THREADS {}\n", config.smem_bytes(), config.threads());
                 match config.kind {
                     KernelKind::Wgmma => {
                         let mc = match config.multicast {
@@ -76,6 +78,7 @@ impl KernelSpec {
                         };
                         s += &format!("#define MC {mc}\n#define CLUSTER {}\n", config.cluster_size());
                         s += &format!("#define SW {}\n", config.swizzle.bytes());
+                        s += &format!("#define SB_STATIC {}\n", u32::from(config.static_b_scales));
                         s += COMMON;
                         s += &wgmma_wrapper(config.block_n);
                         s += GEMM_WGMMA;
@@ -98,10 +101,11 @@ impl KernelSpec {
 }
 
 /// Every kernel variant a device of architecture `arch` may run: each configuration of the search
-/// space, dense and (where it supports them) grouped, and the activation quantization kernels.
+/// space and of the speed variants (`config::speed_variants`), dense and (where it supports
+/// them) grouped, and the activation quantization kernels.
 pub fn all_variants(arch: GpuArch) -> Vec<KernelSpec> {
     let mut out = Vec::new();
-    for config in crate::config::search_space(arch) {
+    for config in crate::config::search_space(arch).into_iter().chain(crate::config::speed_variants(arch)) {
         out.push(KernelSpec::Gemm { config, grouped: false });
         if crate::config::supports_grouped(&config) {
             out.push(KernelSpec::Gemm { config, grouped: true });
@@ -190,6 +194,8 @@ mod tests {
             "#define CLUSTER 2\n",
             "#define SW 128\n",
             "#define GROUPED 1\n",
+            format!("#define HOST_SMEM {}\n", cfg.smem_bytes()).as_str(),
+            "#define HOST_THREADS 384\n",
         ] {
             assert!(s.contains(d), "missing {d:?}");
         }

@@ -4,7 +4,9 @@
 //! variant and no local-memory access.
 //!
 //! Without NVRTC this test fails if `FP8FORGE_REQUIRE_NVRTC=1` (as in CI), and otherwise says on
-//! stderr, outside the test harness's capture, that it skipped and why.
+//! stderr, outside the test harness's capture, that it skipped and why. Variants go through the
+//! kernel cache (`FP8FORGE_KERNEL_CACHE`): after `bench/gpu-check.sh prepare`, point it at
+//! `target/gpu-kernel-cache` to check the bundled build without compiling it again.
 
 use std::io::Write;
 use std::path::Path;
@@ -76,10 +78,12 @@ fn fxhash(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
-/// Compiles `specs` for their architecture in parallel; returns the failures and the results.
+/// Compiles `specs` for their architecture in parallel, through the kernel cache (a hit is the
+/// same program, options and NVRTC version, so the same CUBIN and ptxas log; a CI machine starts
+/// with an empty cache); returns the failures and the results.
 fn compile_all(specs: &[(KernelSpec, GpuArch)]) -> (Vec<String>, Vec<(KernelSpec, GpuArch, Compiled)>) {
     let results: Vec<(KernelSpec, GpuArch, Result<Compiled, KernelError>)> =
-        specs.par_iter().map(|(s, arch)| (*s, *arch, nvrtc::compile(s, *arch))).collect();
+        specs.par_iter().map(|(s, arch)| (*s, *arch, fp8forge_kernels::cache::compile_cached(s, *arch))).collect();
     let mut failures = Vec::new();
     let mut ok = Vec::new();
     for (spec, arch, r) in results {
@@ -183,5 +187,35 @@ fn a_compile_error_is_reported_with_the_log() {
     match nvrtc::compile(&spec, GpuArch::Sm90) {
         Err(KernelError::Compile { log, .. }) => assert!(log.contains("wgmma") || log.contains("sm_90a"), "{log}"),
         other => panic!("expected a compile error, got {:?}", other.map(|c| c.log)),
+    }
+}
+
+/// The static_asserts at the top of the kernels refuse a configuration the host would never
+/// build (so a host/device disagreement fails the CI's compile of every variant).
+#[test]
+fn a_bad_configuration_is_refused_by_the_static_asserts() {
+    if !nvrtc_or_skip("a_bad_configuration_is_refused_by_the_static_asserts") {
+        return;
+    }
+    let cases = [
+        // 12 stages of 128x128: more than the opt-in shared memory.
+        (GemmConfig::wgmma(128, 128, 12, fp8forge_kernels::Multicast::None), "opt-in shared memory"),
+        // 20 stages of a tiny tile: more than MAX_STAGES.
+        (GemmConfig::wgmma(64, 16, 20, fp8forge_kernels::Multicast::None), "STAGES must be 2..MAX_STAGES"),
+        // BN over the register limit of BM = 256.
+        (GemmConfig::wgmma(256, 184, 2, fp8forge_kernels::Multicast::None), "register limit"),
+        // mma.sync with a 96-row tile.
+        (GemmConfig::mma(96, 64, 2, 2, 2), "BM must be 64 or 128"),
+    ];
+    for (config, message) in cases {
+        let spec = KernelSpec::Gemm { config, grouped: false };
+        match nvrtc::compile(&spec, GpuArch::Sm90a) {
+            Err(KernelError::Compile { log, .. }) => {
+                assert!(log.contains("static assert") && log.contains(message), "{}: {log}", spec.label());
+            }
+            other => {
+                panic!("{}: expected the static_assert to refuse it, got {:?}", spec.label(), other.map(|c| c.log))
+            }
+        }
     }
 }
