@@ -312,7 +312,12 @@ fn weight_errors(l: &Layer, base: &Layer) -> Vec<TensorError> {
     l.linears()
         .into_iter()
         .zip(base.linears())
-        .map(|(a, r)| (a, r, a.w.to_f32(), r.w.to_f32()))
+        .map(|(a, r)| {
+            let (aw, rw) = (a.w.to_f32(), r.w.to_f32());
+            a.w.release();
+            r.w.release();
+            (a, r, aw, rw)
+        })
         .filter(|(.., aw, rw)| aw != rw)
         .map(|(a, _, aw, rw)| {
             let s = compare(&rw, &aw);

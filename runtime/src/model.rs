@@ -20,23 +20,23 @@ const TILE_ELEMS: usize = 1 << 20;
 
 /// A linear layer without bias, `y = x · Wᵀ`, with its weight kept as stored.
 #[derive(Clone, Debug)]
-pub struct Linear {
+pub struct Linear<'a> {
     /// Tensor name of the weight.
     pub name: String,
     /// `out × in` (rows: output features, columns: input features), as stored; `w.fp8`: its
     /// input is quantized under W8A8 simulation.
-    pub w: Stored<'static>,
+    pub w: Stored<'a>,
 }
 
-impl Linear {
-    fn from_stored(name: String, w: Stored<'static>) -> Self {
+impl<'a> Linear<'a> {
+    fn from_stored(name: String, w: Stored<'a>) -> Self {
         Linear { name, w }
     }
 
     /// Loads `{prefix}.weight` of shape `[out, in]`.
-    pub fn load(w: &Weights, prefix: &str, out_features: usize, in_features: usize) -> Result<Self> {
+    pub fn load(w: &'a Weights, prefix: &str, out_features: usize, in_features: usize) -> Result<Self> {
         let name = format!("{prefix}.weight");
-        let m = w.load_matrix(&name, out_features, in_features)?;
+        let m = w.map_checked(&name, out_features, in_features)?;
         Ok(Self::from_stored(name, m))
     }
 
@@ -60,6 +60,7 @@ fn forward(w: &Stored, x: &[f32], t: usize, act: &Act) -> Result<Vec<f32>> {
         }
         None => product_t(x, t, w, &mut out, act.parallel),
     }
+    w.release();
     Ok(out)
 }
 
@@ -95,14 +96,14 @@ pub struct Act {
 
 /// A SwiGLU MLP: `down(silu(gate(x)) · up(x))`.
 #[derive(Clone, Debug)]
-pub struct Ffn {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+pub struct Ffn<'a> {
+    gate: Linear<'a>,
+    up: Linear<'a>,
+    down: Linear<'a>,
 }
 
-impl Ffn {
-    fn load(w: &Weights, prefix: &str, names: [&str; 3], hidden: usize, inter: usize) -> Result<Self> {
+impl<'a> Ffn<'a> {
+    fn load(w: &'a Weights, prefix: &str, names: [&str; 3], hidden: usize, inter: usize) -> Result<Self> {
         Ok(Ffn {
             gate: Linear::load(w, &format!("{prefix}.{}", names[0]), inter, hidden)?,
             up: Linear::load(w, &format!("{prefix}.{}", names[1]), inter, hidden)?,
@@ -117,23 +118,23 @@ impl Ffn {
         self.down.forward(&g, t, act)
     }
 
-    fn linears(&self) -> [&Linear; 3] {
+    fn linears(&self) -> [&Linear<'a>; 3] {
         [&self.gate, &self.up, &self.down]
     }
 }
 
 /// A mixture of experts with its router.
 #[derive(Clone, Debug)]
-pub struct Moe {
+pub struct Moe<'a> {
     cfg: MoeConfig,
-    router: Linear,
+    router: Linear<'a>,
     bias: Option<Vec<f32>>,
-    experts: Vec<Ffn>,
-    shared: Option<Ffn>,
+    experts: Vec<Ffn<'a>>,
+    shared: Option<Box<Ffn<'a>>>,
 }
 
-impl Moe {
-    fn load(w: &Weights, layer: &str, cfg: &MoeConfig, hidden: usize) -> Result<Self> {
+impl<'a> Moe<'a> {
+    fn load(w: &'a Weights, layer: &str, cfg: &MoeConfig, hidden: usize) -> Result<Self> {
         // Hub names: DeepSeek and Qwen3 `mlp.experts.E.gate_proj`, Mixtral `block_sparse_moe.experts.E.w1`.
         let (block, names) = if w.has(&format!("{layer}.block_sparse_moe.gate.weight")) {
             ("block_sparse_moe", ["w1", "w3", "w2"])
@@ -157,9 +158,13 @@ impl Moe {
                 .collect::<Result<_>>()?
         };
         let shared = match cfg.shared_intermediate {
-            Some(i) => {
-                Some(Ffn::load(w, &format!("{p}.shared_experts"), ["gate_proj", "up_proj", "down_proj"], hidden, i)?)
-            }
+            Some(i) => Some(Box::new(Ffn::load(
+                w,
+                &format!("{p}.shared_experts"),
+                ["gate_proj", "up_proj", "down_proj"],
+                hidden,
+                i,
+            )?)),
             None => None,
         };
         Ok(Moe { cfg: cfg.clone(), router, bias, experts, shared })
@@ -270,7 +275,7 @@ impl Moe {
 
 /// Experts stored fused, as transformers 5 keeps them in memory: `experts.gate_up_proj [E, 2I, H]`
 /// and `experts.down_proj [E, H, I]`.
-fn load_fused_experts(w: &Weights, p: &str, cfg: &MoeConfig, hidden: usize) -> Result<Vec<Ffn>> {
+fn load_fused_experts(w: &Weights, p: &str, cfg: &MoeConfig, hidden: usize) -> Result<Vec<Ffn<'static>>> {
     let (e, i) = (cfg.experts, cfg.intermediate);
     let gu_name = format!("{p}.experts.gate_up_proj");
     let dn_name = format!("{p}.experts.down_proj");
@@ -302,26 +307,26 @@ fn top_k(v: &[f32], out: &mut [usize]) {
 
 /// Attention weights of one layer.
 #[derive(Clone, Debug)]
-pub enum Attention {
+pub enum Attention<'a> {
     /// DeepSeek's multi-head latent attention.
     Mla {
         /// `q_a_proj` and `q_a_layernorm` when queries are compressed.
-        q_a: Option<(Linear, Vec<f32>)>,
+        q_a: Option<(Linear<'a>, Vec<f32>)>,
         /// `q_b_proj` (compressed queries) or `q_proj`.
-        q: Linear,
+        q: Linear<'a>,
         /// `kv_a_proj_with_mqa`.
-        kv_a: Linear,
+        kv_a: Linear<'a>,
         /// `kv_a_layernorm`.
         kv_a_norm: Vec<f32>,
         /// `kv_b_proj`.
-        kv_b: Linear,
+        kv_b: Linear<'a>,
         /// `o_proj`.
-        o: Linear,
+        o: Linear<'a>,
     },
     /// Grouped-query attention.
     Gqa {
         /// `q_proj`, `k_proj`, `v_proj`, `o_proj`.
-        qkvo: [Linear; 4],
+        qkvo: [Linear<'a>; 4],
         /// Per-head `q_norm` and `k_norm` (Qwen3).
         qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     },
@@ -329,22 +334,22 @@ pub enum Attention {
 
 /// The feed-forward block of a layer.
 #[derive(Clone, Debug)]
-pub enum Mlp {
+pub enum Mlp<'a> {
     /// Dense SwiGLU.
-    Dense(Ffn),
+    Dense(Ffn<'a>),
     /// Mixture of experts.
-    Moe(Moe),
+    Moe(Moe<'a>),
 }
 
 /// One decoder layer with its weights in f32.
 #[derive(Clone, Debug)]
-pub struct Layer {
+pub struct Layer<'a> {
     /// Index in the model.
     pub index: usize,
     input_norm: Vec<f32>,
     post_norm: Vec<f32>,
-    attn: Attention,
-    mlp: Mlp,
+    attn: Attention<'a>,
+    mlp: Mlp<'a>,
 }
 
 /// What a layer's router chose for the tokens of a window.
@@ -360,9 +365,9 @@ fn norm(w: &Weights, name: &str, dim: usize) -> Result<Vec<f32>> {
     Ok(w.load(name, &[dim])?.data)
 }
 
-impl Layer {
+impl<'a> Layer<'a> {
     /// Loads decoder layer `i`.
-    pub fn load(cfg: &ModelConfig, w: &Weights, i: usize) -> Result<Self> {
+    pub fn load(cfg: &ModelConfig, w: &'a Weights, i: usize) -> Result<Self> {
         let p = format!("{}{i}", cfg.layer_prefix);
         let h = cfg.hidden;
         let attn = match &cfg.attn {
@@ -433,8 +438,8 @@ impl Layer {
     }
 
     /// Every linear layer of this layer, for weight comparisons.
-    pub fn linears(&self) -> Vec<&Linear> {
-        let mut v: Vec<&Linear> = match &self.attn {
+    pub fn linears(&self) -> Vec<&Linear<'a>> {
+        let mut v: Vec<&Linear<'a>> = match &self.attn {
             Attention::Mla { q_a, q, kv_a, kv_b, o, .. } => {
                 q_a.iter().map(|(l, _)| l).chain([q, kv_a, kv_b, o]).collect()
             }
@@ -444,7 +449,7 @@ impl Layer {
             Mlp::Dense(f) => v.extend(f.linears()),
             Mlp::Moe(m) => {
                 v.push(&m.router);
-                for f in m.experts.iter().chain(&m.shared) {
+                for f in m.experts.iter().chain(m.shared.as_deref()) {
                     v.extend(f.linears());
                 }
             }
@@ -597,7 +602,7 @@ impl Model {
     }
 
     /// Loads decoder layer `i`.
-    pub fn layer(&self, i: usize) -> Result<Layer> {
+    pub fn layer(&self, i: usize) -> Result<Layer<'_>> {
         let l = Layer::load(&self.cfg, &self.weights, i);
         self.weights.release_all();
         l

@@ -1,15 +1,16 @@
-//! Reading a checkpoint's weights, whatever their storage. Weight matrices are kept as stored
-//! ([`Stored`]: BF16/F16 bits, or FP8 codes with their scales) and widened to f32 a tile of rows
-//! at a time where they are used, so a layer takes its size on disk in memory, not twice or four
-//! times that; vectors are read as f32. BF16, F16 and F32 widen exactly; FP8 weights (DeepSeek
-//! `weight_scale_inv` or compressed-tensors `weight_scale`, f32 or ue8m0 scales) dequantize as
-//! `q · s` per block, the way `fp8forge dequant` and serving engines read them.
+//! Reading a checkpoint's weights, whatever their storage. Weight matrices are read where they
+//! lie in the mapped files ([`Stored`]: BF16/F16 bits, or FP8 codes with their scales), widened to
+//! f32 a tile of rows at a time where they are used, and their pages released after
+//! ([`Stored::release`]), so a model in use takes about one matrix of memory; vectors are read as
+//! f32. BF16, F16 and F32 widen exactly; FP8 weights (DeepSeek `weight_scale_inv` or
+//! compressed-tensors `weight_scale`, f32 or ue8m0 scales) dequantize as `q · s` per block, the
+//! way `fp8forge dequant` and serving engines read them.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use fp8forge_formats::{Checkpoint, Dtype, TensorInfo};
+use fp8forge_formats::{Checkpoint, Dtype, SafetensorsFile, TensorInfo};
 use fp8forge_quant::block::ScaleFormat;
 use fp8forge_quant::scheme::{
     Fp8Scheme, Fp8Weight, ScaleGeometry, Strictness, code_lut, is_fp8_weight_dtype, scales_to_f32,
@@ -30,9 +31,8 @@ pub struct Tensor {
 }
 
 /// A weight matrix `[rows, cols]` kept as it is stored, widened to f32 rows at a time
-/// ([`Stored::decode_rows`]) with the same values a whole-tensor widening gives: owned
-/// (`Stored<'static>`, [`Weights::load_matrix`]) or borrowed from the mapped file
-/// ([`Weights::map_matrix`]).
+/// ([`Stored::decode_rows`]) with the same values a whole-tensor widening gives: borrowed from
+/// the mapped file ([`Weights::map_matrix`]), or owned (`Stored<'static>`, f32 values).
 #[derive(Clone, Debug)]
 pub struct Stored<'a> {
     /// Rows (output features).
@@ -42,6 +42,8 @@ pub struct Stored<'a> {
     /// True when stored in FP8 (its layer's inputs are quantized under `--act-quant fp8`).
     pub fp8: bool,
     data: StoredData<'a>,
+    /// Where a mapped matrix lies, to release its pages after use.
+    src: Option<(&'a SafetensorsFile, &'a TensorInfo)>,
 }
 
 /// The bytes of a [`Stored`] matrix (BF16 and F16 as little-endian bytes).
@@ -65,14 +67,14 @@ struct Fp8Data<'a> {
 impl Stored<'static> {
     /// A matrix of f32 values (`data.len() == rows * cols`).
     pub fn from_f32(data: Vec<f32>, rows: usize, cols: usize, fp8: bool) -> Self {
-        Stored { rows, cols, fp8, data: StoredData::F32(data) }
+        Stored { rows, cols, fp8, data: StoredData::F32(data), src: None }
     }
 
     /// A matrix of BF16 bits (for tests of the widening paths).
     #[cfg(test)]
     pub(crate) fn from_bf16_bits(bits: Vec<u16>, rows: usize, cols: usize) -> Self {
         let bytes = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
-        Stored { rows, cols, fp8: false, data: StoredData::Bf16(Cow::Owned(bytes)) }
+        Stored { rows, cols, fp8: false, data: StoredData::Bf16(Cow::Owned(bytes)), src: None }
     }
 }
 
@@ -91,6 +93,15 @@ impl Stored<'_> {
             StoredData::F32(v) => v.len() * 4,
             StoredData::Bf16(v) | StoredData::F16(v) => v.len(),
             StoredData::Fp8(f) => f.codes.len() + f.scales.len() * 4,
+        }
+    }
+
+    /// Drops the resident pages of a matrix read from the mapped file (nothing for a copy): the
+    /// next use refaults them from the page cache, so a layer in use takes no memory beyond the
+    /// matrix being multiplied.
+    pub fn release(&self) {
+        if let Some((file, t)) = self.src {
+            file.release(t);
         }
     }
 
@@ -279,24 +290,21 @@ impl Weights {
         Ok(Tensor { data, shape: shape.to_vec(), fp8 })
     }
 
-    /// Reads the matrix `name` as stored, checking that its shape is `[rows, cols]` and that
-    /// every value widens to a finite number. The file pages are released afterwards.
-    pub fn load_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Stored<'static>> {
-        let (si, t, bytes) = self.matrix_bytes(name, rows, cols)?;
-        let m = self.matrix(si, t, Cow::Owned(bytes.to_vec()))?;
-        self.ckpt.shards[si].file.release(t);
-        if let Some((i, v)) = m.first_non_finite() {
-            return Err(self.error(Some(si), name, format!("non-finite value {v} at element {i}")));
-        }
-        Ok(m)
-    }
-
     /// The matrix `name` of shape `[rows, cols]` read where it lies in the mapped file, without a
     /// copy and without checking its values ([`Weights::check_matrix`] does); release its pages
     /// with [`Weights::release_all`] once used.
     pub fn map_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Stored<'_>> {
         let (si, t, bytes) = self.matrix_bytes(name, rows, cols)?;
-        self.matrix(si, t, Cow::Borrowed(bytes))
+        let mut m = self.matrix(si, t, Cow::Borrowed(bytes))?;
+        m.src = Some((&self.ckpt.shards[si].file, t));
+        Ok(m)
+    }
+
+    /// [`Weights::map_matrix`] after [`Weights::check_matrix`]: a matrix read where it lies, its
+    /// values checked, its pages released until it is used.
+    pub fn map_checked(&self, name: &str, rows: usize, cols: usize) -> Result<Stored<'_>> {
+        self.check_matrix(name, rows, cols)?;
+        self.map_matrix(name, rows, cols)
     }
 
     /// Checks that the matrix `name` has shape `[rows, cols]` and that every value widens to a
@@ -334,7 +342,7 @@ impl Weights {
             }
             d => return Err(self.error(Some(si), &t.name, format!("dtype {d:?} is not a float weight type"))),
         };
-        Ok(Stored { rows: t.shape[0], cols: t.shape[1], fp8: is_fp8_weight_dtype(t.dtype), data })
+        Ok(Stored { rows: t.shape[0], cols: t.shape[1], fp8: is_fp8_weight_dtype(t.dtype), data, src: None })
     }
 
     /// Bytes of all tensors whose name starts with `prefix`, held as stored (vectors, which are

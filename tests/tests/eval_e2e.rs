@@ -233,7 +233,7 @@ fn run_with_peak_rss(args: &[String]) -> (i32, Vec<u8>, u64) {
 }
 
 #[test]
-fn memory_cap_below_model_size_streams_and_matches_resident() {
+fn memory_stays_below_half_the_model_streamed_or_resident_and_both_give_the_same_numbers() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("model");
     let (specs, config) = model_specs(Arch::Mixtral, 20, 8);
@@ -261,8 +261,10 @@ fn memory_cap_below_model_size_streams_and_matches_resident() {
     resident_args.extend(["--max-memory".into(), "64GiB".into()]);
     let (code, out, resident_rss) = run_with_peak_rss(&resident_args);
     assert_eq!(code, 0, "resident eval failed");
-    // The measurement can tell the two apart: resident f32 weights are twice the BF16 bytes.
-    assert!(resident_rss > on_disk, "resident peak RSS {resident_rss} B is not above {on_disk} B");
+    // Weights are read where they lie in the mapped files and their pages released after each
+    // product, so holding every layer costs no more memory than streaming them.
+    assert!(rss > 0 && resident_rss > 0, "no peak RSS measured");
+    assert!(resident_rss < on_disk / 2, "resident peak RSS {resident_rss} B is not below half of {on_disk} B");
     let resident: Value = serde_json::from_slice(&out).expect("json");
     assert_eq!(resident["streamed"], Value::Bool(false));
     assert_eq!(without_timing(streamed), without_timing(resident));
