@@ -33,11 +33,18 @@ impl<'a> Linear<'a> {
         Linear { name, w }
     }
 
-    /// Loads `{prefix}.weight` of shape `[out, in]`.
+    /// Loads `{prefix}.weight` of shape `[out, in]`: read from the mapped file where it is used,
+    /// or, when it fits one tile, widened to f32 once (a small matrix costs little memory, and
+    /// widening it again in every product would cost time).
     pub fn load(w: &'a Weights, prefix: &str, out_features: usize, in_features: usize) -> Result<Self> {
         let name = format!("{prefix}.weight");
         let m = w.map_checked(&name, out_features, in_features)?;
-        Ok(Self::from_stored(name, m))
+        if out_features * in_features > TILE_ELEMS || m.as_f32().is_some() {
+            return Ok(Self::from_stored(name, m));
+        }
+        let wide = Stored::from_f32(m.to_f32(), out_features, in_features, m.fp8);
+        m.release();
+        Ok(Self::from_stored(name, wide))
     }
 
     /// `x` is `t × in`; returns `t × out`. Under `act = Some(fmt)` an FP8 layer first rounds its
@@ -608,9 +615,9 @@ impl Model {
         l
     }
 
-    /// Bytes decoder layer `i`'s weights take in memory (as stored).
+    /// Bytes decoder layer `i`'s weights take in memory once loaded (see [`Linear::load`]).
     pub fn layer_bytes(&self, i: usize) -> u64 {
-        self.weights.stored_bytes_with_prefix(&format!("{}{i}.", self.cfg.layer_prefix))
+        self.weights.loaded_bytes_with_prefix(&format!("{}{i}.", self.cfg.layer_prefix), TILE_ELEMS)
     }
 
     /// The embeddings of `tokens` (`t × hidden`). Token ids were checked against the vocabulary.

@@ -345,18 +345,18 @@ impl Weights {
         Ok(Stored { rows: t.shape[0], cols: t.shape[1], fp8: is_fp8_weight_dtype(t.dtype), data, src: None })
     }
 
-    /// Bytes of all tensors whose name starts with `prefix`, held as stored (vectors, which are
-    /// read as f32, counted at 4 bytes an element).
-    pub fn stored_bytes_with_prefix(&self, prefix: &str) -> u64 {
+    /// Bytes the tensors whose name starts with `prefix` take in memory once loaded: matrices of
+    /// more than `widened_up_to` elements none for long (read from the mapped files, released
+    /// after each use) but counted as stored, smaller ones widened to f32, vectors read as f32.
+    pub fn loaded_bytes_with_prefix(&self, prefix: &str, widened_up_to: usize) -> u64 {
         self.index
             .keys()
             .filter(|n| n.starts_with(prefix))
             .filter_map(|n| self.info(n))
-            .map(
-                |(_, t)| {
-                    if t.shape.len() == 2 { t.nbytes() as u64 } else { t.shape.iter().product::<usize>() as u64 * 4 }
-                },
-            )
+            .map(|(_, t)| {
+                let n = t.shape.iter().product::<usize>();
+                if t.shape.len() == 2 && n > widened_up_to { t.nbytes() as u64 } else { n as u64 * 4 }
+            })
             .sum()
     }
 
