@@ -81,13 +81,25 @@ fn product_t(x: &[f32], t: usize, w: &Stored, out: &mut [f32], parallel: bool) {
         return;
     }
     let tile = (TILE_ELEMS / k.max(1)).clamp(1, n.max(1));
-    let mut buf = vec![0f32; tile * k];
+    // The thread's tile buffer, taken out while in use: a product that rayon runs on this thread
+    // while this one waits finds it empty and makes its own.
+    let mut buf = TILE.with(std::cell::Cell::take);
+    if buf.len() < tile * k {
+        buf.resize(tile * k, 0.0);
+    }
     for r0 in (0..n).step_by(tile) {
         let rows = tile.min(n - r0);
         let b = &mut buf[..rows * k];
         w.decode_rows(r0, b);
         matmul_t_cols(a, View::dense(b, rows, k), out, n, r0, parallel);
     }
+    TILE.with(|c| c.set(buf));
+}
+
+thread_local! {
+    /// Each thread's buffer for the widened tile of [`product_t`] (at most [`TILE_ELEMS`] values,
+    /// kept between products instead of allocated and zeroed for each).
+    static TILE: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// How the inputs of FP8 layers are treated in one forward pass.
@@ -600,10 +612,12 @@ impl Model {
         let weights = Weights::open(dir)?;
         let cfg = ModelConfig::load(&weights.root().join("config.json"))?;
         let (v, h) = (cfg.vocab, cfg.hidden);
-        weights.check_matrix(EMBED, v, h)?;
+        weights.map_checked(EMBED, v, h)?;
         let final_norm = norm(&weights, "model.norm.weight", h)?;
         let head = if cfg.tie_word_embeddings && !weights.has(HEAD) { EMBED } else { HEAD };
-        weights.check_matrix(head, v, h)?;
+        if head != EMBED {
+            weights.map_checked(head, v, h)?;
+        }
         let rope = RopeTable::new(&cfg.rope.inv_freq, cfg.rope.attention_factor, cfg.rope.interleave, max_t);
         Ok(Model { cfg, weights, final_norm, head, rope })
     }

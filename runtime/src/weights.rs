@@ -291,7 +291,7 @@ impl Weights {
     }
 
     /// The matrix `name` of shape `[rows, cols]` read where it lies in the mapped file, without a
-    /// copy and without checking its values ([`Weights::check_matrix`] does); release its pages
+    /// copy and without checking its values ([`Weights::map_checked`] does); release its pages
     /// with [`Weights::release_all`] once used.
     pub fn map_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Stored<'_>> {
         let (si, t, bytes) = self.matrix_bytes(name, rows, cols)?;
@@ -300,22 +300,17 @@ impl Weights {
         Ok(m)
     }
 
-    /// [`Weights::map_matrix`] after [`Weights::check_matrix`]: a matrix read where it lies, its
-    /// values checked, its pages released until it is used.
+    /// [`Weights::map_matrix`], its values checked once (every one must widen to a finite
+    /// number) and its pages released until it is used.
     pub fn map_checked(&self, name: &str, rows: usize, cols: usize) -> Result<Stored<'_>> {
-        self.check_matrix(name, rows, cols)?;
-        self.map_matrix(name, rows, cols)
-    }
-
-    /// Checks that the matrix `name` has shape `[rows, cols]` and that every value widens to a
-    /// finite number, reading it where it lies; its pages are released afterwards.
-    pub fn check_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<()> {
         let (si, t, bytes) = self.matrix_bytes(name, rows, cols)?;
-        let bad = self.matrix(si, t, Cow::Borrowed(bytes))?.first_non_finite();
-        self.ckpt.shards[si].file.release(t);
+        let mut m = self.matrix(si, t, Cow::Borrowed(bytes))?;
+        m.src = Some((&self.ckpt.shards[si].file, t));
+        let bad = m.first_non_finite();
+        m.release();
         match bad {
             Some((i, v)) => Err(self.error(Some(si), name, format!("non-finite value {v} at element {i}"))),
-            None => Ok(()),
+            None => Ok(m),
         }
     }
 
