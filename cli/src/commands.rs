@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use fp8forge_quant::block::ScaleFormat;
 use fp8forge_quant::convert::{self, ConvertError, ConvertReport, RunOptions};
 use fp8forge_quant::plan::{ConvertOptions, OutputFormat};
-use fp8forge_runtime::eval::{ActQuant, EvalOptions, Input, evaluate};
+use fp8forge_runtime::eval::{ActQuant, EvalOptions, Input, estimate, evaluate};
 use serde::Serialize;
 
 use crate::failure::Failure;
@@ -114,6 +114,10 @@ struct EvalArgs {
     /// Write the HTML report here.
     #[arg(long, value_name = "FILE.html")]
     report: Option<PathBuf>,
+    /// Say what the evaluation would cost (bytes to read, peak memory, time on this machine, from
+    /// a short calibration) and stop.
+    #[arg(long)]
+    dry_run: bool,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -347,6 +351,15 @@ fn run_eval(a: EvalArgs) -> Result<ExitCode, Failure> {
         max_memory: a.max_memory,
         stream: a.stream.then_some(true),
     };
+    if a.dry_run {
+        let e = estimate(&a.model, a.baseline.as_deref(), &input, &opts)?;
+        if a.json {
+            print_json(&e)?;
+        } else if !a.quiet {
+            emit(&crate::output::render_estimate(&e))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Some(path) = &a.report {
         check_report_path(path)?;
     }

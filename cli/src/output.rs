@@ -150,6 +150,51 @@ impl fp8forge_runtime::eval::EvalProgress for StepBar {
     }
 }
 
+/// The human summary of an evaluation's estimated cost (`eval --dry-run`).
+pub fn render_estimate(e: &fp8forge_runtime::cost::EvalEstimate) -> String {
+    let c = &e.calibration;
+    let mut out = format!(
+        "{}{}: {} layers, {} tokens in {} windows of up to {}, {} on {} threads\n",
+        esc(&e.model),
+        e.baseline.as_deref().map(|b| format!(" against {}", esc(b))).unwrap_or_default(),
+        e.layers,
+        e.tokens,
+        e.windows,
+        e.ctx,
+        if e.streamed { "streamed one layer at a time" } else { "all layers resident" },
+        e.threads,
+    );
+    out += &format!(
+        "  read     {} once: about {} at {}/s (measured; page cache if the files were read recently)\n",
+        human_bytes(e.bytes_to_read),
+        human_seconds(e.read_seconds),
+        human_bytes(c.read_bytes_per_second as u64),
+    );
+    out += &format!("  memory   about {} at peak\n", human_bytes(e.peak_memory_bytes));
+    out += &format!("  compute  {:.3e} multiply-adds: about {}\n", e.multiply_adds, human_seconds(e.compute_seconds));
+    for p in &c.products {
+        out += &format!(
+            "           {}: {:.3} ns per weight element read, {:.4} ns per multiply-add (timed on {})\n",
+            p.weights,
+            p.decode_ns_per_element,
+            p.fma_ns,
+            esc(&p.matrix),
+        );
+    }
+    out += &format!("  total    about {} (calibration took {:.1} s)\n", human_seconds(e.seconds), c.seconds);
+    out
+}
+
+/// `90 s`, `12 min`, `3.4 h`, `2.1 days`.
+fn human_seconds(s: f64) -> String {
+    match s {
+        s if s < 120.0 => format!("{s:.1} s"),
+        s if s < 7200.0 => format!("{:.0} min", s / 60.0),
+        s if s < 172_800.0 => format!("{:.1} h", s / 3600.0),
+        s => format!("{:.1} days", s / 86_400.0),
+    }
+}
+
 /// The human summary of an evaluation.
 pub fn render_eval(r: &fp8forge_runtime::metrics::EvalResult) -> String {
     let mut out = format!(

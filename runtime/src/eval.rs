@@ -100,15 +100,23 @@ fn open_side(path: &Path, ctx: usize, aq: ActQuant, baseline: bool) -> Result<Si
     Ok(Side { model, act })
 }
 
-/// Evaluates `model` on `input`, against `baseline` when given.
-pub fn evaluate(
-    model: &Path,
-    baseline: Option<&Path>,
-    input: &Input,
-    opts: &EvalOptions,
-    progress: &dyn EvalProgress,
-) -> Result<EvalResult> {
-    let start = Instant::now();
+/// A model and its baseline opened, the tokens read and cut into windows, streaming decided:
+/// everything an evaluation needs before its first product.
+struct Prepared {
+    m: Side,
+    b: Option<Side>,
+    tokens: Vec<u32>,
+    ctx: usize,
+    streamed: bool,
+}
+
+impl Prepared {
+    fn windows(&self) -> Vec<&[u32]> {
+        windows(&self.tokens, self.ctx)
+    }
+}
+
+fn prepare(model: &Path, baseline: Option<&Path>, input: &Input, opts: &EvalOptions) -> Result<Prepared> {
     // Read the config first for the default window length.
     let probe = crate::config::ModelConfig::load(&model_dir(model).join("config.json"))?;
     let ctx = window_length(opts.ctx, &probe)?;
@@ -132,8 +140,7 @@ pub fn evaluate(
             reason: format!("token {i} has id {} outside the vocabulary of {}", tokens[i], m.model.cfg.vocab),
         });
     }
-    let wins = windows(&tokens, ctx);
-    if wins.is_empty() {
+    if windows(&tokens, ctx).is_empty() {
         return Err(RuntimeError::Input { file: input_file, reason: "fewer than 2 tokens: nothing to score".into() });
     }
     check_attention_memory(ctx.min(tokens.len()), &probe)?;
@@ -143,14 +150,29 @@ pub fn evaluate(
         (0..n_layers).map(|i| m.model.layer_bytes(i) + b.as_ref().map_or(0, |b| b.model.layer_bytes(i))).sum();
     let budget = opts.max_memory.unwrap_or_else(|| available_memory() / 2);
     let streamed = opts.stream.unwrap_or(resident > budget);
+    Ok(Prepared { m, b, tokens, ctx, streamed })
+}
+
+/// Evaluates `model` on `input`, against `baseline` when given.
+pub fn evaluate(
+    model: &Path,
+    baseline: Option<&Path>,
+    input: &Input,
+    opts: &EvalOptions,
+    progress: &dyn EvalProgress,
+) -> Result<EvalResult> {
+    let start = Instant::now();
+    let p = prepare(model, baseline, input, opts)?;
+    let (m, b, wins) = (&p.m, p.b.as_ref(), p.windows());
+    let n_layers = m.model.cfg.num_layers();
     let sides = 1 + usize::from(b.is_some());
     progress.begin((n_layers * sides * wins.len() + wins.len()) as u64);
 
     let mut acc = Accumulators::new(&m.model, b.is_some());
-    if streamed {
-        run_streamed(&m, b.as_ref(), &wins, &mut acc, progress)?;
+    if p.streamed {
+        run_streamed(m, b, &wins, &mut acc, progress)?;
     } else {
-        run_resident(&m, b.as_ref(), &wins, &mut acc, progress)?;
+        run_resident(m, b, &wins, &mut acc, progress)?;
     }
 
     let seconds = start.elapsed().as_secs_f64();
@@ -158,15 +180,39 @@ pub fn evaluate(
     Ok(acc.finish(FinishInfo {
         model,
         baseline,
-        m: &m,
-        b: b.as_ref(),
-        ctx,
+        m,
+        b,
+        ctx: p.ctx,
         windows: wins.len(),
-        tokens: tokens.len(),
-        streamed,
+        tokens: p.tokens.len(),
+        streamed: p.streamed,
         seconds,
         tokens_per_second: (tokens_run * sides) as f64 / seconds.max(1e-9),
     }))
+}
+
+/// What evaluating `model` on `input` (against `baseline`) would cost on this machine, without
+/// evaluating: the models are opened and checked, the input read, and a short calibration run
+/// (see [`crate::cost`]).
+pub fn estimate(
+    model: &Path,
+    baseline: Option<&Path>,
+    input: &Input,
+    opts: &EvalOptions,
+) -> Result<crate::cost::EvalEstimate> {
+    let p = prepare(model, baseline, input, opts)?;
+    let wins = p.windows();
+    crate::cost::estimate(&crate::cost::Plan {
+        model: (&p.m.model, p.m.act),
+        baseline: p.b.as_ref().map(|b| (&b.model, b.act)),
+        model_path: model,
+        baseline_path: baseline,
+        first_window: wins[0],
+        window_lengths: wins.iter().map(|w| w.len()).collect(),
+        tokens: p.tokens.len(),
+        ctx: p.ctx,
+        streamed: p.streamed,
+    })
 }
 
 /// The window length: the one asked for (at least 2 tokens, at most the model's

@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod cost;
 mod divergence;
 pub mod error;
 pub mod eval;

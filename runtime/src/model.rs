@@ -634,6 +634,11 @@ impl Model {
         self.weights.loaded_bytes_with_prefix(&format!("{}{i}.", self.cfg.layer_prefix), TILE_ELEMS)
     }
 
+    /// Bytes of the output head's matrix as stored (mapped while the logits are computed).
+    pub fn head_bytes(&self) -> u64 {
+        self.weights.tensors_with_prefix(self.head).find(|t| t.name == self.head).map_or(0, |t| t.nbytes() as u64)
+    }
+
     /// The embeddings of `tokens` (`t × hidden`). Token ids were checked against the vocabulary.
     pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         let h = self.cfg.hidden;

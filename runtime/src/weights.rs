@@ -355,6 +355,16 @@ impl Weights {
             .sum()
     }
 
+    /// The tensors whose name starts with `prefix`, as their headers describe them (no data read).
+    pub fn tensors_with_prefix<'s>(&'s self, prefix: &'s str) -> impl Iterator<Item = &'s TensorInfo> + 's {
+        self.tensors().filter(move |t| t.name.starts_with(prefix))
+    }
+
+    /// Total bytes of the checkpoint's tensor data.
+    pub fn stored_bytes(&self) -> u64 {
+        self.tensors().map(|t| t.nbytes() as u64).sum()
+    }
+
     fn dequantize(&self, si: usize, t: &TensorInfo, codes: &[u8], out: &mut [f32], dtype: Dtype) -> Result<()> {
         let (lut, scales, geom) = self.fp8_parts(si, t, dtype)?;
         let w = Fp8Weight { codes, lut, scales: &scales, geom };

@@ -392,3 +392,78 @@ fn f16_and_f32_checkpoints_evaluate_like_their_exact_bf16_source() {
     assert!(c["perplexity"].as_f64().is_some_and(f64::is_finite));
     assert_eq!(c["perplexity"], d["perplexity"], "F16 and its exact F32 widening differ");
 }
+
+/// Multiply-adds per token of one decoder layer's products, from config.json alone (the active
+/// parameters: attention, a dense MLP or the router, shared experts and `top_k` routed experts),
+/// and the query and value widths of attention.
+fn active_params(c: &Value, layer: usize) -> (f64, f64) {
+    let u = |k: &str| c[k].as_u64().unwrap_or(0) as f64;
+    let (h, heads) = (u("hidden_size"), u("num_attention_heads"));
+    let (attn, q_out, o_in) = if c.get("kv_lora_rank").is_some() {
+        let (qk, v) = (u("qk_nope_head_dim") + u("qk_rope_head_dim"), u("v_head_dim"));
+        let q = u("q_lora_rank") * h + heads * qk * u("q_lora_rank");
+        let kv =
+            (u("kv_lora_rank") + u("qk_rope_head_dim")) * h + heads * (u("qk_nope_head_dim") + v) * u("kv_lora_rank");
+        (q + kv + h * heads * v, heads * qk, heads * v)
+    } else {
+        let d = if c["head_dim"].is_u64() { u("head_dim") } else { h / heads };
+        let kv = u("num_key_value_heads") * d;
+        (2.0 * heads * d * h + 2.0 * kv * h, heads * d, heads * d)
+    };
+    let experts = ["n_routed_experts", "num_local_experts", "num_experts"].iter().map(|k| u(k)).fold(0.0, f64::max);
+    // DeepSeek: the first `first_k_dense_replace` layers; Qwen3-MoE: `mlp_only_layers`, and every
+    // layer but each `decoder_sparse_step`-th.
+    let dense = (layer as u64) < c["first_k_dense_replace"].as_u64().unwrap_or(0)
+        || c["mlp_only_layers"].as_array().is_some_and(|v| v.iter().any(|x| x.as_u64() == Some(layer as u64)))
+        || !(layer as u64 + 1).is_multiple_of(c["decoder_sparse_step"].as_u64().unwrap_or(1));
+    let mlp = if dense {
+        3.0 * u("intermediate_size") * h
+    } else {
+        let inter =
+            if c["moe_intermediate_size"].is_u64() { u("moe_intermediate_size") } else { u("intermediate_size") };
+        experts * h + 3.0 * inter * h * (u("num_experts_per_tok") + u("n_shared_experts"))
+    };
+    (attn + mlp, q_out + o_in)
+}
+
+/// Bytes of tensor data in a safetensors file: its size less the 8-byte length and the header.
+fn data_bytes(file: &Path) -> u64 {
+    let b = std::fs::read(file).expect("read safetensors");
+    b.len() as u64 - 8 - u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
+}
+
+#[test]
+fn dry_run_counts_every_multiply_add_and_byte_from_the_config_and_evaluates_nothing() {
+    for arch in ARCHS {
+        let dir = fixture(arch);
+        let c: Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).expect("config")).expect("json");
+        let n_tokens = std::fs::read_to_string(dir.join("tokens.txt")).expect("tokens").split_whitespace().count();
+        let ctx = 64usize;
+        let lengths: Vec<usize> =
+            (0..n_tokens).step_by(ctx).map(|s| ctx.min(n_tokens - s)).filter(|&t| t >= 2).collect();
+        let layers = c["num_hidden_layers"].as_u64().expect("layers") as usize;
+        let mut want = 0.0;
+        for l in 0..layers {
+            let (per_token, attn_width) = active_params(&c, l);
+            want += lengths.iter().map(|&t| t as f64 * per_token + (t * t) as f64 / 2.0 * attn_width).sum::<f64>();
+        }
+        let (vocab, h) = (c["vocab_size"].as_f64().expect("vocab"), c["hidden_size"].as_f64().expect("hidden"));
+        want += n_tokens as f64 * vocab * h;
+
+        let e = eval_fixture(&dir, arch, &["--dry-run"]);
+        assert!(e.get("perplexity").is_none(), "{arch}: --dry-run evaluated: {e}");
+        let got = number(&e, arch, "multiply_adds");
+        assert!((got / want - 1.0).abs() < 1e-9, "{arch}: {got} multiply-adds priced, {want} from the config");
+        assert_eq!(e["windows"].as_u64(), Some(lengths.len() as u64), "{arch}: windows");
+        assert_eq!(e["bytes_to_read"].as_u64(), Some(data_bytes(&dir.join("model.safetensors"))), "{arch}: bytes");
+        for key in ["seconds", "compute_seconds", "peak_memory_bytes"] {
+            assert!(number(&e, arch, key) > 0.0, "{arch}: {key} not positive: {e}");
+        }
+
+        // Against itself as baseline: every count doubles.
+        let e2 = eval_fixture(&dir, arch, &["--dry-run", "--baseline", &s(&dir)]);
+        let got2 = number(&e2, arch, "multiply_adds");
+        assert!((got2 / (2.0 * want) - 1.0).abs() < 1e-9, "{arch}: {got2} with a baseline, want {}", 2.0 * want);
+        assert_eq!(e2["bytes_to_read"].as_u64(), Some(2 * data_bytes(&dir.join("model.safetensors"))), "{arch}");
+    }
+}
