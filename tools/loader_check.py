@@ -20,6 +20,15 @@ BF16 with save_pretrained. Then:
          `fp8forge dequant OUT`. Both sides compute one float32 product of the same E4M3 code and the
          same float32 scale, so anything but bitwise equality is a bug.
 
+And for each architecture, its real tokenizer family (`tokenizers`' byte-level BPE with DeepSeek-V3's
+and with Qwen's pre-tokenizer regexes, SentencePiece-style BPE with byte fallback as Mistral ships it),
+trained here on the bundled held-out text and saved as tokenizer.json:
+
+  text   `fp8forge eval --text` (the Rust `tokenizers` crate, fancy-regex) vs transformers' AutoTokenizer
+         on the same text (numbers, CJK, kana, Cyrillic, combining accents, emoji, contractions, CRLF,
+         runs of spaces): the same token count and the same perplexity (TOL), with a model whose
+         vocabulary is the tokenizer's.
+
 Perplexities agree within TOL relative, on N_TOKENS tokens in windows of CTX (ARCHITECTURE.md's protocol,
 tools/eval_transformers.py's code). The tokens are sampled from the BF16 model itself, as
 tools/make_fixtures.py does: on real text a random model's perplexity is astronomical (about 1e10 here)
@@ -89,6 +98,74 @@ def qwen3_moe():
 
 
 ARCHS = {"deepseek_v3": (deepseek_v3, 101), "mixtral": (mixtral, 102), "qwen3_moe": (qwen3_moe, 103)}
+
+# Text that exercises every branch of the pre-tokenizers below.
+MIXED_TEXT = ("Numbers 1234567 and 3.14159, 2026-11-29; CJK 中文字符测试 日本語のテキスト カタカナ; "
+              "Cyrillic Привет, мир! Greek αβγ; accents café naïve e\u0301; emoji 🙂🚀 ok; don't WE'LL it's;\n\n"
+              "  tabs\tand   spaces   \r\n symbols <=> ==> @#$% [x] {y} (z) \"quoted\" `code`  \n")
+# DeepSeek-V3's tokenizer.json: three isolated splits (digits in threes, CJK/kana runs, the rest).
+DEEPSEEK_SPLITS = [r"\p{N}{1,3}", r"[一-龥぀-ゟ゠-ヿ]+",
+                   r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+                   r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"]
+# Qwen2/Qwen3's: case-insensitive contractions and a lookahead.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+HELDOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "cli", "assets", "tiny-moe", "heldout.txt")
+
+
+def train_tokenizer(arch, out_dir):
+    """The tokenizer family `arch` ships with, trained on the held-out text; saved as tokenizer.json
+    with a tokenizer_config.json. Returns the evaluation text."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    with open(HELDOUT, encoding="utf-8") as f:
+        text = f.read()
+    if arch == "mixtral":
+        tk = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+        tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                        decoders.Strip(" ", 1, 0)])
+        specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+        trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials, show_progress=False)
+    else:
+        splits = DEEPSEEK_SPLITS if arch == "deepseek_v3" else [QWEN_SPLIT]
+        tk = Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(p), behavior="isolated", invert=False) for p in splits]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<s>", "</s>"], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator([text[:60000], MIXED_TEXT], trainer=trainer)
+    os.makedirs(out_dir, exist_ok=True)
+    tk.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}, f)
+    return MIXED_TEXT + text[60000:61500] + MIXED_TEXT
+
+
+def check_text(arch, bin_, work):
+    """`fp8forge eval --text` against transformers' own tokenizer and model on the same text."""
+    d = os.path.join(work, arch, "text")
+    text = train_tokenizer(arch, d)
+    cfg_fn, seed = ARCHS[arch]
+    cfg = cfg_fn()
+    cfg.vocab_size = transformers.AutoTokenizer.from_pretrained(d).vocab_size
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    reinit(model, seed, WEIGHT_STD, HEAD_STD)
+    save_bf16(model, d)
+    text_file = os.path.join(work, arch, "text.txt")
+    with open(text_file, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    ids = transformers.AutoTokenizer.from_pretrained(d)(text, add_special_tokens=False)["input_ids"]
+    out = json.loads(fp8forge(bin_, "eval", d, "--text", text_file, "--ctx", str(CTX), "--act-quant", "none",
+                              "--json", "--quiet"))
+    theirs = ppl_transformers(d, ids, fp8=False)
+    rel = abs(out["perplexity"] - theirs) / theirs
+    ok = out["tokens"] == len(ids) and rel <= TOL
+    return ok, (f"{len(ids)} tokens (transformers) vs {out['tokens']} (fp8forge); perplexity transformers "
+                f"{theirs:.6f}  fp8forge {out['perplexity']:.6f}  rel diff {rel:.1e}")
 
 
 class Checks:
@@ -222,6 +299,8 @@ def check_arch(arch, bin_, work, checks):
 
     checks.run(f"{arch} bf16 ppl, transformers vs fp8forge eval", bf16_check)
     checks.run(f"{arch} fp8 ppl, FineGrainedFP8Config(dequantize=True) vs fp8forge eval", fp8_check)
+    checks.run(f"{arch} tokenizer.json, AutoTokenizer + transformers vs fp8forge eval --text",
+               lambda: check_text(arch, bin_, work))
     try:
         result = compare_ct(fp8, ct, deq)
     except Exception as e:
