@@ -2,7 +2,7 @@
 //! memory and time on this machine.
 //!
 //! Nothing is evaluated. The time comes from a short calibration on one real weight matrix of
-//! each model: a product with 1 row and one with `CALIBRATION_ROWS` rows give the cost per weight
+//! each model: a product with 1 row and one with a window's rows (at most `CALIBRATION_ROWS`) give the cost per weight
 //! element of reading and widening the weight (`decode`) and of one multiply-add per row (`fma`);
 //! every product of the evaluation is then priced from its shape and the rows it gets (all tokens
 //! of a window for a dense matrix, about `t · top_k / experts` for an expert). Shapes come from the
@@ -19,8 +19,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Result, RuntimeError};
 use crate::model::{Act, Linear, Model};
 
-/// Rows of the longer calibration product.
-const CALIBRATION_ROWS: usize = 128;
+/// Most rows of the longer calibration product (the window length when shorter): products of
+/// many rows run more multiply-adds per second than those of few, and a window's dense products
+/// are the bulk of an evaluation.
+const CALIBRATION_ROWS: usize = 512;
 /// Matrices of at most this many elements are widened to f32 once at load (see `Linear::load`).
 const WIDENED_UP_TO: usize = 1 << 20;
 /// Tokens of the window the real layer is timed on (the per-token overhead barely depends on it).
@@ -187,10 +189,10 @@ fn time_product(l: &Linear, rows: usize) -> Result<f64> {
 }
 
 /// Calibrates the product cost on a real matrix of `m`: the stored (not widened) matrix closest
-/// to 16M elements, else the largest.
-fn calibrate_products(m: &Model) -> Result<ProductRate> {
+/// to 8M elements, else the largest, with 1 and `rows` rows.
+fn calibrate_products(m: &Model, rows: usize) -> Result<ProductRate> {
     let all = matrices(m, &m.cfg.layer_prefix);
-    let target = 16usize << 20;
+    let target = 8usize << 20;
     let pick = all
         .iter()
         .filter(|x| !x.widened && x.name.ends_with(".weight"))
@@ -204,8 +206,9 @@ fn calibrate_products(m: &Model) -> Result<ProductRate> {
     let l = Linear::load(&m.weights, prefix, pick.rows, pick.cols)?;
     let elems = (pick.rows * pick.cols) as f64;
     let t1 = time_product(&l, 1)?;
-    let tn = time_product(&l, CALIBRATION_ROWS)?;
-    let fma = ((tn - t1) / (elems * (CALIBRATION_ROWS - 1) as f64)).max(1e-12);
+    let rows = rows.clamp(2, CALIBRATION_ROWS);
+    let tn = time_product(&l, rows)?;
+    let fma = ((tn - t1) / (elems * (rows - 1) as f64)).max(1e-12);
     let decode = (t1 / elems - fma).max(0.0);
     m.weights.release_all();
     Ok(ProductRate {
@@ -346,7 +349,7 @@ pub(crate) fn estimate(p: &Plan) -> Result<EvalEstimate> {
     let mut rates = Vec::with_capacity(sides.len());
     let mut overheads = Vec::with_capacity(sides.len());
     for &(m, act) in &sides {
-        let rate = calibrate_products(m)?;
+        let rate = calibrate_products(m, p.ctx.min(p.tokens))?;
         overheads.push(layer_overhead(m, act, &rate, p.first_window)?);
         rates.push(rate);
     }
