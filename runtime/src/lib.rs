@@ -6,14 +6,18 @@
 
 #![deny(missing_docs)]
 
+pub mod attention;
 pub mod config;
 mod divergence;
 pub mod error;
 pub mod eval;
 pub mod metrics;
 pub mod model;
+pub mod models;
 pub mod ops;
+pub mod prefix;
 pub mod report;
+pub mod router;
 pub mod tokens;
 pub mod weights;
 
