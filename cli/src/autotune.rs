@@ -11,7 +11,7 @@ use fp8forge_autotune::run::{AutotuneReport, AutotuneRequest, AutotuneWarning, M
 use fp8forge_autotune::shapes::{AttentionDims, FfnDims, ModelDims, WeightShape, model_shapes};
 use fp8forge_autotune::table::{self, Table, TableError};
 use fp8forge_autotune::tune::{Outcome, TuneError, TuneOptions, TuneProgress};
-use fp8forge_runtime::config::{AttnConfig, MlpConfig, ModelConfig};
+use fp8forge_runtime::config::{AttentionShape, FfnShape, ModelConfig, Shapes};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
@@ -71,27 +71,25 @@ fn usage(message: String) -> Failure {
     Failure { message, code: 2 }
 }
 
-/// The GEMM dimensions of a model, from its validated config.
-fn model_dims(c: &ModelConfig) -> ModelDims {
-    let attention = match c.attn {
-        AttnConfig::Mla { heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim } => {
+/// The GEMM dimensions of a model, from the runtime's validated config.
+fn model_dims(s: Shapes) -> ModelDims {
+    let attention = match s.attention {
+        AttentionShape::Mla { heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim } => {
             AttentionDims::Mla { heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim }
         }
-        AttnConfig::Gqa { heads, kv_heads, head_dim, .. } => AttentionDims::Gqa { heads, kv_heads, head_dim },
+        AttentionShape::Gqa { heads, kv_heads, head_dim } => AttentionDims::Gqa { heads, kv_heads, head_dim },
     };
-    let layers = c
+    let layers = s
         .layers
-        .iter()
+        .into_iter()
         .map(|l| match l {
-            MlpConfig::Dense(intermediate) => FfnDims::Dense { intermediate: *intermediate },
-            MlpConfig::Moe(m) => FfnDims::Moe {
-                experts: m.experts,
-                intermediate: m.intermediate,
-                shared_intermediate: m.shared_intermediate,
-            },
+            FfnShape::Dense { intermediate } => FfnDims::Dense { intermediate },
+            FfnShape::Moe { experts, intermediate, shared_intermediate } => {
+                FfnDims::Moe { experts, intermediate, shared_intermediate }
+            }
         })
         .collect();
-    ModelDims { hidden: c.hidden, attention, layers }
+    ModelDims { hidden: s.hidden, attention, layers }
 }
 
 /// The library's request for the arguments.
@@ -100,7 +98,7 @@ fn request(a: &AutotuneArgs) -> Result<AutotuneRequest, Failure> {
         a.shape.iter().map(|&(n, k, groups)| WeightShape { n, k, groups, what: String::new() }).collect();
     if let Some(dir) = &a.model {
         let config = ModelConfig::load(&dir.join("config.json"))?;
-        shapes.extend(model_shapes(&model_dims(&config)));
+        shapes.extend(model_shapes(&model_dims(config.shapes())));
     }
     let asked = match a.gpu.as_str() {
         "auto" => None,

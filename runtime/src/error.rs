@@ -17,13 +17,29 @@ pub enum RuntimeError {
         /// What is wrong.
         reason: String,
     },
-    /// The model uses an architecture or setting the runtime does not implement.
-    #[error("{file}: {what} is not supported by the fp8forge runtime")]
+    /// A config.json field names an architecture or setting the runtime does not implement.
+    #[error("{file}: {field} {value} is not supported by the fp8forge runtime (supported: {supported})")]
     Unsupported {
         /// The config file.
         file: PathBuf,
-        /// The setting, with its value.
-        what: String,
+        /// The field (`rope_scaling.rope_type` for a nested one).
+        field: String,
+        /// Its value, as JSON (`"gelu"`, `true`, `0.5`).
+        value: String,
+        /// What the runtime supports instead.
+        supported: String,
+    },
+    /// A config.json field holds a value that cannot describe a model (alone or with another field).
+    #[error("{file}: {field} {value} {rule}")]
+    Invalid {
+        /// The config file.
+        file: PathBuf,
+        /// The field.
+        field: String,
+        /// Its value, as JSON (`missing` when absent).
+        value: String,
+        /// The rule it breaks (`must divide num_attention_heads (32)`).
+        rule: String,
     },
     /// A tensor is missing or has the wrong shape or dtype.
     #[error("{file}: tensor {tensor}: {reason}")]
@@ -115,6 +131,7 @@ impl RuntimeError {
         match self {
             RuntimeError::Config { .. }
             | RuntimeError::Unsupported { .. }
+            | RuntimeError::Invalid { .. }
             | RuntimeError::Tensor { .. }
             | RuntimeError::Input { .. }
             | RuntimeError::Mismatch { .. }

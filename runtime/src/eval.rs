@@ -249,9 +249,7 @@ fn model_dir(path: &Path) -> PathBuf {
 /// A model and its baseline must have the same architecture and shapes.
 fn check_comparable(m: &Model, b: &Model) -> Result<()> {
     let (x, y) = (&m.cfg, &b.cfg);
-    let same =
-        x.arch == y.arch && x.hidden == y.hidden && x.vocab == y.vocab && x.layers == y.layers && x.attn == y.attn;
-    if same {
+    if x.same_architecture(y) {
         Ok(())
     } else {
         Err(RuntimeError::Mismatch {
@@ -302,9 +300,9 @@ fn run_resident(
         let mut hm = m.model.embed(w)?;
         let mut hb = b.map(|b| b.model.embed(w)).transpose()?;
         for i in 0..n {
-            let rm = lm[i].forward(&m.model.cfg, &m.model.rope, &mut hm, t, m.act)?;
+            let rm = lm[i].forward(&m.model.rope, &mut hm, t, m.act)?;
             let rb = match (b, hb.as_mut()) {
-                (Some(b), Some(h)) => Some(lb[i].forward(&b.model.cfg, &b.model.rope, h, t, b.act)?),
+                (Some(b), Some(h)) => Some(lb[i].forward(&b.model.rope, h, t, b.act)?),
                 _ => None,
             };
             acc.layer(i, &rm, rb.as_ref(), &hm, hb.as_deref());
@@ -335,11 +333,9 @@ fn run_streamed(
         }
         for (wi, w) in wins.iter().enumerate() {
             let t = w.len();
-            let rm = l.forward(&m.model.cfg, &m.model.rope, &mut hm[wi], t, m.act)?;
+            let rm = l.forward(&m.model.rope, &mut hm[wi], t, m.act)?;
             let rb = match (b, bl.as_ref(), hb.as_mut()) {
-                (Some(b), Some(bl), Some(hb)) => {
-                    Some(bl.forward(&b.model.cfg, &b.model.rope, &mut hb[wi], t, b.act)?)
-                }
+                (Some(b), Some(bl), Some(hb)) => Some(bl.forward(&b.model.rope, &mut hb[wi], t, b.act)?),
                 _ => None,
             };
             acc.layer(i, &rm, rb.as_ref(), &hm[wi], hb.as_ref().map(|h| h[wi].as_slice()));

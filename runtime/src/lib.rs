@@ -6,6 +6,7 @@
 
 #![deny(missing_docs)]
 
+pub mod attention;
 pub mod config;
 pub mod cost;
 mod divergence;
@@ -13,8 +14,11 @@ pub mod error;
 pub mod eval;
 pub mod metrics;
 pub mod model;
+pub mod models;
 pub mod ops;
+pub mod prefix;
 pub mod report;
+pub mod router;
 pub mod tokens;
 pub mod weights;
 

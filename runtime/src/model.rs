@@ -1,17 +1,18 @@
-//! The decoder layers of the supported architectures as plain structs: `load` from a config and
-//! a weight source, `forward` over the tokens of one window.
+//! The building blocks of the decoder layers (linear layers with weights as stored, SwiGLU MLPs,
+//! mixtures of experts, the pre-norm residual layer) and the model around the layers (embedding,
+//! final norm, output head). Each architecture assembles its layers from these in its file under
+//! [`crate::models`].
 
 use fp8forge_quant::block::{ScaleFormat, fake_quant_token_groups};
 use rayon::prelude::*;
 
-use crate::config::{AttnConfig, MlpConfig, ModelConfig, MoeConfig, Scoring};
+use crate::config::ModelConfig;
 use crate::error::{Result, RuntimeError};
-use crate::ops::{RopeTable, View, causal_attention, matmul_t, matmul_t_cols, rms_norm, rms_norm_inplace, swiglu};
+use crate::models::layer_prefix;
+use crate::ops::{RopeTable, View, matmul_t, matmul_t_cols, rms_norm, swiglu};
+use crate::prefix::Prefix;
+use crate::router::Router;
 use crate::weights::{Stored, Weights};
-
-/// Epsilon of MLA's `q_a_layernorm` and `kv_a_layernorm`: DeepSeek's reference code and
-/// transformers build them with the RMSNorm default, whatever `rms_norm_eps` says.
-const MLA_NORM_EPS: f32 = 1e-6;
 
 /// Weight elements widened to f32 at a time by a layer whose weight is not stored as f32: a tile
 /// of 4 MB, so that the widened copy stays in cache-sized pieces and memory holds the weight as
@@ -122,11 +123,12 @@ pub struct Ffn<'a> {
 }
 
 impl<'a> Ffn<'a> {
-    fn load(w: &'a Weights, prefix: &str, names: [&str; 3], hidden: usize, inter: usize) -> Result<Self> {
+    /// Loads `{p}.{names[0]}` (gate), `{names[1]}` (up), `{names[2]}` (down).
+    pub fn load(w: &'a Weights, p: &Prefix, names: [&str; 3], hidden: usize, inter: usize) -> Result<Self> {
         Ok(Ffn {
-            gate: Linear::load(w, &format!("{prefix}.{}", names[0]), inter, hidden)?,
-            up: Linear::load(w, &format!("{prefix}.{}", names[1]), inter, hidden)?,
-            down: Linear::load(w, &format!("{prefix}.{}", names[2]), hidden, inter)?,
+            gate: Linear::load(w, p.join(names[0]).as_str(), inter, hidden)?,
+            up: Linear::load(w, p.join(names[1]).as_str(), inter, hidden)?,
+            down: Linear::load(w, p.join(names[2]).as_str(), hidden, inter)?,
         })
     }
 
@@ -142,118 +144,60 @@ impl<'a> Ffn<'a> {
     }
 }
 
+/// The names of a SwiGLU MLP's projections as most checkpoints write them.
+pub const SWIGLU_NAMES: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+
 /// A mixture of experts with its router.
 #[derive(Clone, Debug)]
 pub struct Moe<'a> {
-    cfg: MoeConfig,
+    /// The router's linear layer (`gate`), giving one logit per expert.
     router: Linear<'a>,
-    bias: Option<Vec<f32>>,
+    /// How the logits choose experts.
+    routing: Router,
     experts: Vec<Ffn<'a>>,
     shared: Option<Box<Ffn<'a>>>,
 }
 
 impl<'a> Moe<'a> {
-    fn load(w: &'a Weights, layer: &str, cfg: &MoeConfig, hidden: usize) -> Result<Self> {
-        // Hub names: DeepSeek and Qwen3 `mlp.experts.E.gate_proj`, Mixtral `block_sparse_moe.experts.E.w1`.
-        let (block, names) = if w.has(&format!("{layer}.block_sparse_moe.gate.weight")) {
-            ("block_sparse_moe", ["w1", "w3", "w2"])
+    /// Loads the block `p` (`model.layers.3.mlp`): the router `{p}.gate`, the experts
+    /// `{p}.experts.E.{names}` (or fused as `{p}.experts.gate_up_proj` and `down_proj`) and the
+    /// shared expert `{p}.shared_experts` when `shared_intermediate` is given.
+    pub fn load(
+        w: &'a Weights,
+        p: &Prefix,
+        names: [&str; 3],
+        routing: Router,
+        hidden: usize,
+        intermediate: usize,
+        shared_intermediate: Option<usize>,
+    ) -> Result<Self> {
+        let n = routing.experts();
+        let router = Linear::load(w, p.join("gate").as_str(), n, hidden)?;
+        let ex = p.join("experts");
+        let experts = if w.has(&ex.name("gate_up_proj")) {
+            load_fused_experts(w, &ex, n, intermediate, hidden)?
         } else {
-            ("mlp", ["gate_proj", "up_proj", "down_proj"])
+            (0..n).map(|e| Ffn::load(w, &ex.join(e), names, hidden, intermediate)).collect::<Result<_>>()?
         };
-        let p = format!("{layer}.{block}");
-        let router = Linear::load(w, &format!("{p}.gate"), cfg.experts, hidden)?;
-        let bias = match cfg.scoring {
-            Scoring::Sigmoid => {
-                let name = format!("{p}.gate.e_score_correction_bias");
-                Some(if w.has(&name) { w.load(&name, &[cfg.experts])?.data } else { vec![0.0; cfg.experts] })
-            }
-            Scoring::Softmax => None,
-        };
-        let experts = if w.has(&format!("{p}.experts.gate_up_proj")) {
-            load_fused_experts(w, &p, cfg, hidden)?
-        } else {
-            (0..cfg.experts)
-                .map(|e| Ffn::load(w, &format!("{p}.experts.{e}"), names, hidden, cfg.intermediate))
-                .collect::<Result<_>>()?
-        };
-        let shared = match cfg.shared_intermediate {
-            Some(i) => Some(Box::new(Ffn::load(
-                w,
-                &format!("{p}.shared_experts"),
-                ["gate_proj", "up_proj", "down_proj"],
-                hidden,
-                i,
-            )?)),
+        let shared = match shared_intermediate {
+            Some(i) => Some(Box::new(Ffn::load(w, &p.join("shared_experts"), SWIGLU_NAMES, hidden, i)?)),
             None => None,
         };
-        Ok(Moe { cfg: cfg.clone(), router, bias, experts, shared })
+        Ok(Moe { router, routing, experts, shared })
     }
 
     /// Selected experts and their weights for each of `t` tokens (`t × top_k` each), experts in
     /// the order of selection.
     fn route(&self, x: &[f32], t: usize, act: &Act) -> Result<(Vec<usize>, Vec<f32>)> {
         let logits = self.router.forward(x, t, act)?;
-        let (e, k) = (self.cfg.experts, self.cfg.top_k);
-        let mut idx = vec![0usize; t * k];
-        let mut wts = vec![0f32; t * k];
-        idx.par_chunks_mut(k).zip(wts.par_chunks_mut(k)).zip(logits.par_chunks(e)).for_each(
-            |((idx, wts), l)| match self.cfg.scoring {
-                Scoring::Softmax => {
-                    let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let ex: Vec<f32> = l.iter().map(|&v| (v - max).exp()).collect();
-                    let sum: f32 = ex.iter().sum();
-                    let probs: Vec<f32> = ex.iter().map(|v| v / sum).collect();
-                    top_k(&probs, idx);
-                    for (w, &i) in wts.iter_mut().zip(idx.iter()) {
-                        *w = probs[i];
-                    }
-                    if self.cfg.norm_topk_prob {
-                        let s: f32 = wts.iter().sum();
-                        wts.iter_mut().for_each(|w| *w /= s);
-                    }
-                }
-                Scoring::Sigmoid => {
-                    let scores: Vec<f32> = l.iter().map(|&v| 1.0 / (1.0 + (-v).exp())).collect();
-                    let bias = self.bias.as_deref().unwrap_or(&[]);
-                    let mut choice: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
-                    let (g, per) = (self.cfg.n_group, e / self.cfg.n_group);
-                    if g > 1 {
-                        let group_score: Vec<f32> = choice
-                            .chunks(per)
-                            .map(|c| {
-                                let mut two = [0usize; 2];
-                                top_k(c, &mut two);
-                                c[two[0]] + c[two[1]]
-                            })
-                            .collect();
-                        let mut keep = vec![0usize; self.cfg.topk_group];
-                        top_k(&group_score, &mut keep);
-                        for (gi, c) in choice.chunks_mut(per).enumerate() {
-                            if !keep.contains(&gi) {
-                                c.fill(f32::NEG_INFINITY);
-                            }
-                        }
-                    }
-                    top_k(&choice, idx);
-                    for (w, &i) in wts.iter_mut().zip(idx.iter()) {
-                        *w = scores[i];
-                    }
-                    if self.cfg.norm_topk_prob {
-                        let s: f32 = wts.iter().sum::<f32>() + 1e-20;
-                        wts.iter_mut().for_each(|w| *w /= s);
-                    }
-                    wts.iter_mut().for_each(|w| *w *= self.cfg.routed_scaling_factor);
-                }
-            },
-        );
-        Ok((idx, wts))
+        Ok(self.routing.select(&logits))
     }
 
     fn forward(&self, x: &[f32], t: usize, hidden: usize, act: &Act) -> Result<(Vec<f32>, Vec<usize>)> {
         let (idx, wts) = self.route(x, t, act)?;
-        let k = self.cfg.top_k;
+        let k = self.routing.top_k();
         // Tokens of each expert, in token order, with their routing weight.
-        let mut lists: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.cfg.experts];
+        let mut lists: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.routing.experts()];
         for (j, (&e, &w)) in idx.iter().zip(&wts).enumerate() {
             lists[e].push((j / k, w));
         }
@@ -292,12 +236,11 @@ impl<'a> Moe<'a> {
     }
 }
 
-/// Experts stored fused, as transformers 5 keeps them in memory: `experts.gate_up_proj [E, 2I, H]`
-/// and `experts.down_proj [E, H, I]`.
-fn load_fused_experts(w: &Weights, p: &str, cfg: &MoeConfig, hidden: usize) -> Result<Vec<Ffn<'static>>> {
-    let (e, i) = (cfg.experts, cfg.intermediate);
-    let gu_name = format!("{p}.experts.gate_up_proj");
-    let dn_name = format!("{p}.experts.down_proj");
+/// Experts stored fused under `p` (`….mlp.experts`), as transformers 5 keeps them in memory:
+/// `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`.
+fn load_fused_experts(w: &Weights, p: &Prefix, e: usize, i: usize, hidden: usize) -> Result<Vec<Ffn<'static>>> {
+    let gu_name = p.name("gate_up_proj");
+    let dn_name = p.name("down_proj");
     let gu = w.load(&gu_name, &[e, 2 * i, hidden])?;
     let dn = w.load(&dn_name, &[e, hidden, i])?;
     let part = |name: &str, data: &[f32], n: usize, k: usize, fp8: bool| {
@@ -317,38 +260,15 @@ fn load_fused_experts(w: &Weights, p: &str, cfg: &MoeConfig, hidden: usize) -> R
         .collect())
 }
 
-/// Indices of the `out.len()` largest values of `v`, largest first (ties: lower index first).
-fn top_k(v: &[f32], out: &mut [usize]) {
-    let mut order: Vec<usize> = (0..v.len()).collect();
-    order.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
-    out.copy_from_slice(&order[..out.len()]);
-}
+/// The attention block of a decoder layer with its weights: multi-head latent attention
+/// (DeepSeek, [`crate::models::deepseek_v3`]) or grouped-query attention ([`crate::attention`]).
+pub trait Attention<'a>: std::fmt::Debug + Send + Sync {
+    /// Attention over the `t` tokens of one window (positions `0..t`): `x` is the normed input,
+    /// `t × hidden`; returns `t × hidden`.
+    fn forward(&self, rope: &RopeTable, x: &[f32], t: usize, act: &Act) -> Result<Vec<f32>>;
 
-/// Attention weights of one layer.
-#[derive(Clone, Debug)]
-pub enum Attention<'a> {
-    /// DeepSeek's multi-head latent attention.
-    Mla {
-        /// `q_a_proj` and `q_a_layernorm` when queries are compressed.
-        q_a: Option<(Linear<'a>, Vec<f32>)>,
-        /// `q_b_proj` (compressed queries) or `q_proj`.
-        q: Linear<'a>,
-        /// `kv_a_proj_with_mqa`.
-        kv_a: Linear<'a>,
-        /// `kv_a_layernorm`.
-        kv_a_norm: Vec<f32>,
-        /// `kv_b_proj`.
-        kv_b: Linear<'a>,
-        /// `o_proj`.
-        o: Linear<'a>,
-    },
-    /// Grouped-query attention.
-    Gqa {
-        /// `q_proj`, `k_proj`, `v_proj`, `o_proj`.
-        qkvo: [Linear<'a>; 4],
-        /// Per-head `q_norm` and `k_norm` (Qwen3).
-        qk_norm: Option<(Vec<f32>, Vec<f32>)>,
-    },
+    /// Its linear layers, in a fixed order.
+    fn linears(&self) -> Vec<&Linear<'a>>;
 }
 
 /// The feed-forward block of a layer.
@@ -360,14 +280,17 @@ pub enum Mlp<'a> {
     Moe(Moe<'a>),
 }
 
-/// One decoder layer with its weights in f32.
-#[derive(Clone, Debug)]
+/// One decoder layer with its weights: pre-norm attention and feed-forward blocks, each added to
+/// the residual stream.
+#[derive(Debug)]
 pub struct Layer<'a> {
     /// Index in the model.
     pub index: usize,
+    hidden: usize,
+    rms_eps: f32,
     input_norm: Vec<f32>,
     post_norm: Vec<f32>,
-    attn: Attention<'a>,
+    attn: Box<dyn Attention<'a> + 'a>,
     mlp: Mlp<'a>,
 }
 
@@ -380,77 +303,29 @@ pub struct Routing {
     pub experts: Vec<usize>,
 }
 
-fn norm(w: &Weights, name: &str, dim: usize) -> Result<Vec<f32>> {
+/// Reads the vector `name` of `dim` values (a norm's weight).
+pub fn norm(w: &Weights, name: &str, dim: usize) -> Result<Vec<f32>> {
     Ok(w.load(name, &[dim])?.data)
 }
 
 impl<'a> Layer<'a> {
-    /// Loads decoder layer `i`.
-    pub fn load(cfg: &ModelConfig, w: &'a Weights, i: usize) -> Result<Self> {
-        let p = format!("{}{i}", cfg.layer_prefix);
-        let h = cfg.hidden;
-        let attn = match &cfg.attn {
-            AttnConfig::Mla { heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim } => {
-                let qk = qk_nope_head_dim + qk_rope_head_dim;
-                let (q_a, q) = match q_lora_rank {
-                    Some(r) => (
-                        Some((
-                            Linear::load(w, &format!("{p}.self_attn.q_a_proj"), *r, h)?,
-                            norm(w, &format!("{p}.self_attn.q_a_layernorm.weight"), *r)?,
-                        )),
-                        Linear::load(w, &format!("{p}.self_attn.q_b_proj"), heads * qk, *r)?,
-                    ),
-                    None => (None, Linear::load(w, &format!("{p}.self_attn.q_proj"), heads * qk, h)?),
-                };
-                Attention::Mla {
-                    q_a,
-                    q,
-                    kv_a: Linear::load(
-                        w,
-                        &format!("{p}.self_attn.kv_a_proj_with_mqa"),
-                        kv_lora_rank + qk_rope_head_dim,
-                        h,
-                    )?,
-                    kv_a_norm: norm(w, &format!("{p}.self_attn.kv_a_layernorm.weight"), *kv_lora_rank)?,
-                    kv_b: Linear::load(
-                        w,
-                        &format!("{p}.self_attn.kv_b_proj"),
-                        heads * (qk_nope_head_dim + v_head_dim),
-                        *kv_lora_rank,
-                    )?,
-                    o: Linear::load(w, &format!("{p}.self_attn.o_proj"), h, heads * v_head_dim)?,
-                }
-            }
-            AttnConfig::Gqa { heads, kv_heads, head_dim, qk_norm, .. } => {
-                let a = format!("{p}.self_attn");
-                Attention::Gqa {
-                    qkvo: [
-                        Linear::load(w, &format!("{a}.q_proj"), heads * head_dim, h)?,
-                        Linear::load(w, &format!("{a}.k_proj"), kv_heads * head_dim, h)?,
-                        Linear::load(w, &format!("{a}.v_proj"), kv_heads * head_dim, h)?,
-                        Linear::load(w, &format!("{a}.o_proj"), h, heads * head_dim)?,
-                    ],
-                    qk_norm: if *qk_norm {
-                        Some((
-                            norm(w, &format!("{a}.q_norm.weight"), *head_dim)?,
-                            norm(w, &format!("{a}.k_norm.weight"), *head_dim)?,
-                        ))
-                    } else {
-                        None
-                    },
-                }
-            }
-        };
-        let mlp = match &cfg.layers[i] {
-            MlpConfig::Dense(inter) => {
-                Mlp::Dense(Ffn::load(w, &format!("{p}.mlp"), ["gate_proj", "up_proj", "down_proj"], h, *inter)?)
-            }
-            MlpConfig::Moe(m) => Mlp::Moe(Moe::load(w, &p, m, h)?),
-        };
+    /// A layer of `attn` and `mlp`, with its norms `{p}.input_layernorm` and
+    /// `{p}.post_attention_layernorm` loaded from `w` (`p`: `model.layers.{index}`).
+    pub fn load(
+        w: &'a Weights,
+        p: &Prefix,
+        index: usize,
+        hidden: usize,
+        rms_eps: f32,
+        attn: Box<dyn Attention<'a> + 'a>,
+        mlp: Mlp<'a>,
+    ) -> Result<Self> {
         Ok(Layer {
-            index: i,
-            input_norm: norm(w, &format!("{p}.input_layernorm.weight"), h)?,
-            post_norm: norm(w, &format!("{p}.post_attention_layernorm.weight"), h)?,
+            index,
+            hidden,
+            rms_eps,
+            input_norm: norm(w, &p.name("input_layernorm.weight"), hidden)?,
+            post_norm: norm(w, &p.name("post_attention_layernorm.weight"), hidden)?,
             attn,
             mlp,
         })
@@ -458,12 +333,7 @@ impl<'a> Layer<'a> {
 
     /// Every linear layer of this layer, for weight comparisons.
     pub fn linears(&self) -> Vec<&Linear<'a>> {
-        let mut v: Vec<&Linear<'a>> = match &self.attn {
-            Attention::Mla { q_a, q, kv_a, kv_b, o, .. } => {
-                q_a.iter().map(|(l, _)| l).chain([q, kv_a, kv_b, o]).collect()
-            }
-            Attention::Gqa { qkvo, .. } => qkvo.iter().collect(),
-        };
+        let mut v = self.attn.linears();
         match &self.mlp {
             Mlp::Dense(f) => v.extend(f.linears()),
             Mlp::Moe(m) => {
@@ -478,109 +348,23 @@ impl<'a> Layer<'a> {
 
     /// Runs the layer over the `t` tokens of one window (positions `0..t`), in place on `x`
     /// (`t × hidden`). Returns the routing of a MoE layer.
-    pub fn forward(
-        &self,
-        cfg: &ModelConfig,
-        rope: &RopeTable,
-        x: &mut [f32],
-        t: usize,
-        act: Option<ScaleFormat>,
-    ) -> Result<Routing> {
-        let h = cfg.hidden;
+    pub fn forward(&self, rope: &RopeTable, x: &mut [f32], t: usize, act: Option<ScaleFormat>) -> Result<Routing> {
+        let h = self.hidden;
         let act = Act { fmt: act, layer: self.index, parallel: true };
         let mut n = vec![0f32; t * h];
-        rms_norm(x, h, &self.input_norm, cfg.rms_eps, &mut n);
-        let a = self.attention(cfg, rope, &n, t, &act)?;
+        rms_norm(x, h, &self.input_norm, self.rms_eps, &mut n);
+        let a = self.attn.forward(rope, &n, t, &act)?;
         x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
-        rms_norm(x, h, &self.post_norm, cfg.rms_eps, &mut n);
+        rms_norm(x, h, &self.post_norm, self.rms_eps, &mut n);
         let (m, routing) = match &self.mlp {
             Mlp::Dense(f) => (f.forward(&n, t, &act)?, Routing::default()),
             Mlp::Moe(moe) => {
                 let (y, experts) = moe.forward(&n, t, h, &act)?;
-                (y, Routing { top_k: moe.cfg.top_k, experts })
+                (y, Routing { top_k: moe.routing.top_k(), experts })
             }
         };
         x.iter_mut().zip(&m).for_each(|(x, m)| *x += m);
         Ok(routing)
-    }
-
-    fn attention(&self, cfg: &ModelConfig, rope: &RopeTable, x: &[f32], t: usize, act: &Act) -> Result<Vec<f32>> {
-        match (&self.attn, &cfg.attn) {
-            (
-                Attention::Mla { q_a, q, kv_a, kv_a_norm, kv_b, o },
-                AttnConfig::Mla {
-                    heads,
-                    kv_lora_rank,
-                    qk_nope_head_dim: nope,
-                    qk_rope_head_dim: rd,
-                    v_head_dim: vd,
-                    ..
-                },
-            ) => {
-                let (heads, kvr, nope, rd, vd) = (*heads, *kv_lora_rank, *nope, *rd, *vd);
-                let qk = nope + rd;
-                let mut qs = match q_a {
-                    Some((qa, qa_norm)) => {
-                        let mut c = qa.forward(x, t, act)?;
-                        rms_norm_inplace(&mut c, qa.w.rows, qa_norm, MLA_NORM_EPS);
-                        q.forward(&c, t, act)?
-                    }
-                    None => q.forward(x, t, act)?,
-                };
-                let ckv = kv_a.forward(x, t, act)?;
-                let mut latent = vec![0f32; t * kvr];
-                let mut k_rot = vec![0f32; t * rd];
-                for i in 0..t {
-                    let row = &ckv[i * (kvr + rd)..(i + 1) * (kvr + rd)];
-                    latent[i * kvr..(i + 1) * kvr].copy_from_slice(&row[..kvr]);
-                    k_rot[i * rd..(i + 1) * rd].copy_from_slice(&row[kvr..]);
-                }
-                rms_norm_inplace(&mut latent, kvr, kv_a_norm, MLA_NORM_EPS);
-                let kv = kv_b.forward(&latent, t, act)?;
-                let mut scratch = Vec::new();
-                let mut keys = vec![0f32; t * heads * qk];
-                let mut values = vec![0f32; t * heads * vd];
-                for i in 0..t {
-                    rope.apply(&mut k_rot[i * rd..(i + 1) * rd], i, &mut scratch);
-                    for hd in 0..heads {
-                        let qh = &mut qs[(i * heads + hd) * qk..(i * heads + hd + 1) * qk];
-                        rope.apply(&mut qh[nope..], i, &mut scratch);
-                        let src = &kv[(i * heads + hd) * (nope + vd)..(i * heads + hd + 1) * (nope + vd)];
-                        let kh = &mut keys[(i * heads + hd) * qk..(i * heads + hd + 1) * qk];
-                        kh[..nope].copy_from_slice(&src[..nope]);
-                        kh[nope..].copy_from_slice(&k_rot[i * rd..(i + 1) * rd]);
-                        values[(i * heads + hd) * vd..(i * heads + hd + 1) * vd].copy_from_slice(&src[nope..]);
-                    }
-                }
-                let out = causal_attention(&qs, &keys, &values, t, heads, heads, qk, vd, cfg.softmax_scale, None);
-                o.forward(&out, t, act)
-            }
-            (Attention::Gqa { qkvo, qk_norm }, AttnConfig::Gqa { heads, kv_heads, head_dim, sliding_window, .. }) => {
-                let (heads, kvh, hd) = (*heads, *kv_heads, *head_dim);
-                let mut q = qkvo[0].forward(x, t, act)?;
-                let mut k = qkvo[1].forward(x, t, act)?;
-                let v = qkvo[2].forward(x, t, act)?;
-                if let Some((qn, kn)) = qk_norm {
-                    rms_norm_inplace(&mut q, hd, qn, cfg.rms_eps);
-                    rms_norm_inplace(&mut k, hd, kn, cfg.rms_eps);
-                }
-                let mut scratch = Vec::new();
-                for i in 0..t {
-                    for hh in 0..heads {
-                        rope.apply(&mut q[(i * heads + hh) * hd..(i * heads + hh + 1) * hd], i, &mut scratch);
-                    }
-                    for hh in 0..kvh {
-                        rope.apply(&mut k[(i * kvh + hh) * hd..(i * kvh + hh + 1) * hd], i, &mut scratch);
-                    }
-                }
-                let out = causal_attention(&q, &k, &v, t, heads, kvh, hd, hd, cfg.softmax_scale, *sliding_window);
-                qkvo[3].forward(&out, t, act)
-            }
-            _ => Err(RuntimeError::Config {
-                file: cfg.file.clone(),
-                reason: format!("layer {} does not match the configured attention", self.index),
-            }),
-        }
     }
 }
 
@@ -618,20 +402,21 @@ impl Model {
         if head != EMBED {
             weights.map_checked(head, v, h)?;
         }
-        let rope = RopeTable::new(&cfg.rope.inv_freq, cfg.rope.attention_factor, cfg.rope.interleave, max_t);
+        let r = cfg.rope();
+        let rope = RopeTable::new(&r.inv_freq, r.attention_factor, r.interleave, max_t);
         Ok(Model { cfg, weights, final_norm, head, rope })
     }
 
     /// Loads decoder layer `i`.
     pub fn layer(&self, i: usize) -> Result<Layer<'_>> {
-        let l = Layer::load(&self.cfg, &self.weights, i);
+        let l = self.cfg.arch.load_layer(&self.weights, i);
         self.weights.release_all();
         l
     }
 
     /// Bytes decoder layer `i`'s weights take in memory once loaded (see [`Linear::load`]).
     pub fn layer_bytes(&self, i: usize) -> u64 {
-        self.weights.loaded_bytes_with_prefix(&format!("{}{i}.", self.cfg.layer_prefix), TILE_ELEMS)
+        self.weights.loaded_bytes_with_prefix(&layer_prefix(i).name(""), TILE_ELEMS)
     }
 
     /// Bytes of the output head's matrix as stored (mapped while the logits are computed).
@@ -687,12 +472,5 @@ mod tests {
         let mut row = vec![0f32; k];
         stored.decode_rows(2999, &mut row);
         assert_eq!(row, wide[2999 * k..]);
-    }
-
-    #[test]
-    fn top_k_takes_largest_first_and_breaks_ties_by_index() {
-        let mut o = [0usize; 3];
-        top_k(&[0.1, 0.5, 0.5, -1.0, 0.7], &mut o);
-        assert_eq!(o, [4, 1, 2]);
     }
 }

@@ -67,8 +67,17 @@ impl Rng {
     }
 }
 
-/// The architectures the fixtures imitate: the runtime's own (one name per idea).
-pub use fp8forge_runtime::config::Arch;
+/// The architectures the fixtures imitate (the runtime's `model_type`s `deepseek_v3`, `mixtral`
+/// and `qwen3_moe`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// DeepSeek-V3 (MLA, sigmoid group-limited routing, shared experts, an MTP layer).
+    DeepseekV3,
+    /// Mixtral (GQA, `block_sparse_moe` experts `w1`/`w2`/`w3`).
+    Mixtral,
+    /// Qwen3-MoE (GQA with q/k norms, `mlp.experts`).
+    Qwen3Moe,
+}
 
 /// A tensor of a fixture: name, dtype, shape.
 pub type Spec = (String, Dtype, Vec<usize>);

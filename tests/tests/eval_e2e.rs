@@ -82,7 +82,7 @@ fn bf16_logits_match_transformers() {
         let w = &tokens[..64];
         let mut h = m.embed(w).expect("embed");
         for i in 0..m.cfg.num_layers() {
-            m.layer(i).expect("layer").forward(&m.cfg, &m.rope, &mut h, w.len(), None).expect("forward");
+            m.layer(i).expect("layer").forward(&m.rope, &mut h, w.len(), None).expect("forward");
         }
         let logits = m.logits(&h, w.len(), None).expect("logits");
         let v = m.cfg.vocab;
@@ -309,7 +309,7 @@ fn unsupported_models_and_bad_tokens_exit_2_naming_the_problem() {
     let d = edit("gelu", &|c| c["hidden_act"] = "gelu".into());
     expect_eval_refused(&with_tokens(&d), &["hidden_act \"gelu\""]);
     let d = edit("longrope", &|c| c["rope_scaling"] = serde_json::json!({"rope_type": "longrope", "factor": 4.0}));
-    expect_eval_refused(&with_tokens(&d), &["rope scaling type \"longrope\""]);
+    expect_eval_refused(&with_tokens(&d), &["rope_scaling.rope_type \"longrope\""]);
     let d = edit("wide", &|c| c["hidden_size"] = 192.into());
     expect_eval_refused(&with_tokens(&d), &["model.safetensors", "model.embed_tokens.weight", "shape"]);
     let bad = tmp.path().join("bad-tokens.txt");
