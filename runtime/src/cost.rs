@@ -191,7 +191,7 @@ fn time_product(l: &Linear, rows: usize) -> Result<f64> {
 /// Calibrates the product cost on a real matrix of `m`: the stored (not widened) matrix closest
 /// to 8M elements, else the largest, with 1 and `rows` rows.
 fn calibrate_products(m: &Model, rows: usize) -> Result<ProductRate> {
-    let all = matrices(m, &m.cfg.layer_prefix);
+    let all = matrices(m, &crate::models::layer_prefix(0).name("").replace(".0.", "."));
     let target = 8usize << 20;
     let pick = all
         .iter()
@@ -275,7 +275,7 @@ struct LayerPrice {
 /// Prices layer `i` of `m` over windows of `lengths` tokens, `overhead` seconds per token on top
 /// of the products and attention.
 fn price_layer(m: &Model, rate: &ProductRate, i: usize, lengths: &[usize], overhead: f64) -> LayerPrice {
-    let prefix = format!("{}{i}.", m.cfg.layer_prefix);
+    let prefix = crate::models::layer_prefix(i).name("");
     let (experts, top_k) = routing(m);
     let mut p = LayerPrice {
         bytes: m.weights.tensors_with_prefix(&prefix).map(|t| t.nbytes() as u64).sum(),
@@ -332,7 +332,7 @@ fn layer_overhead(m: &Model, act: Option<ScaleFormat>, rate: &ProductRate, windo
     while runs < 1 || (start.elapsed().as_secs_f64() < CALIBRATION_SECONDS && runs < 20) {
         let mut x = x0.clone();
         let t0 = Instant::now();
-        layer.forward(&m.cfg, &m.rope, &mut x, t, act)?;
+        layer.forward(&m.rope, &mut x, t, act)?;
         best = best.min(t0.elapsed().as_secs_f64());
         runs += 1;
     }
