@@ -165,7 +165,7 @@ impl Config {
             .ok_or_else(|| refuse.invalid("n_routed_experts", "(missing)", "is needed (or num_local_experts)"))?;
         let n_group = self.n_group.unwrap_or(1).max(1);
         let topk_group = self.topk_group.unwrap_or(n_group);
-        if experts % n_group != 0 {
+        if !experts.is_multiple_of(n_group) {
             return Err(refuse.invalid("n_group", n_group, format!("must divide n_routed_experts ({experts})")));
         }
         if topk_group == 0 || topk_group > n_group {

@@ -103,7 +103,7 @@ impl Config {
         let top_k = self.num_experts_per_tok;
         let ffn = (0..common.layers)
             .map(|i| {
-                if !only.contains(&i) && experts > 0 && (i + 1) % step == 0 {
+                if !only.contains(&i) && experts > 0 && (i + 1).is_multiple_of(step) {
                     return Ok(FfnKind::Moe);
                 }
                 self.intermediate_size.map(FfnKind::Dense).ok_or_else(|| {
