@@ -50,7 +50,7 @@ impl GqaFields {
     pub fn validate(&self, common: &Common, refuse: Refuse) -> Result<(GqaDims, RopeConfig)> {
         let heads = common.heads;
         let kv_heads = self.num_key_value_heads.unwrap_or(heads);
-        if kv_heads == 0 || heads % kv_heads != 0 {
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(refuse.invalid(
                 "num_key_value_heads",
                 kv_heads,

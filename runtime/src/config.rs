@@ -402,7 +402,7 @@ impl RopeParams {
     /// The rotary embedding of `dim` dims per head (`field` names the config field that sets
     /// `dim`, for the error when it is odd or zero).
     pub fn config(&self, dim: usize, interleave: bool, field: &str, refuse: Refuse) -> Result<RopeConfig> {
-        if dim % 2 != 0 || dim == 0 {
+        if !dim.is_multiple_of(2) || dim == 0 {
             return Err(refuse.invalid(field, dim, "must be even and positive (the rotated dims per head)"));
         }
         let (inv_freq, attention_factor) = self.inv_freq(dim);

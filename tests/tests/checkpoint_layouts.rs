@@ -18,8 +18,7 @@ fn write_tokens(path: &Path, n: usize) {
 fn eval(model: &Path, tokens: &Path, extra: &[&str]) -> Value {
     let mut a: Vec<&std::ffi::OsStr> =
         vec!["eval".as_ref(), model.as_os_str(), "--tokens".as_ref(), tokens.as_os_str()];
-    a.extend(["--ctx", "32", "--json", "--quiet"].iter().map(|s| s.as_ref()));
-    a.extend(extra.iter().map(|s| s.as_ref()));
+    a.extend(["--ctx", "32", "--json", "--quiet"].iter().chain(extra).map(std::ffi::OsStr::new));
     let o = fp8forge_p(&a);
     assert_eq!(o.status.code(), Some(0), "eval of {} failed: {}", model.display(), stderr(&o));
     serde_json::from_slice(&o.stdout).expect("eval --json prints one JSON object")

@@ -165,7 +165,7 @@ impl Config {
             .ok_or_else(|| refuse.invalid("n_routed_experts", "(missing)", "is needed (or num_local_experts)"))?;
         let n_group = self.n_group.unwrap_or(1).max(1);
         let topk_group = self.topk_group.unwrap_or(n_group);
-        if experts % n_group != 0 {
+        if !experts.is_multiple_of(n_group) {
             return Err(refuse.invalid("n_group", n_group, format!("must divide n_routed_experts ({experts})")));
         }
         if topk_group == 0 || topk_group > n_group {
@@ -360,5 +360,83 @@ impl<'a> Attention<'a> for Mla<'a> {
 
     fn linears(&self) -> Vec<&Linear<'a>> {
         self.q_a.iter().map(|(l, _)| l).chain([&self.q, &self.kv_a, &self.kv_b, &self.o]).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::{AttentionShape, FfnShape, ModelConfig};
+
+    /// DeepSeek-V3's config.json as the hub ships it (quantization and auto_map left out).
+    const HUB: &str = r#"{
+  "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+  "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
+  "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
+  "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3",
+  "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256,
+  "n_shared_experts": 1, "norm_topk_prob": true, "num_attention_heads": 128, "num_experts_per_tok": 8,
+  "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "pretraining_tp": 1,
+  "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+  "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                   "original_max_position_embeddings": 4096, "type": "yarn"},
+  "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": true,
+  "tie_word_embeddings": false, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+  "transformers_version": "4.33.1", "use_cache": true, "v_head_dim": 128, "vocab_size": 129280
+}"#;
+
+    fn with(edit: &dyn Fn(&mut serde_json::Value)) -> crate::Result<ModelConfig> {
+        let mut v: serde_json::Value = serde_json::from_str(HUB).expect("hub config");
+        edit(&mut v);
+        ModelConfig::parse(Path::new("config.json"), &v.to_string())
+    }
+
+    #[test]
+    fn the_hub_config_validates_to_61_layers_without_the_mtp_layer() {
+        let c = with(&|_| {}).expect("DeepSeek-V3's config is supported");
+        assert_eq!(c.num_layers(), 61, "the MTP layer is not a decoder layer");
+        let s = c.shapes();
+        assert_eq!(s.hidden, 7168);
+        assert_eq!(
+            s.attention,
+            AttentionShape::Mla {
+                heads: 128,
+                q_lora_rank: Some(1536),
+                kv_lora_rank: 512,
+                qk_nope_head_dim: 128,
+                qk_rope_head_dim: 64,
+                v_head_dim: 128
+            }
+        );
+        assert_eq!(s.layers[2], FfnShape::Dense { intermediate: 18432 });
+        assert_eq!(s.layers[3], FfnShape::Moe { experts: 256, intermediate: 2048, shared_intermediate: Some(2048) });
+        let r = c.rope();
+        assert_eq!((r.dim, r.interleave, r.inv_freq.len()), (64, true, 32));
+        assert!(r.attention_factor == 1.0, "mscale = mscale_all_dim: cos and sin unscaled");
+    }
+
+    #[test]
+    fn unsupported_routing_is_refused_naming_the_field_and_value() {
+        let e = with(&|v| v["scoring_func"] = "softmax".into()).expect_err("softmax scoring").to_string();
+        assert!(e.contains("scoring_func \"softmax\" is not supported") && e.contains("sigmoid"), "{e}");
+        let e = with(&|v| v["topk_method"] = "greedy".into()).expect_err("greedy").to_string();
+        assert!(e.contains("topk_method \"greedy\""), "{e}");
+        let e = with(&|v| v["n_group"] = 3.into()).expect_err("3 groups of 256").to_string();
+        assert!(e.contains("n_group 3 must divide n_routed_experts (256)"), "{e}");
+        let e = with(&|v| v["num_key_value_heads"] = 8.into()).expect_err("GQA with MLA").to_string();
+        assert!(e.contains("num_key_value_heads 8"), "{e}");
+        let e = with(&|v| v["qk_rope_head_dim"] = 63.into()).expect_err("odd rope dims").to_string();
+        assert!(e.contains("qk_rope_head_dim 63 must be even"), "{e}");
+        let e = with(&|v| v["num_experts_per_tok"] = 200.into()).expect_err("200 of 4 groups of 32").to_string();
+        assert!(e.contains("num_experts_per_tok 200 must not exceed the 128 experts"), "{e}");
+    }
+
+    #[test]
+    fn a_model_differs_from_one_with_other_routing() {
+        let a = with(&|_| {}).expect("hub");
+        let b = with(&|v| v["routed_scaling_factor"] = 1.0.into()).expect("other scaling");
+        assert!(a.same_architecture(&with(&|_| {}).expect("hub")));
+        assert!(!a.same_architecture(&b), "a routing difference went unnoticed");
     }
 }

@@ -124,3 +124,55 @@ impl Architecture for Mixtral {
         same(self, other)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::{AttentionShape, FfnShape, ModelConfig};
+
+    /// Mixtral-8x7B-v0.1's config.json as the hub ships it.
+    const HUB: &str = r#"{"architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1,
+  "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+  "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mixtral",
+  "num_attention_heads": 32, "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8,
+  "num_local_experts": 8, "output_router_logits": false, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0,
+  "router_aux_loss_coef": 0.02, "sliding_window": null, "tie_word_embeddings": false,
+  "torch_dtype": "bfloat16", "transformers_version": "4.36.0.dev0", "use_cache": true, "vocab_size": 32000}"#;
+
+    fn with(edit: &dyn Fn(&mut serde_json::Value)) -> crate::Result<ModelConfig> {
+        let mut v: serde_json::Value = serde_json::from_str(HUB).expect("hub config");
+        edit(&mut v);
+        ModelConfig::parse(Path::new("config.json"), &v.to_string())
+    }
+
+    #[test]
+    fn the_hub_config_validates_with_its_dimensions() {
+        let c = with(&|_| {}).expect("Mixtral's config is supported");
+        assert_eq!((c.num_layers(), c.hidden, c.vocab), (32, 4096, 32000));
+        let s = c.shapes();
+        assert_eq!(s.attention, AttentionShape::Gqa { heads: 32, kv_heads: 8, head_dim: 128 });
+        assert!(
+            s.layers.iter().all(|l| *l == FfnShape::Moe { experts: 8, intermediate: 14336, shared_intermediate: None })
+        );
+        assert_eq!((c.rope().dim, c.rope().interleave), (128, false));
+    }
+
+    #[test]
+    fn unsupported_settings_are_refused_naming_the_field_and_value() {
+        let e = with(&|v| v["num_key_value_heads"] = 5.into()).expect_err("5 of 32").to_string();
+        assert!(e.contains("num_key_value_heads 5 must divide num_attention_heads (32)"), "{e}");
+        let e = with(&|v| v["partial_rotary_factor"] = 0.5.into()).expect_err("partial rope").to_string();
+        assert!(e.contains("partial_rotary_factor 0.5 is not supported"), "{e}");
+        let e = with(&|v| v["num_experts_per_tok"] = 9.into()).expect_err("9 of 8").to_string();
+        assert!(e.contains("num_experts_per_tok 9"), "{e}");
+        let e = with(&|v| v["attention_bias"] = true.into()).expect_err("biases").to_string();
+        assert!(e.contains("attention_bias true is not supported"), "{e}");
+        let e = with(&|v| {
+            v.as_object_mut().map(|o| o.remove("num_local_experts"));
+        })
+        .expect_err("no experts")
+        .to_string();
+        assert!(e.contains("num_local_experts"), "{e}");
+    }
+}

@@ -103,7 +103,7 @@ impl Config {
         let top_k = self.num_experts_per_tok;
         let ffn = (0..common.layers)
             .map(|i| {
-                if !only.contains(&i) && experts > 0 && (i + 1) % step == 0 {
+                if !only.contains(&i) && experts > 0 && (i + 1).is_multiple_of(step) {
                     return Ok(FfnKind::Moe);
                 }
                 self.intermediate_size.map(FfnKind::Dense).ok_or_else(|| {
@@ -168,5 +168,64 @@ impl Architecture for Qwen3Moe {
 
     fn same_as(&self, other: &dyn Architecture) -> bool {
         same(self, other)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::{AttentionShape, FfnShape, ModelConfig};
+
+    /// Qwen3-30B-A3B's config.json as the hub ships it.
+    const HUB: &str = r#"{"architectures": ["Qwen3MoeForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+  "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128,
+  "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144,
+  "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe",
+  "moe_intermediate_size": 768, "norm_topk_prob": true, "num_attention_heads": 32, "num_experts": 128,
+  "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": false,
+  "rms_norm_eps": 1e-06, "rope_scaling": null, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+  "sliding_window": null, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+  "transformers_version": "4.51.0", "use_cache": true, "use_sliding_window": false, "vocab_size": 151936}"#;
+
+    fn with(edit: &dyn Fn(&mut serde_json::Value)) -> crate::Result<ModelConfig> {
+        let mut v: serde_json::Value = serde_json::from_str(HUB).expect("hub config");
+        edit(&mut v);
+        ModelConfig::parse(Path::new("config.json"), &v.to_string())
+    }
+
+    #[test]
+    fn the_hub_config_validates_with_its_dimensions() {
+        let c = with(&|_| {}).expect("Qwen3-30B-A3B's config is supported");
+        assert_eq!((c.num_layers(), c.hidden, c.vocab), (48, 2048, 151936));
+        let s = c.shapes();
+        assert_eq!(s.attention, AttentionShape::Gqa { heads: 32, kv_heads: 4, head_dim: 128 });
+        assert!(
+            s.layers.iter().all(|l| *l == FfnShape::Moe { experts: 128, intermediate: 768, shared_intermediate: None })
+        );
+    }
+
+    #[test]
+    fn mlp_only_layers_and_the_sparse_step_make_dense_layers() {
+        let c = with(&|v| {
+            v["mlp_only_layers"] = serde_json::json!([0]);
+            v["decoder_sparse_step"] = 2.into();
+        })
+        .expect("dense layers");
+        let s = c.shapes();
+        let dense = FfnShape::Dense { intermediate: 6144 };
+        assert_eq!((&s.layers[0], &s.layers[2]), (&dense, &dense), "layer 0 is listed, layer 2 is off-step");
+        assert!(matches!(s.layers[1], FfnShape::Moe { .. }) && matches!(s.layers[3], FfnShape::Moe { .. }));
+        let e = with(&|v| {
+            v["mlp_only_layers"] = serde_json::json!([0]);
+            v.as_object_mut().map(|o| o.remove("intermediate_size"));
+        })
+        .expect_err("a dense layer without its size")
+        .to_string();
+        assert!(e.contains("intermediate_size (missing) is needed by dense layer 0"), "{e}");
+        let e = with(&|v| v["shared_expert_intermediate_size"] = 512.into()).expect_err("shared expert").to_string();
+        assert!(e.contains("shared_expert_intermediate_size 512 is not supported"), "{e}");
+        let e = with(&|v| v["mlp_only_layers"] = "all".into()).expect_err("not a list").to_string();
+        assert!(e.contains("mlp_only_layers"), "{e}");
     }
 }
