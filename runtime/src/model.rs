@@ -258,27 +258,31 @@ impl<'a> Moe<'a> {
             lists[e].push((j / k, w));
         }
         let inner = Act { parallel: false, ..*act };
-        let outs: Vec<Option<Vec<f32>>> = self
-            .experts
-            .par_iter()
-            .zip(&lists)
-            .map(|(ffn, list)| {
-                if list.is_empty() {
-                    return Ok(None);
-                }
-                let mut xs = Vec::with_capacity(list.len() * hidden);
-                for &(tok, _) in list {
-                    xs.extend_from_slice(&x[tok * hidden..(tok + 1) * hidden]);
-                }
-                ffn.forward(&xs, list.len(), &inner).map(Some)
-            })
-            .collect::<Result<_>>()?;
+        // Experts run in parallel a group at a time and are added in expert order, so memory holds
+        // one group's outputs (not every expert's) and the sums do not depend on the batching.
+        let group = 4 * rayon::current_num_threads().max(1);
         let mut out = vec![0f32; t * hidden];
-        for (list, y) in lists.iter().zip(&outs) {
-            let Some(y) = y else { continue };
-            for (&(tok, w), row) in list.iter().zip(y.chunks(hidden)) {
-                for (o, &v) in out[tok * hidden..(tok + 1) * hidden].iter_mut().zip(row) {
-                    *o += v * w;
+        for (ffns, lists) in self.experts.chunks(group).zip(lists.chunks(group)) {
+            let outs: Vec<Option<Vec<f32>>> = ffns
+                .par_iter()
+                .zip(lists)
+                .map(|(ffn, list)| {
+                    if list.is_empty() {
+                        return Ok(None);
+                    }
+                    let mut xs = Vec::with_capacity(list.len() * hidden);
+                    for &(tok, _) in list {
+                        xs.extend_from_slice(&x[tok * hidden..(tok + 1) * hidden]);
+                    }
+                    ffn.forward(&xs, list.len(), &inner).map(Some)
+                })
+                .collect::<Result<_>>()?;
+            for (list, y) in lists.iter().zip(&outs) {
+                let Some(y) = y else { continue };
+                for (&(tok, w), row) in list.iter().zip(y.chunks(hidden)) {
+                    for (o, &v) in out[tok * hidden..(tok + 1) * hidden].iter_mut().zip(row) {
+                        *o += v * w;
+                    }
                 }
             }
         }
@@ -486,22 +490,62 @@ impl<'a> Layer<'a> {
         t: usize,
         act: Option<ScaleFormat>,
     ) -> Result<Routing> {
+        self.forward_attention(cfg, rope, x, t, act)?;
+        self.forward_mlp(cfg, x, t, act)
+    }
+
+    /// The attention block over the `t` tokens of one window (positions `0..t`): `x += attn(norm(x))`.
+    pub fn forward_attention(
+        &self,
+        cfg: &ModelConfig,
+        rope: &RopeTable,
+        x: &mut [f32],
+        t: usize,
+        act: Option<ScaleFormat>,
+    ) -> Result<()> {
         let h = cfg.hidden;
         let act = Act { fmt: act, layer: self.index, parallel: true };
         let mut n = vec![0f32; t * h];
         rms_norm(x, h, &self.input_norm, cfg.rms_eps, &mut n);
         let a = self.attention(cfg, rope, &n, t, &act)?;
         x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
+        Ok(())
+    }
+
+    /// The feed-forward block over `rows` tokens, of one window or of several (each token's result
+    /// is its own: the same numbers however the tokens are batched): `x += mlp(norm(x))`.
+    /// Returns the routing of a MoE layer, `rows × top_k`.
+    pub fn forward_mlp(
+        &self,
+        cfg: &ModelConfig,
+        x: &mut [f32],
+        rows: usize,
+        act: Option<ScaleFormat>,
+    ) -> Result<Routing> {
+        let h = cfg.hidden;
+        let act = Act { fmt: act, layer: self.index, parallel: true };
+        let mut n = vec![0f32; rows * h];
         rms_norm(x, h, &self.post_norm, cfg.rms_eps, &mut n);
         let (m, routing) = match &self.mlp {
-            Mlp::Dense(f) => (f.forward(&n, t, &act)?, Routing::default()),
+            Mlp::Dense(f) => (f.forward(&n, rows, &act)?, Routing::default()),
             Mlp::Moe(moe) => {
-                let (y, experts) = moe.forward(&n, t, h, &act)?;
+                let (y, experts) = moe.forward(&n, rows, h, &act)?;
                 (y, Routing { top_k: moe.cfg.top_k, experts })
             }
         };
         x.iter_mut().zip(&m).for_each(|(x, m)| *x += m);
         Ok(routing)
+    }
+
+    /// Bytes of working memory per token that [`Layer::forward_mlp`] needs beyond `x`: its normed
+    /// input and output, and the widest intermediate (a dense MLP's gate and up, a MoE layer's
+    /// shared expert and routing).
+    pub fn mlp_bytes_per_row(&self, cfg: &ModelConfig) -> usize {
+        let inter = match &self.mlp {
+            Mlp::Dense(f) => 2 * f.gate.w.rows,
+            Mlp::Moe(m) => 2 * m.shared.as_ref().map_or(0, |s| s.gate.w.rows) + 2 * m.cfg.top_k + m.cfg.experts,
+        };
+        4 * (3 * cfg.hidden + inter)
     }
 
     fn attention(&self, cfg: &ModelConfig, rope: &RopeTable, x: &[f32], t: usize, act: &Act) -> Result<Vec<f32>> {
