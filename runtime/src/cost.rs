@@ -191,7 +191,7 @@ fn time_product(l: &Linear, rows: usize) -> Result<f64> {
 /// Calibrates the product cost on a real matrix of `m`: the stored (not widened) matrix closest
 /// to 8M elements, else the largest, with 1 and `rows` rows.
 fn calibrate_products(m: &Model, rows: usize) -> Result<ProductRate> {
-    let all = matrices(m, &crate::models::layer_prefix(0).name("").replace(".0.", "."));
+    let all = matrices(m, &crate::models::layers_prefix().name(""));
     let target = 8usize << 20;
     let pick = all
         .iter()
@@ -270,11 +270,45 @@ struct LayerPrice {
     largest_matrix: u64,
     /// Widest matrix side (for the activations of one window).
     widest: usize,
+    /// Working memory per token of the feed-forward block.
+    mlp_bytes_per_row: usize,
+}
+
+/// A weight of a decoder layer's feed-forward block.
+fn is_mlp(name: &str) -> bool {
+    name.contains(".mlp.") || name.contains(".block_sparse_moe.")
+}
+
+/// What `Layer::mlp_bytes_per_row` gives, from the headers: the normed input, output and residual,
+/// and the widest intermediate (a dense MLP's gate and up; a MoE layer's shared expert and routing).
+fn mlp_bytes_per_row(m: &Model, mats: &[Matrix]) -> usize {
+    let hidden = m.cfg.hidden;
+    let (experts, top_k) = routing(m);
+    let gate_rows = |shared: bool| {
+        mats.iter()
+            .filter(|x| is_mlp(&x.name) && !x.expert && (x.name.contains("shared_expert") == shared))
+            .filter(|x| x.name.ends_with("gate_proj.weight") || x.name.ends_with(".w1.weight"))
+            .map(|x| x.rows)
+            .max()
+    };
+    let inter = match gate_rows(false) {
+        Some(r) if !mats.iter().any(|x| x.expert) => 2 * r,
+        _ => 2 * gate_rows(true).unwrap_or(0) + 2 * top_k + experts,
+    };
+    4 * (3 * hidden + inter)
 }
 
 /// Prices layer `i` of `m` over windows of `lengths` tokens, `overhead` seconds per token on top
-/// of the products and attention.
-fn price_layer(m: &Model, rate: &ProductRate, i: usize, lengths: &[usize], overhead: f64) -> LayerPrice {
+/// of the products and attention. With `streamed`, the feed-forward block's products run over
+/// batches of windows ([`crate::eval::mlp_batches`]), once per batch.
+fn price_layer(
+    m: &Model,
+    rate: &ProductRate,
+    i: usize,
+    lengths: &[usize],
+    overhead: f64,
+    streamed: bool,
+) -> LayerPrice {
     let prefix = crate::models::layer_prefix(i).name("");
     let (experts, top_k) = routing(m);
     let mut p = LayerPrice {
@@ -282,7 +316,15 @@ fn price_layer(m: &Model, rate: &ProductRate, i: usize, lengths: &[usize], overh
         ..LayerPrice::default()
     };
     let (mut q_out, mut o_in) = (0usize, 0usize);
-    for x in matrices(m, &prefix) {
+    let mats = matrices(m, &prefix);
+    let per_row = mlp_bytes_per_row(m, &mats);
+    p.mlp_bytes_per_row = per_row;
+    let batched: Vec<usize> = if streamed {
+        crate::eval::mlp_batches(lengths, per_row).into_iter().map(|r| lengths[r].iter().sum()).collect()
+    } else {
+        lengths.to_vec()
+    };
+    for x in mats {
         let elems = (x.rows * x.cols) as f64;
         if x.widened {
             p.widened_bytes += elems as u64 * 4;
@@ -296,7 +338,8 @@ fn price_layer(m: &Model, rate: &ProductRate, i: usize, lengths: &[usize], overh
         if x.name.ends_with("o_proj.weight") {
             o_in = x.cols;
         }
-        for &t in lengths {
+        let rows_of = if is_mlp(&x.name) { &batched } else { lengths };
+        for &t in rows_of {
             // A routed expert sees about `t · top_k / experts` rows, and is read only when used.
             let (rows, used) = if x.expert && experts > 0 {
                 let share = top_k.min(experts) as f64 / experts as f64;
@@ -323,7 +366,9 @@ fn price_layer(m: &Model, rate: &ProductRate, i: usize, lengths: &[usize], overh
 /// over the start of the first window.
 fn layer_overhead(m: &Model, act: Option<ScaleFormat>, rate: &ProductRate, window: &[u32]) -> Result<f64> {
     let layers = m.cfg.num_layers();
-    let Some(i) = (0..layers).min_by_key(|&i| price_layer(m, rate, i, &[], 0.0).bytes) else { return Ok(0.0) };
+    let Some(i) = (0..layers).min_by_key(|&i| price_layer(m, rate, i, &[], 0.0, false).bytes) else {
+        return Ok(0.0);
+    };
     let window = &window[..window.len().min(OVERHEAD_TOKENS)];
     let t = window.len();
     let layer = m.layer(i)?;
@@ -338,7 +383,7 @@ fn layer_overhead(m: &Model, act: Option<ScaleFormat>, rate: &ProductRate, windo
     }
     drop(layer);
     m.weights.release_all();
-    let priced = price_layer(m, rate, i, &[t], 0.0).seconds;
+    let priced = price_layer(m, rate, i, &[t], 0.0, false).seconds;
     Ok(((best - priced) / t as f64).max(0.0))
 }
 
@@ -366,7 +411,7 @@ pub(crate) fn estimate(p: &Plan) -> Result<EvalEstimate> {
         let mut e = LayerEstimate { layer: i, bytes: 0, multiply_adds: 0.0, seconds: 0.0 };
         let mut widened = 0;
         for ((m, _), (rate, &overhead)) in sides.iter().zip(calibration.products.iter().zip(&overheads)) {
-            let lp = price_layer(m, rate, i, &p.window_lengths, overhead);
+            let lp = price_layer(m, rate, i, &p.window_lengths, overhead, p.streamed);
             e.bytes += lp.bytes;
             e.multiply_adds += lp.macs;
             e.seconds += lp.seconds;

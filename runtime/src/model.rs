@@ -202,27 +202,31 @@ impl<'a> Moe<'a> {
             lists[e].push((j / k, w));
         }
         let inner = Act { parallel: false, ..*act };
-        let outs: Vec<Option<Vec<f32>>> = self
-            .experts
-            .par_iter()
-            .zip(&lists)
-            .map(|(ffn, list)| {
-                if list.is_empty() {
-                    return Ok(None);
-                }
-                let mut xs = Vec::with_capacity(list.len() * hidden);
-                for &(tok, _) in list {
-                    xs.extend_from_slice(&x[tok * hidden..(tok + 1) * hidden]);
-                }
-                ffn.forward(&xs, list.len(), &inner).map(Some)
-            })
-            .collect::<Result<_>>()?;
+        // Experts run in parallel a group at a time and are added in expert order, so memory holds
+        // one group's outputs (not every expert's) and the sums do not depend on the batching.
+        let group = 4 * rayon::current_num_threads().max(1);
         let mut out = vec![0f32; t * hidden];
-        for (list, y) in lists.iter().zip(&outs) {
-            let Some(y) = y else { continue };
-            for (&(tok, w), row) in list.iter().zip(y.chunks(hidden)) {
-                for (o, &v) in out[tok * hidden..(tok + 1) * hidden].iter_mut().zip(row) {
-                    *o += v * w;
+        for (ffns, lists) in self.experts.chunks(group).zip(lists.chunks(group)) {
+            let outs: Vec<Option<Vec<f32>>> = ffns
+                .par_iter()
+                .zip(lists)
+                .map(|(ffn, list)| {
+                    if list.is_empty() {
+                        return Ok(None);
+                    }
+                    let mut xs = Vec::with_capacity(list.len() * hidden);
+                    for &(tok, _) in list {
+                        xs.extend_from_slice(&x[tok * hidden..(tok + 1) * hidden]);
+                    }
+                    ffn.forward(&xs, list.len(), &inner).map(Some)
+                })
+                .collect::<Result<_>>()?;
+            for (list, y) in lists.iter().zip(&outs) {
+                let Some(y) = y else { continue };
+                for (&(tok, w), row) in list.iter().zip(y.chunks(hidden)) {
+                    for (o, &v) in out[tok * hidden..(tok + 1) * hidden].iter_mut().zip(row) {
+                        *o += v * w;
+                    }
                 }
             }
         }
@@ -349,22 +353,50 @@ impl<'a> Layer<'a> {
     /// Runs the layer over the `t` tokens of one window (positions `0..t`), in place on `x`
     /// (`t × hidden`). Returns the routing of a MoE layer.
     pub fn forward(&self, rope: &RopeTable, x: &mut [f32], t: usize, act: Option<ScaleFormat>) -> Result<Routing> {
+        self.forward_attention(rope, x, t, act)?;
+        self.forward_mlp(x, t, act)
+    }
+
+    /// The attention block over the `t` tokens of one window (positions `0..t`): `x += attn(norm(x))`.
+    pub fn forward_attention(&self, rope: &RopeTable, x: &mut [f32], t: usize, act: Option<ScaleFormat>) -> Result<()> {
         let h = self.hidden;
         let act = Act { fmt: act, layer: self.index, parallel: true };
         let mut n = vec![0f32; t * h];
         rms_norm(x, h, &self.input_norm, self.rms_eps, &mut n);
         let a = self.attn.forward(rope, &n, t, &act)?;
         x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
+        Ok(())
+    }
+
+    /// The feed-forward block over `rows` tokens, of one window or of several (each token's result
+    /// is its own): `x += mlp(norm(x))`. Returns the routing of a MoE layer, `rows × top_k`.
+    pub fn forward_mlp(&self, x: &mut [f32], rows: usize, act: Option<ScaleFormat>) -> Result<Routing> {
+        let h = self.hidden;
+        let act = Act { fmt: act, layer: self.index, parallel: true };
+        let mut n = vec![0f32; rows * h];
         rms_norm(x, h, &self.post_norm, self.rms_eps, &mut n);
         let (m, routing) = match &self.mlp {
-            Mlp::Dense(f) => (f.forward(&n, t, &act)?, Routing::default()),
+            Mlp::Dense(f) => (f.forward(&n, rows, &act)?, Routing::default()),
             Mlp::Moe(moe) => {
-                let (y, experts) = moe.forward(&n, t, h, &act)?;
+                let (y, experts) = moe.forward(&n, rows, h, &act)?;
                 (y, Routing { top_k: moe.routing.top_k(), experts })
             }
         };
         x.iter_mut().zip(&m).for_each(|(x, m)| *x += m);
         Ok(routing)
+    }
+
+    /// Bytes of working memory per token that [`Layer::forward_mlp`] needs beyond `x`: its normed
+    /// input and output, and the widest intermediate (a dense MLP's gate and up, a MoE layer's
+    /// shared expert and routing).
+    pub fn mlp_bytes_per_row(&self) -> usize {
+        let inter = match &self.mlp {
+            Mlp::Dense(f) => 2 * f.gate.w.rows,
+            Mlp::Moe(m) => {
+                2 * m.shared.as_ref().map_or(0, |s| s.gate.w.rows) + 2 * m.routing.top_k() + m.routing.experts()
+            }
+        };
+        4 * (3 * self.hidden + inter)
     }
 }
 

@@ -427,3 +427,28 @@ pub fn has_mapped(pid: u32, path: &Path) -> bool {
     let p = path.to_string_lossy();
     maps.lines().any(|l| l.ends_with(p.as_ref()))
 }
+
+/// The path of the first place where `a` and `b` differ, numbers compared to `rel` relative or
+/// `abs` absolute (a difference of two close figures, such as ln(PPL ratio), has no relative
+/// precision), everything else exactly; `None` when they agree.
+pub fn json_difference(a: &serde_json::Value, b: &serde_json::Value, rel: f64, abs: f64) -> Option<String> {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            let (x, y) = (x.as_f64().unwrap_or(f64::NAN), y.as_f64().unwrap_or(f64::NAN));
+            let close = x == y || (x - y).abs() <= (rel * x.abs().max(y.abs())).max(abs);
+            (!close).then(|| format!(": {x} vs {y}"))
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (x, y))| json_difference(x, y, rel, abs).map(|d| format!("[{i}]{d}"))),
+        (Value::Object(x), Value::Object(y)) if x.len() == y.len() => x.iter().find_map(|(k, v)| match y.get(k) {
+            Some(w) => json_difference(v, w, rel, abs).map(|d| format!(".{k}{d}")),
+            None => Some(format!(".{k}: missing from the second")),
+        }),
+        _ if a == b => None,
+        _ => Some(format!(": {a} vs {b}")),
+    }
+}

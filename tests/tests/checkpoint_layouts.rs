@@ -108,6 +108,9 @@ fn a_checkpoint_indexed_over_many_shards_evaluates_like_one_file() {
         let (mut a, mut s) = (a, streamed);
         a.as_object_mut().map(|o| o.remove("streamed"));
         s.as_object_mut().map(|o| o.remove("streamed"));
-        assert_eq!(a, s, "{arch:?}: streamed over {shards} shards differs at {}", first_difference(&a, &s));
+        // Streamed: each feed-forward block over several windows at once, the same sums rounded by
+        // products of other shapes.
+        let diff = fp8forge_tests::json_difference(&a, &s, 1e-4, 1e-6);
+        assert!(diff.is_none(), "{arch:?}: streamed over {shards} shards differs at {}", diff.unwrap_or_default());
     }
 }

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fp8forge_tests::{Arch, fp8forge_p, model_specs, stderr, write_checkpoint};
+use fp8forge_tests::{Arch, fp8forge_p, json_difference, model_specs, stderr, write_checkpoint};
 use serde_json::Value;
 
 const ARCHS: [&str; 3] = ["deepseek_v3", "mixtral", "qwen3_moe"];
@@ -135,7 +135,7 @@ fn without_timing(mut v: Value) -> Value {
 }
 
 #[test]
-fn streamed_and_resident_evaluation_give_identical_numbers() {
+fn streamed_and_resident_evaluation_agree_to_rounding() {
     let tmp = tempfile::tempdir().expect("tempdir");
     for arch in ARCHS {
         let fp8 = tmp.path().join(arch);
@@ -151,7 +151,11 @@ fn streamed_and_resident_evaluation_give_identical_numbers() {
             assert!(resident[k].is_number(), "{arch}: {k} missing from --json");
         }
         assert_llama_cpp_figures_consistent(arch, &resident);
-        assert_eq!(without_timing(resident), without_timing(streamed), "{arch}: streamed != resident");
+        // Streaming runs each feed-forward block over several windows at once: the same sums per
+        // token, rounded by products of other shapes (about 1e-9), which W8A8 can amplify where an
+        // activation sits on an FP8 rounding boundary.
+        let diff = json_difference(&without_timing(resident), &without_timing(streamed), 1e-4, 1e-6);
+        assert!(diff.is_none(), "{arch}: streamed differs from resident at {}", diff.unwrap_or_default());
     }
 }
 
@@ -267,7 +271,8 @@ fn memory_cap_below_model_size_streams_and_matches_resident() {
     assert!(resident_rss > on_disk, "resident peak RSS {resident_rss} B is not above {on_disk} B");
     let resident: Value = serde_json::from_slice(&out).expect("json");
     assert_eq!(resident["streamed"], Value::Bool(false));
-    assert_eq!(without_timing(streamed), without_timing(resident));
+    let diff = json_difference(&without_timing(streamed), &without_timing(resident), 1e-4, 1e-6);
+    assert!(diff.is_none(), "streamed differs from resident at {}", diff.unwrap_or_default());
     eprintln!("model {on_disk} B on disk, peak RSS streamed {rss} B, resident {resident_rss} B");
 }
 

@@ -62,7 +62,12 @@ pub(crate) fn same<T: Architecture + PartialEq>(a: &T, other: &dyn Architecture)
     other.downcast_ref::<T>() == Some(a)
 }
 
+/// The prefix of every decoder layer's tensors, `model.layers`.
+pub fn layers_prefix() -> Prefix {
+    Prefix::new("model.layers")
+}
+
 /// The prefix of decoder layer `i`'s tensors, `model.layers.{i}`.
 pub fn layer_prefix(i: usize) -> Prefix {
-    Prefix::new("model.layers").join(i)
+    layers_prefix().join(i)
 }
