@@ -7,6 +7,18 @@
 #                                        # (ignored by git); fails if repository + bundle >= 60 MB
 #   bash bench/gpu-check.sh run          # on the GPU machine: every step below, in order
 #   bash bench/gpu-check.sh size-check   # only the size check of prepare (FP8FORGE_BUNDLE_LIMIT_MB)
+#   bash bench/gpu-check.sh tune         # on the GPU machine (issue 13), its own device call: the tuner
+#                                        # on DeepSeek-V3's shapes (M 64, 128, 4096, and the grouped
+#                                        # shapes) in at most FP8FORGE_TUNE_S (360 s), then calibration,
+#                                        # an exhaustive run of the M = 64 shapes in what is left, and the
+#                                        # issue's ratios; same bundle (every CUBIN precompiled), same
+#                                        # discipline (timeout -k per step, a line before each launch,
+#                                        # results appended as they come); at most 8 files under $OUT:
+#     summary.txt  tune.log  tune.jsonl (one autotune --json per step)  table.yaml
+#     table.calibration.yaml  calibrate.json  exhaustive.yaml  ratios.txt
+#
+# Device call for the tuner:
+#   run(command="bash bench/gpu-check.sh tune", carry=["gpu-bundle"], timeout_s=600)
 #
 # Device call (carry the bundle):
 #   run(command="bash bench/gpu-check.sh run", carry=["gpu-bundle"], timeout_s=600)
@@ -46,7 +58,7 @@ BENCH_NK="2112x7168 24576x1536 32768x512 7168x16384 4096x7168 7168x2048"
 BENCH_GROUPED="8192x4096x7168:4 8192x7168x2048:4 4096x4096x7168:8 4096x7168x2048:8"
 
 usage() {
-    echo "usage: bash bench/gpu-check.sh prepare|run|size-check" >&2
+    echo "usage: bash bench/gpu-check.sh prepare|run|tune|size-check" >&2
     exit 2
 }
 
@@ -351,10 +363,124 @@ run() {
     [ "$FAILS" -eq 0 ]
 }
 
+# ---------------------------------------------------------------------------------------------
+# tune (on the GPU machine, issue 13)
+
+TUNE_S=${FP8FORGE_TUNE_S:-360}
+
+# tune_step NAME LIMIT_S ARGS...: one `fp8forge autotune ... --json` under timeout -k 5, its JSON
+# appended to tune.jsonl, its stderr to tune.log.
+tune_step() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET - $(elapsed) - 30))
+    if [ "$left" -lt 15 ]; then
+        echo "=== [+$(elapsed)s] SKIP $name: budget" | tee -a "$OUT/tune.log"
+        record "$name" 0 "skipped: no time"
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "=== [+$(elapsed)s] $name (timeout ${limit}s): $BIN autotune $* --json" | tee -a "$OUT/tune.log"
+    local t=$SECONDS json rc status
+    json=$(timeout -k 5 "$limit" "$BIN" autotune "$@" --json 2>>"$OUT/tune.log")
+    rc=$?
+    [ -n "$json" ] && printf '%s\n' "$json" | tr -d '\n' >> "$OUT/tune.jsonl" && echo >> "$OUT/tune.jsonl"
+    case $rc in
+        0) status=ok ;;
+        124 | 137) status="TIMEOUT after ${limit}s (rerun: --resume continues)" ;;
+        *) status="FAILED (exit $rc: $(tail -1 "$OUT/tune.log" | cut -c1-120))" ;;
+    esac
+    echo "=== [+$(elapsed)s] $name: $status" | tee -a "$OUT/tune.log"
+    record "$name" $((SECONDS - t)) "$status"
+}
+
+ratios() {
+    timeout -k 2 30 python3 - "$OUT/tune.jsonl" "$OUT/calibrate.json" > "$OUT/ratios.txt" 2>&1 <<'PY'
+import json, sys
+runs = []
+for line in open(sys.argv[1]):
+    line = line.strip()
+    if line:
+        try:
+            runs.append(json.loads(line))
+        except Exception as e:
+            print(f"bad line: {e}")
+pruned = [o for r in runs if r.get("summary", {}).get("mode") == "pruned" for o in r.get("outcomes", [])]
+exh = [o for r in runs if r.get("summary", {}).get("mode") == "exhaustive" for o in r.get("outcomes", [])]
+def med(v):
+    v = sorted(v)
+    return v[len(v) // 2] if v else float("nan")
+def show(what, v, goal):
+    if v:
+        print(f"{what}: min {min(v):.3f} median {med(v):.3f} max {max(v):.3f} over {len(v)} ({goal})")
+    else:
+        print(f"{what}: no data")
+show("pruned pick / exhaustive best (exhaustive runs)", [o["us"] / o["pruned_pick_us"] for o in exh if o.get("pruned_pick_us")], "goal >= 0.98")
+show("share of candidates the pruned search times", [o["timed"] / o["candidates"] for o in pruned if o["candidates"]] + [o["pruned_timed"] / o["candidates"] for o in exh if o.get("pruned_timed")], "goal <= 0.15")
+show("model top-1 / measured best", [o["us"] / o["model_pick_us"] for o in pruned + exh if o.get("model_pick_us")], "goal >= 0.90")
+show("cuBLASLt best / chosen", [o["cublaslt_us"] / o["us"] for o in pruned + exh if o.get("cublaslt_us")], ">= 1.0 by construction")
+print("entries cuBLASLt chose:", sum(1 for o in pruned if str(o["config"]).startswith("cublaslt_")), "of", len(pruned))
+try:
+    c = json.load(open(sys.argv[2]))["calibration"]
+    print(f"simulate after calibration vs measured, median |sim/meas - 1| per entry: {c['simulate_error_after']:.3f} (before {c['simulate_error_before']:.3f}; goal <= 0.10)")
+    print("calibrated parameters:", json.dumps(c["params"]))
+except Exception as e:
+    print(f"no calibration: {e}")
+PY
+}
+
+tune() {
+    mkdir -p "$OUT"
+    : > "$OUT/summary.txt"
+    : > "$OUT/tune.log"
+    : > "$OUT/tune.jsonl"
+    log "gpu-check tune $(date -u +%FT%TZ): budget ${BUDGET}s, tuner ${TUNE_S}s, output $OUT"
+    for f in "$BIN" "$BUNDLE/kernel-cache.tar.xz"; do
+        [ -e "$f" ] || { log "gpu-check: $f missing: run 'bash bench/gpu-check.sh prepare' and carry $BUNDLE"; exit 1; }
+    done
+    local t=$SECONDS
+    environment > /dev/null
+    export FP8FORGE_KERNEL_CACHE=${FP8FORGE_KERNEL_CACHE:-/tmp/fp8forge-kernel-cache}
+    local key
+    key=$(awk '$1 == "nvrtc_key" && $2 ~ /^[0-9]+\.[0-9]+$/ {print $2}' "$BUNDLE/MANIFEST" 2>/dev/null)
+    [ -n "$key" ] && export FP8FORGE_KERNEL_CACHE_NVRTC=${FP8FORGE_KERNEL_CACHE_NVRTC:-$key}
+    mkdir -p "$FP8FORGE_KERNEL_CACHE"
+    timeout -k 5 60 tar -xJf "$BUNDLE/kernel-cache.tar.xz" -C "$FP8FORGE_KERNEL_CACHE" 2>>"$OUT/tune.log" ||
+        log "gpu-check: the kernel cache did not unpack: kernels will be compiled here"
+    rm -f "$OUT/env.txt"
+    record environment $((SECONDS - t)) ok
+    local table=$OUT/table.yaml nk shapes="" start left
+    for nk in $BENCH_NK; do shapes="$shapes --shape $nk"; done
+    # Dense shapes at M 64, 128, 4096 (two thirds of the tuner's time), then the grouped ones in
+    # what is left of it; --resume continues a step that timed out, in this call or the next.
+    start=$(elapsed)
+    # shellcheck disable=SC2086
+    tune_step "tune dense M=64,128,4096" $((TUNE_S * 2 / 3)) $shapes --m 64,128,4096 --out "$table" --resume --quiet
+    left=$((TUNE_S - ($(elapsed) - start)))
+    [ "$left" -lt 30 ] && left=30
+    tune_step "tune grouped E=4 M=8192" $((left / 2)) --shape 4096x7168x4 --shape 7168x2048x4 --m 8192 --out "$table" --resume --quiet
+    tune_step "tune grouped E=8 M=4096" $((left / 2)) --shape 4096x7168x8 --shape 7168x2048x8 --m 4096 --out "$table" --resume --quiet
+    local t2=$SECONDS
+    echo "=== [+$(elapsed)s] calibrate: $BIN autotune --calibrate $table --json" | tee -a "$OUT/tune.log"
+    timeout -k 5 60 "$BIN" autotune --calibrate "$table" --json > "$OUT/calibrate.json" 2>>"$OUT/tune.log"
+    record calibrate $((SECONDS - t2)) "exit $?"
+    # shellcheck disable=SC2086
+    tune_step "exhaustive dense M=64" 600 $shapes --m 64 --exhaustive --out "$OUT/exhaustive.yaml" --resume --quiet
+    ratios
+    local files
+    files=$(find "$OUT" -maxdepth 1 -type f | wc -l)
+    log "gpu-check tune done in $(elapsed)s; $files files in $OUT; $FAILS step(s) failed or timed out"
+    cat "$OUT/summary.txt"
+    echo "---- ratios"
+    cat "$OUT/ratios.txt"
+    [ "$FAILS" -eq 0 ]
+}
+
 main() {
     case "$MODE" in
         prepare) prepare ;;
         run) run ;;
+        tune) tune ;;
         size-check) size_check ;;
         *) usage ;;
     esac

@@ -8,12 +8,13 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use fp8forge_kernels::bench::{BenchOptions, BenchRow, Implementation, bench_shape, deepseek_v3_shapes};
-use fp8forge_kernels::cublaslt::{Baseline, CublasLt};
+use fp8forge_kernels::bench::{BenchOptions, BenchRow, Implementation, bench_shape_with, deepseek_v3_shapes};
+use fp8forge_kernels::cublaslt::{Baseline, CublasLt, LtAlgo};
 use fp8forge_kernels::cuda::Device;
 use fp8forge_kernels::{GemmConfig, GemmShape, GpuArch, KernelError, is_legal, search_space, source_hash};
 use serde::{Serialize, Serializer};
 
+use crate::candidate::Candidate;
 use crate::measure::identify_device;
 use crate::table::{Table, choose};
 use crate::tune::TuneError;
@@ -51,7 +52,8 @@ pub enum ConfigChoice {
     Given(Vec<GemmConfig>),
     /// Every legal configuration of the search space.
     Sweep,
-    /// The tuning table's entry for the shape and nearest M, else the cost model's choice.
+    /// The tuning table's entry for the shape and nearest M, run with its implementation (our
+    /// kernel, or the cuBLASLt algorithm it names), else the cost model's choice.
     Table(PathBuf),
 }
 
@@ -82,6 +84,19 @@ pub enum BenchWarning {
         /// The GPU id here.
         here: String,
     },
+    /// A table's cuBLASLt algorithm no longer exists here (another cuBLASLt): its heuristic's
+    /// choice ran instead.
+    AlgoFellBack {
+        /// The shape.
+        shape: GemmShape,
+        /// The algorithm of the table.
+        algo: LtAlgo,
+    },
+    /// A table's cuBLASLt entry, but cuBLASLt could not be opened: the shape has no tuned row.
+    NoCublasLtForTable {
+        /// The shape.
+        shape: GemmShape,
+    },
 }
 
 impl fmt::Display for BenchWarning {
@@ -92,6 +107,13 @@ impl fmt::Display for BenchWarning {
                 f.write_str("the table was tuned for other kernels (stale hash): using the cost model")
             }
             BenchWarning::TableForOtherGpu { table, here } => write!(f, "the table is for {table}, this GPU is {here}"),
+            BenchWarning::AlgoFellBack { shape, algo } => write!(
+                f,
+                "{shape}: the table's cuBLASLt algorithm {algo} does not exist on this cuBLASLt; ran its heuristic's choice"
+            ),
+            BenchWarning::NoCublasLtForTable { shape } => {
+                write!(f, "{shape}: the table chose cuBLASLt, which could not be opened")
+            }
         }
     }
 }
@@ -132,7 +154,8 @@ pub struct ShapeSummary {
     pub k: usize,
     /// Experts (1: dense).
     pub groups: usize,
-    /// Our best TFLOP/s, if any configuration was timed.
+    /// Our best TFLOP/s (our kernel, or the cuBLASLt algorithm a table chose), if anything of
+    /// ours was timed.
     pub ours: Option<f64>,
     /// Ours over cuBLASLt BF16's TFLOP/s.
     pub vs_bf16: Option<f64>,
@@ -141,9 +164,10 @@ pub struct ShapeSummary {
 }
 
 impl BenchReport {
-    /// True when a row of ours failed its check or could not run.
+    /// True when a row of ours (our kernel, or a table's cuBLASLt algorithm) failed its check or
+    /// could not run.
     pub fn ours_failed(&self) -> bool {
-        self.rows.iter().any(|r| r.implementation == Implementation::Fp8forge && !r.ok)
+        self.rows.iter().any(|r| r.implementation.is_tuned() && !r.ok)
     }
 
     /// Per shape (in the order of the rows): our best TFLOP/s and its ratio to each baseline's.
@@ -156,9 +180,10 @@ impl BenchReport {
             }
         }
         let best = |s: (usize, usize, usize, usize), imp: Implementation| {
+            let same = |i: Implementation| i == imp || (imp.is_tuned() && i.is_tuned());
             self.rows
                 .iter()
-                .filter(|r| (r.m, r.n, r.k, r.groups) == s && r.implementation == imp)
+                .filter(|r| (r.m, r.n, r.k, r.groups) == s && same(r.implementation))
                 .filter_map(|r| r.tflops)
                 .fold(None, |a: Option<f64>, t| Some(a.map_or(t, |a| a.max(t))))
         };
@@ -217,8 +242,15 @@ pub fn bench_gemm(req: &BenchRequest, progress: &dyn BenchProgress) -> Result<Be
     let dev = Device::open(0).map_err(TuneError::OpenDevice)?;
     let arch = dev.gpu_arch()?;
     let mut warnings = Vec::new();
-    let lt = if req.options.baselines {
-        CublasLt::new(&dev).map_err(|e| warnings.push(BenchWarning::NoBaselines(e))).ok()
+    // Open for the baselines, and for a table (its entries may be cuBLASLt algorithms).
+    let lt = if req.options.baselines || table.is_some() {
+        CublasLt::new(&dev)
+            .map_err(|e| {
+                if req.options.baselines {
+                    warnings.push(BenchWarning::NoBaselines(e))
+                }
+            })
+            .ok()
     } else {
         None
     };
@@ -236,19 +268,37 @@ pub fn bench_gemm(req: &BenchRequest, progress: &dyn BenchProgress) -> Result<Be
     };
     let mut rows = Vec::new();
     for (shape, tokens) in &shapes {
-        let configs: Vec<GemmConfig> = match (&req.configs, spec) {
-            (ConfigChoice::Given(configs), _) => configs.clone(),
-            (ConfigChoice::Sweep, _) => search_space(arch).into_iter().filter(|c| is_legal(c, shape).is_ok()).collect(),
+        let (configs, algos): (Vec<GemmConfig>, Vec<LtAlgo>) = match (&req.configs, spec) {
+            (ConfigChoice::Given(configs), _) => (configs.clone(), Vec::new()),
+            (ConfigChoice::Sweep, _) => {
+                (search_space(arch).into_iter().filter(|c| is_legal(c, shape).is_ok()).collect(), Vec::new())
+            }
             (ConfigChoice::Table(_), Some(spec)) => {
                 let e = shape.experts();
                 let m = if e > 1 { tokens.unwrap_or(shape.m / e) } else { shape.m };
-                choose(table.as_ref(), spec, shape.n, shape.k, e, m).into_iter().collect()
+                match choose(table.as_ref(), spec, shape.n, shape.k, e, m) {
+                    Some(Candidate::Own(c)) => (vec![c], Vec::new()),
+                    Some(Candidate::CublasLt(a)) => {
+                        if lt.is_none() {
+                            warnings.push(BenchWarning::NoCublasLtForTable { shape: *shape });
+                        }
+                        (Vec::new(), vec![a])
+                    }
+                    None => (Vec::new(), Vec::new()),
+                }
             }
-            (ConfigChoice::Heuristic | ConfigChoice::Table(_), _) => Vec::new(),
+            (ConfigChoice::Heuristic | ConfigChoice::Table(_), _) => (Vec::new(), Vec::new()),
         };
-        progress.shape(shape, configs.len().max(1));
+        progress.shape(shape, (configs.len() + algos.len()).max(1));
         let opts = BenchOptions { tokens_per_expert: *tokens, ..req.options.clone() };
-        rows.extend(bench_shape(&dev, lt.as_ref(), shape, &configs, &opts)?);
+        let shape_rows = bench_shape_with(&dev, lt.as_ref(), shape, &configs, &algos, &opts)?;
+        for a in &algos {
+            let ran = shape_rows.iter().any(|r| r.implementation == Implementation::CublasLtAlgo && r.config == a.id());
+            if lt.is_some() && !ran {
+                warnings.push(BenchWarning::AlgoFellBack { shape: *shape, algo: *a });
+            }
+        }
+        rows.extend(shape_rows);
     }
     Ok(BenchReport {
         device: dev.info.name.clone(),
@@ -312,6 +362,10 @@ mod tests {
         assert_eq!((s[1].m, s[1].ours, s[1].vs_bf16, s[1].vs_fp8_block), (128, None, None, None));
         assert!(r.ours_failed());
         assert!(!report(r.rows[..4].to_vec()).ours_failed());
+        // A table's cuBLASLt algorithm is the tuned row of its shape.
+        let r = report(vec![row(64, Implementation::CublasLtAlgo, Some(600.0), true), row(64, fp8, Some(500.0), true)]);
+        assert_eq!(r.summary()[0].vs_fp8_block, Some(1.2));
+        assert!(!r.ours_failed());
     }
 
     #[test]

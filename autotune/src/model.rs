@@ -4,9 +4,92 @@
 //! the table under `--simulate`.
 
 use fp8forge_kernels::{GemmConfig, GemmShape, KernelKind, Multicast, is_legal};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::gpu::GpuSpec;
+
+/// The cost model's free parameters: the constants below by default, fitted to a GPU's measured
+/// table by [`crate::calibrate`]. Efficiencies are shares of the datasheet figures, so a
+/// calibration made on one GPU carries to another of the same architecture (`--simulate`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelParams {
+    /// Share of the datasheet FP8 peak the tensor cores sustain ([`SUSTAINED_TENSOR`]).
+    pub sustained_tensor: f64,
+    /// Share of the datasheet HBM bandwidth a streaming kernel reaches ([`HBM_EFFICIENCY`]).
+    pub hbm_efficiency: f64,
+    /// Fixed cost of a launch and of filling the pipeline once, microseconds.
+    pub launch_us: f64,
+    /// Bytes per clock each SM pulls from L2.
+    pub l2_bytes_per_clk: f64,
+    /// Per-family factor on the time of a tile with BLOCK_M = 64 (one consumer warpgroup).
+    pub bm64_factor: f64,
+    /// Per-family factor on the time of a tile with BLOCK_M = 256.
+    pub bm256_factor: f64,
+    /// Per-family factor on the time of a tile of a multicast (2-CTA cluster) configuration.
+    pub multicast_factor: f64,
+    /// Per-family factor on the time of an mma.sync tile.
+    pub mma_sync_factor: f64,
+}
+
+impl Default for ModelParams {
+    fn default() -> Self {
+        ModelParams {
+            sustained_tensor: SUSTAINED_TENSOR,
+            hbm_efficiency: HBM_EFFICIENCY,
+            launch_us: LAUNCH_US,
+            l2_bytes_per_clk: L2_BYTES_PER_CLK_PER_SM,
+            bm64_factor: 1.0,
+            bm256_factor: 1.0,
+            multicast_factor: 1.0,
+            mma_sync_factor: 1.0,
+        }
+    }
+}
+
+impl ModelParams {
+    /// The parameters as a vector, in the order of [`ModelParams::NAMES`].
+    pub fn to_vec(&self) -> Vec<f64> {
+        vec![
+            self.sustained_tensor,
+            self.hbm_efficiency,
+            self.launch_us,
+            self.l2_bytes_per_clk,
+            self.bm64_factor,
+            self.bm256_factor,
+            self.multicast_factor,
+            self.mma_sync_factor,
+        ]
+    }
+
+    /// The parameters from a vector in the order of [`ModelParams::NAMES`] (missing values keep
+    /// the defaults); efficiencies are capped at 1.
+    pub fn from_slice(v: &[f64]) -> Self {
+        let d = ModelParams::default().to_vec();
+        let at = |i: usize| v.get(i).copied().unwrap_or(d[i]);
+        ModelParams {
+            sustained_tensor: at(0).min(1.0),
+            hbm_efficiency: at(1).min(1.0),
+            launch_us: at(2),
+            l2_bytes_per_clk: at(3),
+            bm64_factor: at(4),
+            bm256_factor: at(5),
+            multicast_factor: at(6),
+            mma_sync_factor: at(7),
+        }
+    }
+
+    /// The names of the parameters, in vector order.
+    pub const NAMES: [&'static str; 8] = [
+        "sustained_tensor",
+        "hbm_efficiency",
+        "launch_us",
+        "l2_bytes_per_clk",
+        "bm64_factor",
+        "bm256_factor",
+        "multicast_factor",
+        "mma_sync_factor",
+    ];
+}
 
 /// Bytes per clock each SM can pull from L2 (Hopper: a 128×128 FP8 tile needs 64 B/clk to keep the
 /// tensor cores busy, which is what large tiles with TMA reach).
@@ -43,8 +126,14 @@ pub struct Prediction {
     pub memory_bound: bool,
 }
 
-/// Predicts the time of `cfg` on `shape` on `gpu` (the configuration should be legal for it).
+/// Predicts the time of `cfg` on `shape` on `gpu` (the configuration should be legal for it),
+/// with the default parameters.
 pub fn predict(gpu: &GpuSpec, cfg: &GemmConfig, shape: &GemmShape) -> Prediction {
+    predict_with(&ModelParams::default(), gpu, cfg, shape)
+}
+
+/// [`predict`] with the parameters `p`.
+pub fn predict_with(p: &ModelParams, gpu: &GpuSpec, cfg: &GemmConfig, shape: &GemmShape) -> Prediction {
     let (bm, bn) = (cfg.block_m as f64, cfg.block_n as f64);
     let clock = gpu.boost_mhz as f64 * 1e6;
     let tiles = shape.m.div_ceil(cfg.block_m as usize) * shape.n.div_ceil(cfg.block_n as usize);
@@ -56,7 +145,7 @@ pub fn predict(gpu: &GpuSpec, cfg: &GemmConfig, shape: &GemmShape) -> Prediction
     // Tensor-core time of one tile: the MMA at the per-SM peak, discounted for narrow tiles (fixed
     // issue cost per wgmma) and for the promotion of each 128-K partial sum on the CUDA cores
     // (overlapped with the other warpgroup's MMA when there are two, BLOCK_M >= 128).
-    let flop_per_clk = SUSTAINED_TENSOR * gpu.fp8_tflops * 1e12 / (gpu.sms as f64 * clock);
+    let flop_per_clk = p.sustained_tensor * gpu.fp8_tflops * 1e12 / (gpu.sms as f64 * clock);
     let (rate, promotion, bandwidth) = match cfg.kind {
         KernelKind::Wgmma => (1.0, if cfg.block_m >= 128 { 0.06 } else { 0.15 }, 1.0),
         KernelKind::MmaSync { .. } => (MMA_SYNC_RATE, 0.10, MMA_SYNC_BANDWIDTH),
@@ -73,7 +162,7 @@ pub fn predict(gpu: &GpuSpec, cfg: &GemmConfig, shape: &GemmShape) -> Prediction
     };
     let load_bytes = kb * ((bm * a_share + bn * b_share) * 128.0 + 4.0 * (bm + 1.0));
     let store_bytes = bm * bn * 2.0;
-    let sm_bw = L2_BYTES_PER_CLK_PER_SM * clock * bandwidth;
+    let sm_bw = p.l2_bytes_per_clk * clock * bandwidth;
     let load_s = (load_bytes + store_bytes) / sm_bw;
     // A shallow pipeline cannot hide the load latency behind the MMA.
     let overlap = match cfg.stages {
@@ -84,8 +173,21 @@ pub fn predict(gpu: &GpuSpec, cfg: &GemmConfig, shape: &GemmShape) -> Prediction
     // Wave by wave: each wave takes its tiles' time, or the HBM time of the bytes its tiles read
     // for the first time (A and B read once overall; L2 serves the re-reads), whichever is longer.
     // A shallow pipeline keeps fewer bytes in flight, which slows both.
-    let tile_s = mma_s.max(load_s);
-    let hbm_per_tile_s = shape.min_bytes() / tiles as f64 / (HBM_EFFICIENCY * bandwidth * gpu.hbm_gbps * 1e9);
+    let mut factor = 1.0;
+    if cfg.block_m == 64 {
+        factor *= p.bm64_factor;
+    }
+    if cfg.block_m == 256 {
+        factor *= p.bm256_factor;
+    }
+    if cfg.multicast != Multicast::None {
+        factor *= p.multicast_factor;
+    }
+    if matches!(cfg.kind, KernelKind::MmaSync { .. }) {
+        factor *= p.mma_sync_factor;
+    }
+    let tile_s = mma_s.max(load_s) * factor;
+    let hbm_per_tile_s = shape.min_bytes() / tiles as f64 / (p.hbm_efficiency * bandwidth * gpu.hbm_gbps * 1e9);
     let (mut total_s, mut hbm_bound_s) = (0.0, 0.0);
     for w in 0..waves {
         let in_wave = (tiles - w * slots).min(slots) as f64;
@@ -95,7 +197,7 @@ pub fn predict(gpu: &GpuSpec, cfg: &GemmConfig, shape: &GemmShape) -> Prediction
             hbm_bound_s += hbm_s;
         }
     }
-    let s = total_s + LAUNCH_US * 1e-6;
+    let s = total_s + p.launch_us * 1e-6;
     let memory_bound = hbm_bound_s * 2.0 > total_s;
     Prediction {
         us: s * 1e6,
@@ -110,8 +212,18 @@ pub fn predict(gpu: &GpuSpec, cfg: &GemmConfig, shape: &GemmShape) -> Prediction
 /// The legal configurations of `space` for `shape`, best predicted first (ties broken by id, so
 /// the order is the same run to run).
 pub fn rank(gpu: &GpuSpec, shape: &GemmShape, space: &[GemmConfig]) -> Vec<(GemmConfig, Prediction)> {
+    rank_with(&ModelParams::default(), gpu, shape, space)
+}
+
+/// [`rank`] with the parameters `p`.
+pub fn rank_with(
+    p: &ModelParams,
+    gpu: &GpuSpec,
+    shape: &GemmShape,
+    space: &[GemmConfig],
+) -> Vec<(GemmConfig, Prediction)> {
     let mut v: Vec<(GemmConfig, Prediction)> =
-        space.iter().filter(|c| is_legal(c, shape).is_ok()).map(|c| (*c, predict(gpu, c, shape))).collect();
+        space.iter().filter(|c| is_legal(c, shape).is_ok()).map(|c| (*c, predict_with(p, gpu, c, shape))).collect();
     v.sort_by(|a, b| a.1.us.total_cmp(&b.1.us).then_with(|| a.0.id().cmp(&b.0.id())));
     v
 }

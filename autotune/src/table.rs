@@ -4,12 +4,14 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use fp8forge_kernels::{GemmConfig, GemmShape, GpuArch, Why, is_legal, search_space, source_hash};
+use fp8forge_kernels::{GemmShape, GpuArch, Why, is_legal, search_space, source_hash};
 use serde::{Deserialize, Serialize};
 
+use crate::candidate::{Candidate, Impl};
 use crate::gpu::GpuSpec;
-use crate::model::rank;
+use crate::model::{ModelParams, rank_with};
 use crate::shapes::WeightShape;
+use crate::tune::Timed;
 
 /// Experts per grouped launch when tuning MoE shapes (one GPU's share under expert parallelism).
 pub const SIM_EXPERTS: usize = 8;
@@ -51,8 +53,10 @@ impl fmt::Display for Source {
     }
 }
 
-/// One tuned shape and M bucket.
+/// One tuned shape and M bucket. Read back, `impl` must agree with the config's id (a table
+/// without `impl` is fp8forge's).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawEntry")]
 pub struct Entry {
     /// Output features.
     pub n: usize,
@@ -62,9 +66,13 @@ pub struct Entry {
     pub experts: usize,
     /// Rows (per expert for a grouped launch).
     pub m: usize,
-    /// The chosen configuration, written as its id (`wgmma_bm128_bn128_s4_mcA2_sw128`).
-    #[serde(with = "config_id")]
-    pub config: GemmConfig,
+    /// Which implementation runs the entry: `fp8forge` or `cublaslt`.
+    #[serde(rename = "impl")]
+    pub implementation: Impl,
+    /// The chosen candidate, written as its id: our configuration
+    /// (`wgmma_bm128_bn128_s4_mcA2_sw128`) or a cuBLASLt algorithm with its parameters
+    /// (`cublaslt_a66_t20_s13_k1_r0_w0_c0_i0_l0`).
+    pub config: Candidate,
     /// Its time in microseconds.
     pub us: f64,
     /// Its TFLOP/s.
@@ -80,10 +88,79 @@ pub struct Entry {
     /// ... of this many legal ones.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub candidates: usize,
+    /// Measured entries: the fastest time the search took of each other family of our kernel
+    /// (kind, BLOCK_M, multicast), which calibrates the cost model beyond the chosen one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub family_best: Vec<Timed>,
+}
+
+impl Entry {
+    /// The GEMM the entry's kernel runs ([`problem`]).
+    pub fn problem_shape(&self) -> GemmShape {
+        problem(self.n, self.k, self.experts, self.m)
+    }
 }
 
 fn is_zero(v: &usize) -> bool {
     *v == 0
+}
+
+/// An [`Entry`] as written, before `impl` is checked against the config.
+#[derive(Deserialize)]
+struct RawEntry {
+    n: usize,
+    k: usize,
+    experts: usize,
+    m: usize,
+    #[serde(rename = "impl", default)]
+    implementation: Option<Impl>,
+    config: Candidate,
+    us: f64,
+    tflops: f64,
+    source: Source,
+    #[serde(default)]
+    what: String,
+    #[serde(default)]
+    timed: usize,
+    #[serde(default)]
+    candidates: usize,
+    #[serde(default)]
+    family_best: Vec<Timed>,
+}
+
+impl TryFrom<RawEntry> for Entry {
+    type Error = String;
+
+    fn try_from(r: RawEntry) -> Result<Entry, String> {
+        let implementation = r.implementation.unwrap_or(Impl::Fp8forge);
+        if implementation != r.config.implementation() {
+            return Err(format!("entry {}x{} M={}: impl {implementation} but config {}", r.n, r.k, r.m, r.config));
+        }
+        Ok(Entry {
+            n: r.n,
+            k: r.k,
+            experts: r.experts,
+            m: r.m,
+            implementation,
+            config: r.config,
+            us: r.us,
+            tflops: r.tflops,
+            source: r.source,
+            what: r.what,
+            timed: r.timed,
+            candidates: r.candidates,
+            family_best: r.family_best,
+        })
+    }
+}
+
+/// Which calibration of the cost model a table's pruning or prediction used.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CalibrationRef {
+    /// The calibration file, as given.
+    pub file: String,
+    /// SHA-256 of its bytes.
+    pub digest: String,
 }
 
 /// A configuration in a table or a report: its id, parsed back when read.
@@ -193,6 +270,10 @@ pub struct Table {
     pub device: TableGpu,
     /// `source_hash()` of the kernels the entries were tuned for.
     pub kernel_hash: String,
+    /// The calibration of the cost model that pruned (measured) or predicted (simulated) the
+    /// entries; none: the model's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationRef>,
     /// Entries sorted by (N, K, experts, M).
     pub entries: Vec<Entry>,
 }
@@ -292,6 +373,7 @@ impl Table {
                 cc: format!("{}.{}", gpu.cc.0, gpu.cc.1),
             },
             kernel_hash: source_hash(),
+            calibration: None,
             entries: Vec::new(),
         }
     }
@@ -324,6 +406,9 @@ impl Table {
                 from: format!("{} (kernels {})", other.device.id, short(&other.kernel_hash)),
                 into: format!("{} (kernels {})", self.device.id, short(&self.kernel_hash)),
             });
+        }
+        if other.calibration.is_some() {
+            self.calibration = other.calibration;
         }
         for e in other.entries {
             self.insert(e);
@@ -394,44 +479,48 @@ fn short(h: &str) -> &str {
     &h[..h.len().min(12)]
 }
 
-/// The configuration to run for a shape: the table's (nearest M bucket) when it has the shape, is
-/// not stale, and its entry is legal at this M (multicast pairs tiles, whose count depends on M);
-/// else the cost model's best.
-pub fn choose(
-    table: Option<&Table>,
-    gpu: &GpuSpec,
-    n: usize,
-    k: usize,
-    experts: usize,
-    m: usize,
-) -> Option<GemmConfig> {
+/// What to run for a shape: the table's entry (nearest M bucket) when it has the shape, is not
+/// stale, and its entry can run at this M (a cuBLASLt algorithm always; our configuration when
+/// legal: multicast pairs tiles, whose count depends on M); else the cost model's best.
+pub fn choose(table: Option<&Table>, gpu: &GpuSpec, n: usize, k: usize, experts: usize, m: usize) -> Option<Candidate> {
     let shape = problem(n, k, experts, m);
-    if let Some(e) = table.filter(|t| !t.is_stale()).and_then(|t| t.lookup(n, k, experts, m))
-        && is_legal(&e.config, &shape).is_ok()
-    {
-        return Some(e.config);
+    if let Some(e) = table.filter(|t| !t.is_stale()).and_then(|t| t.lookup(n, k, experts, m)) {
+        match e.config {
+            Candidate::CublasLt(_) => return Some(e.config),
+            Candidate::Own(c) if is_legal(&c, &shape).is_ok() => return Some(e.config),
+            Candidate::Own(_) => {}
+        }
     }
-    rank(gpu, &shape, &search_space(GpuArch::Sm90a)).first().map(|(c, _)| *c)
+    rank_with(&ModelParams::default(), gpu, &shape, &search_space(GpuArch::Sm90a))
+        .first()
+        .map(|(c, _)| Candidate::Own(*c))
 }
 
 /// Fills a table from the cost model alone (`--simulate`): every problem, the model's best.
 pub fn simulate(gpu: &GpuSpec, problems: &[Problem]) -> Table {
+    simulate_with(&ModelParams::default(), gpu, problems)
+}
+
+/// [`simulate`] with the model's parameters `params` (a calibration).
+pub fn simulate_with(params: &ModelParams, gpu: &GpuSpec, problems: &[Problem]) -> Table {
     let space = search_space(GpuArch::Sm90a);
     let mut t = Table::new(gpu);
     for p in problems {
-        if let Some((c, pred)) = rank(gpu, &p.shape(), &space).into_iter().next() {
+        if let Some((c, pred)) = rank_with(params, gpu, &p.shape(), &space).into_iter().next() {
             t.insert(Entry {
                 n: p.n,
                 k: p.k,
                 experts: p.experts,
                 m: p.m,
-                config: c,
+                implementation: Impl::Fp8forge,
+                config: Candidate::Own(c),
                 us: pred.us,
                 tflops: pred.tflops,
                 source: Source::Predicted,
                 what: p.what.clone(),
                 timed: 0,
                 candidates: 0,
+                family_best: Vec::new(),
             });
         }
     }
@@ -444,6 +533,7 @@ mod tests {
     use crate::gpu::by_id;
     use crate::shapes::model_shapes;
     use crate::shapes::tests::deepseek_v3;
+    use fp8forge_kernels::GemmConfig;
 
     fn deepseek() -> Vec<WeightShape> {
         model_shapes(&deepseek_v3())
@@ -458,7 +548,8 @@ mod tests {
             let t = simulate(g, &list);
             assert_eq!(t.entries.len(), 10 * 13);
             for e in &t.entries {
-                assert_eq!(is_legal(&e.config, &problem(e.n, e.k, e.experts, e.m)), Ok(()), "{e:?}");
+                let c = e.config.own().expect("simulated entries are ours");
+                assert_eq!(is_legal(&c, &problem(e.n, e.k, e.experts, e.m)), Ok(()), "{e:?}");
                 assert_eq!(e.source, Source::Predicted);
                 assert!(e.us > 0.0 && e.tflops > 0.0 && e.tflops < g.fp8_tflops);
             }
@@ -479,6 +570,7 @@ mod tests {
             k: 7168,
             experts: 1,
             m,
+            implementation: Impl::Fp8forge,
             config: "wgmma_bm128_bn128_s4_mc1_sw128".parse().expect("id"),
             us,
             tflops: 1.0,
@@ -486,6 +578,7 @@ mod tests {
             what: String::new(),
             timed: 0,
             candidates: 0,
+            family_best: Vec::new(),
         };
         t.insert(e(64, Source::Measured, 10.0));
         t.insert(e(4096, Source::Predicted, 100.0));
@@ -515,7 +608,11 @@ mod tests {
         assert_eq!(c.id(), "wgmma_bm64_bn128_s4_mcB2_sw128");
         let c = choose(Some(&mc), g, 4096, 7168, 1, 192).expect("config");
         assert_ne!(c.id(), "wgmma_bm64_bn128_s4_mcB2_sw128");
-        assert_eq!(is_legal(&c, &problem(4096, 7168, 1, 192)), Ok(()));
+        assert_eq!(is_legal(&c.own().expect("ours"), &problem(4096, 7168, 1, 192)), Ok(()));
+        // A cuBLASLt entry is run as it is, at any M.
+        let lt: Candidate = "cublaslt_a66_t20_s13_k1_r0_w0_c0_i0_l0".parse().expect("id");
+        mc.insert(Entry { implementation: Impl::Cublaslt, config: lt, ..e(128, Source::Measured, 9.0) });
+        assert_eq!(choose(Some(&mc), g, 4096, 7168, 1, 192), Some(lt));
     }
 
     /// A fresh directory for one test (removed when dropped).
@@ -546,13 +643,15 @@ mod tests {
             k: 7168,
             experts: 1,
             m,
-            config: GemmConfig::wgmma(128, 128, 4, fp8forge_kernels::Multicast::A),
+            implementation: Impl::Fp8forge,
+            config: Candidate::Own(GemmConfig::wgmma(128, 128, 4, fp8forge_kernels::Multicast::A)),
             us: 10.5,
             tflops: 1.0,
             source,
             what: "o".into(),
             timed: 3,
             candidates: 20,
+            family_best: Vec::new(),
         }
     }
 
@@ -562,12 +661,37 @@ mod tests {
         t.kernel_hash = "abc".into();
         t.insert(entry(64, Source::Measured));
         let want = "device:\n  id: h100-sxm\n  name: H100 SXM5 80GB\n  sms: 132\n  cc: '9.0'\nkernel_hash: abc\n\
-                    entries:\n- n: 4096\n  k: 7168\n  experts: 1\n  m: 64\n  config: wgmma_bm128_bn128_s4_mcA2_sw128\n\
+                    entries:\n- n: 4096\n  k: 7168\n  experts: 1\n  m: 64\n  impl: fp8forge\n  config: wgmma_bm128_bn128_s4_mcA2_sw128\n\
                     \x20 us: 10.5\n  tflops: 1.0\n  source: measured\n  what: o\n  timed: 3\n  candidates: 20\n";
         assert_eq!(t.to_yaml().expect("yaml"), want);
         let bad = want.replace("mcA2", "mcC2");
         let e = serde_yaml::from_str::<Table>(&bad).expect_err("an unknown id is refused");
         assert!(e.to_string().contains("mcC2"), "{e}");
+        // A table written before cuBLASLt entries (no `impl`) loads as fp8forge's.
+        let old = want.replace("  impl: fp8forge\n", "");
+        assert_eq!(serde_yaml::from_str::<Table>(&old).expect("old table"), t);
+        // `impl` must agree with the config.
+        let wrong = want.replace("impl: fp8forge", "impl: cublaslt");
+        let e = serde_yaml::from_str::<Table>(&wrong).expect_err("impl and config disagree");
+        assert!(e.to_string().contains("impl cublaslt but config wgmma"), "{e}");
+    }
+
+    #[test]
+    fn cublaslt_entries_round_trip_with_their_parameters_and_calibration() {
+        let mut t = Table::new(by_id("h100-sxm").expect("gpu"));
+        t.calibration = Some(CalibrationRef { file: "h100.calibration.yaml".into(), digest: "ab".repeat(32) });
+        t.insert(entry(64, Source::Measured));
+        let lt: Candidate = "cublaslt_a66_t20_s13_k1_r0_w1_c0_i0_l2".parse().expect("id");
+        t.insert(Entry { implementation: Impl::Cublaslt, config: lt, ..entry(128, Source::Measured) });
+        let yaml = t.to_yaml().expect("yaml");
+        assert!(yaml.contains("impl: cublaslt\n  config: cublaslt_a66_t20_s13_k1_r0_w1_c0_i0_l2\n"), "{yaml}");
+        assert!(yaml.contains("calibration:\n  file: h100.calibration.yaml\n"), "{yaml}");
+        let back: Table = serde_yaml::from_str(&yaml).expect("parses");
+        assert_eq!(back, t);
+        assert_eq!(
+            back.entries[1].config.lt().map(|a| (a.algo, a.tile, a.stages, a.swizzle, a.cluster)),
+            Some((66, 20, 13, 1, 2))
+        );
     }
 
     #[test]

@@ -6,8 +6,11 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use fp8forge_autotune::candidate::Candidate;
 use fp8forge_autotune::gpu;
-use fp8forge_autotune::run::{AutotuneReport, AutotuneRequest, AutotuneWarning, Mode, autotune};
+use fp8forge_autotune::run::{
+    AutotuneReport, AutotuneRequest, AutotuneWarning, Mode, RunSummary, autotune, calibrate_table,
+};
 use fp8forge_autotune::shapes::{AttentionDims, FfnDims, ModelDims, WeightShape, model_shapes};
 use fp8forge_autotune::table::{self, Table, TableError};
 use fp8forge_autotune::tune::{Outcome, TuneError, TuneOptions, TuneProgress};
@@ -20,7 +23,7 @@ use crate::output::{emit, esc_path, note, print_json};
 
 /// `autotune` options.
 #[derive(clap::Args, Debug)]
-#[command(group(clap::ArgGroup::new("what").required(true).args(["model", "shape"])))]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["model", "shape", "calibrate"])))]
 pub struct AutotuneArgs {
     /// Model directory: every GEMM shape of its config.json.
     #[arg(long)]
@@ -47,8 +50,16 @@ pub struct AutotuneArgs {
     #[arg(long, conflicts_with = "simulate")]
     resume: bool,
     /// Output table (YAML); an existing table of the same GPU and kernels is merged into.
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required_unless_present = "calibrate")]
+    out: Option<PathBuf>,
+    /// Fit the cost model to this measured table and write the calibration (to --calibration
+    /// FILE, default: TABLE.calibration.yaml beside it); nothing is tuned.
+    #[arg(long, value_name = "TABLE.yaml", conflicts_with_all = ["model", "shape", "simulate", "exhaustive", "resume"])]
+    calibrate: Option<PathBuf>,
+    /// The cost model's calibration to rank (and with --simulate, predict) with (default: the
+    /// OUT.calibration.yaml beside --out when there is one); with --calibrate, where to write it.
+    #[arg(long, value_name = "FILE")]
+    calibration: Option<PathBuf>,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -93,7 +104,7 @@ fn model_dims(s: Shapes) -> ModelDims {
 }
 
 /// The library's request for the arguments.
-fn request(a: &AutotuneArgs) -> Result<AutotuneRequest, Failure> {
+fn request(a: &AutotuneArgs, out: &Path) -> Result<AutotuneRequest, Failure> {
     let mut shapes: Vec<WeightShape> =
         a.shape.iter().map(|&(n, k, groups)| WeightShape { n, k, groups, what: String::new() }).collect();
     if let Some(dir) = &a.model {
@@ -113,7 +124,7 @@ fn request(a: &AutotuneArgs) -> Result<AutotuneRequest, Failure> {
             TuneOptions { budget: a.budget, exhaustive: a.exhaustive, resume: a.resume, ..TuneOptions::default() };
         Mode::Measure { expect: asked, options }
     };
-    Ok(AutotuneRequest { shapes, ms: a.m.clone(), out: a.out.clone(), mode })
+    Ok(AutotuneRequest { shapes, ms: a.m.clone(), out: out.to_path_buf(), mode, calibration: a.calibration.clone() })
 }
 
 /// A failure of the library in the user's words: where a flag would fix it, which one.
@@ -137,22 +148,65 @@ fn failure(e: TuneError) -> Failure {
 
 /// Runs `autotune`.
 pub fn run(a: AutotuneArgs) -> Result<ExitCode, Failure> {
-    let req = request(&a)?;
+    if let Some(table) = &a.calibrate {
+        return run_calibrate(&a, table);
+    }
+    let out = a.out.clone().ok_or_else(|| usage("--out FILE.yaml is required".into()))?;
+    let req = request(&a, &out)?;
     let bar = TuneBar::new(a.quiet || a.json || a.simulate);
-    let r = autotune(&req, &bar, &mut |t| save(&a.out, t));
+    let r = autotune(&req, &bar, &mut |t| save(&out, t));
     bar.finish();
     let r = r.map_err(failure)?;
     for w in &r.warnings {
         match w {
             AutotuneWarning::Skipped(_) => note(&format!("fp8forge: {w}")),
-            AutotuneWarning::ReplacedStale { .. } => note(&format!("fp8forge: note: {w}")),
+            AutotuneWarning::ReplacedStale { .. } | AutotuneWarning::Calibrated { .. } => {
+                if !a.quiet {
+                    note(&format!("fp8forge: note: {w}"))
+                }
+            }
+            AutotuneWarning::NoCublasLt { .. } => note(&format!("fp8forge: warning: {w}")),
         }
     }
     if a.simulate {
-        print_predicted(&a, &r)?
+        print_predicted(&a, &out, &r)?
     } else {
-        print_measured(&a, &r)?
+        print_measured(&a, &out, &r)?
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `autotune --calibrate TABLE`: fit, write the calibration, print it.
+fn run_calibrate(a: &AutotuneArgs, table: &Path) -> Result<ExitCode, Failure> {
+    let r = calibrate_table(table, a.calibration.as_deref()).map_err(failure)?;
+    let yaml = r.calibration.to_yaml().map_err(failure)?;
+    fp8forge_formats::atomic::write_atomic(&r.out, yaml.as_bytes())
+        .map_err(|e| failure(TuneError::Save(Box::new(e))))?;
+    if a.json {
+        #[derive(Serialize)]
+        struct Calibrated<'a> {
+            out: String,
+            calibration: &'a fp8forge_autotune::calibrate::Calibration,
+        }
+        return print_json(&Calibrated { out: r.out.display().to_string(), calibration: &r.calibration })
+            .map(|()| ExitCode::SUCCESS);
+    }
+    let c = &r.calibration;
+    let mut params = String::new();
+    for (name, v) in fp8forge_autotune::model::ModelParams::NAMES.iter().zip(c.params.to_vec()) {
+        params += &format!("  {name:<18} {v:.4}\n");
+    }
+    emit(&format!(
+        "calibrated the cost model on {} entries of {} ({}) -> {}\n{params}         median |predicted/measured - 1| per entry: {:.1}% before, {:.1}% after\n         median |simulated/measured - 1| per entry: {:.1}% before, {:.1}% after\n",
+        c.entries,
+        esc_path(table),
+        c.gpu,
+        esc_path(&r.out),
+        100.0 * c.error_before,
+        100.0 * c.error_after,
+        100.0 * c.simulate_error_before,
+        100.0 * c.simulate_error_after,
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -162,7 +216,7 @@ fn save(out: &Path, t: &Table) -> Result<(), TuneError> {
     fp8forge_formats::atomic::write_atomic(out, yaml.as_bytes()).map(|_| ()).map_err(|e| TuneError::Save(Box::new(e)))
 }
 
-fn print_predicted(a: &AutotuneArgs, r: &AutotuneReport) -> Result<(), Failure> {
+fn print_predicted(a: &AutotuneArgs, out: &Path, r: &AutotuneReport) -> Result<(), Failure> {
     if a.json {
         return print_json(&r.table);
     }
@@ -172,22 +226,23 @@ fn print_predicted(a: &AutotuneArgs, r: &AutotuneReport) -> Result<(), Failure> 
         t.entries.len(),
         g.name,
         g.id,
-        esc_path(&a.out),
+        esc_path(out),
         render_entries(t)
     ))
 }
 
 #[derive(Serialize)]
 struct MeasuredReport<'a> {
+    summary: RunSummary,
     seconds: f64,
     table: &'a Table,
     outcomes: &'a [Outcome],
 }
 
-fn print_measured(a: &AutotuneArgs, r: &AutotuneReport) -> Result<(), Failure> {
+fn print_measured(a: &AutotuneArgs, out: &Path, r: &AutotuneReport) -> Result<(), Failure> {
     let (t, seconds) = (&r.table, r.seconds);
     if a.json {
-        return print_json(&MeasuredReport { seconds, table: t, outcomes: &r.outcomes });
+        return print_json(&MeasuredReport { summary: r.summary(), seconds, table: t, outcomes: &r.outcomes });
     }
     for o in &r.outcomes {
         if let Some(first) = o.failures.first() {
@@ -206,8 +261,24 @@ fn print_measured(a: &AutotuneArgs, r: &AutotuneReport) -> Result<(), Failure> {
         t.device.name,
         r.gpu.id,
         if a.exhaustive { ", exhaustive" } else { "" },
-        esc_path(&a.out),
+        esc_path(out),
         render_entries(t)
+    ))?;
+    let s = r.summary();
+    let m = &s.metrics;
+    let stat = |v: Option<fp8forge_autotune::metrics::RatioStats>, what: &str| {
+        v.map(|x| format!("  {what}: min {:.3}, median {:.3}, max {:.3}\n", x.min, x.median, x.max)).unwrap_or_default()
+    };
+    emit(&format!(
+        "{} candidates timed of {} ({} entries fp8forge, {} cuBLASLt)\n{}{}{}{}",
+        s.candidates_timed,
+        s.candidates,
+        m.fp8forge_entries,
+        m.cublaslt_entries,
+        stat(m.pruned_vs_exhaustive, "pruned pick / exhaustive best (time ratio best/pick)"),
+        stat(m.timed_share, "share of candidates timed"),
+        stat(m.model_top1, "model's top-1 (time ratio best/pick)"),
+        stat(m.vs_cublaslt, "cuBLASLt's best / chosen (time ratio)"),
     ))
 }
 
@@ -216,11 +287,12 @@ fn render_entries(t: &Table) -> String {
     for e in &t.entries {
         let timed = if e.candidates > 0 { format!("timed {}/{}", e.timed, e.candidates) } else { String::new() };
         s += &format!(
-            "  {:>6}x{:<6} E={:<3} M={:<5} {:<34} {:>9.1} us {:>7.0} TFLOP/s  {:<9} {:<15} {}\n",
+            "  {:>6}x{:<6} E={:<3} M={:<5} {:<8} {:<38} {:>9.1} us {:>7.0} TFLOP/s  {:<9} {:<15} {}\n",
             e.n,
             e.k,
             e.experts,
             e.m,
+            e.implementation.to_string(),
             e.config.id(),
             e.us,
             e.tflops,
@@ -261,6 +333,11 @@ impl TuneProgress for TuneBar {
 
     fn problem(&self, what: &str) {
         self.bar.set_message(what.to_string());
+    }
+
+    fn timed(&self, what: &str, timed: usize, planned: usize, best: Option<(&Candidate, f64)>) {
+        let best = best.map(|(c, us)| format!(", best {c} {us:.1} us")).unwrap_or_default();
+        self.bar.set_message(format!("{what}: {timed}/{planned} candidates timed{best}"));
     }
 
     fn advance(&self) {

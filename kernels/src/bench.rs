@@ -13,13 +13,16 @@
 
 use std::fmt;
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use rayon::prelude::*;
 use serde::{Serialize, Serializer};
 
 use crate::config::{GemmConfig, GemmShape, GpuArch, KernelKind, Multicast, is_legal, search_space};
 use crate::cublaslt::{
-    Baseline, CublasLt, LtArgs, LtPlan, LtScales, activation_scale_len, activation_scales_for_cublas, weight_scale_ld,
-    weight_scales_for_cublas,
+    AlgoAsk, Baseline, CublasLt, LtAlgo, LtArgs, LtChoice, LtPlan, LtScales, activation_scale_len,
+    activation_scales_for_cublas, weight_scale_ld, weight_scales_for_cublas,
 };
 use crate::cuda::{Device, DeviceBuffer, Graph};
 use crate::error::KernelError;
@@ -84,16 +87,26 @@ pub enum Implementation {
     Fp8forge,
     /// A cuBLASLt baseline.
     CublasLt(Baseline),
+    /// cuBLASLt FP8 block-scaled with a chosen algorithm (a tuning candidate, or a tuning
+    /// table's entry): checked like ours, and a failed check means no time.
+    CublasLtAlgo,
 }
 
 impl Implementation {
-    /// The `impl` value in `bench gemm --json`: `fp8forge`, `cublaslt_bf16` or
-    /// `cublaslt_fp8_block`.
+    /// The `impl` value in `bench gemm --json`: `fp8forge`, `cublaslt_bf16`,
+    /// `cublaslt_fp8_block` or `cublaslt_fp8_algo`.
     pub fn name(self) -> &'static str {
         match self {
             Implementation::Fp8forge => "fp8forge",
             Implementation::CublasLt(b) => b.name(),
+            Implementation::CublasLtAlgo => "cublaslt_fp8_algo",
         }
+    }
+
+    /// True for what a tuning table may choose (our kernel, a chosen cuBLASLt algorithm), as
+    /// opposed to the baselines it is compared with.
+    pub fn is_tuned(self) -> bool {
+        matches!(self, Implementation::Fp8forge | Implementation::CublasLtAlgo)
     }
 }
 
@@ -120,10 +133,12 @@ pub struct BenchRow {
     pub k: usize,
     /// Number of B matrices: 1 dense, E grouped.
     pub groups: usize,
-    /// What was timed: `fp8forge`, `cublaslt_bf16` or `cublaslt_fp8_block`.
+    /// What was timed: `fp8forge`, `cublaslt_bf16`, `cublaslt_fp8_block` or
+    /// `cublaslt_fp8_algo`.
     #[serde(rename = "impl")]
     pub implementation: Implementation,
-    /// Our configuration id, or `heuristic` for cuBLASLt.
+    /// Our configuration id, `heuristic` for a cuBLASLt baseline, the algorithm's id
+    /// ([`LtAlgo::id`]) for `cublaslt_fp8_algo` (`heuristic` when it had to fall back).
     pub config: String,
     /// Median time of one call, microseconds (absent when the check failed or the implementation
     /// could not run).
@@ -260,8 +275,9 @@ impl LtOperands {
 enum Impl<'a> {
     /// Our kernel.
     Ours(GemmKernel),
-    /// A cuBLASLt baseline: one plan per expert with rows (and the expert's index), its operands.
-    Lt { lt: &'a CublasLt, plans: Vec<(LtPlan, usize)>, ops: LtOperands },
+    /// A cuBLASLt baseline or algorithm: one plan per expert with rows (and the expert's index),
+    /// its operands (shared by every algorithm of the shape).
+    Lt { lt: &'a CublasLt, plans: Vec<(LtPlan, usize)>, ops: Rc<LtOperands> },
 }
 
 /// An implementation that passed its check, captured as a graph. The graph is dropped before
@@ -288,13 +304,51 @@ pub fn bench_shape(
     configs: &[GemmConfig],
     opts: &BenchOptions,
 ) -> Result<Vec<BenchRow>, KernelError> {
+    bench_shape_with(dev, lt, shape, configs, &[], opts)
+}
+
+/// [`bench_shape`], also timing cuBLASLt FP8 block-scaled with each of `algos`
+/// ([`Implementation::CublasLtAlgo`] rows; when an algorithm no longer exists, the heuristic's
+/// choice with the row's config `heuristic`). Without `lt` the algorithms get rows saying so.
+///
+/// # Errors
+///
+/// As [`bench_shape`].
+pub fn bench_shape_with(
+    dev: &Device,
+    lt: Option<&CublasLt>,
+    shape: &GemmShape,
+    configs: &[GemmConfig],
+    algos: &[LtAlgo],
+    opts: &BenchOptions,
+) -> Result<Vec<BenchRow>, KernelError> {
     let arch = dev.gpu_arch()?;
-    let configs: Vec<GemmConfig> = if configs.is_empty() {
+    let configs: Vec<GemmConfig> = if configs.is_empty() && algos.is_empty() {
         heuristic_config(shape, arch, dev.info.sms).into_iter().collect()
     } else {
         configs.to_vec()
     };
-    ShapeBench::new(dev, shape, opts)?.run(if opts.baselines { lt } else { None }, &configs)
+    let bench = ShapeBench::new(dev, shape, opts)?;
+    let mut lt_rows: Vec<LtRow> = algos.iter().map(|a| LtRow::Algo { algo: *a, fall_back: true }).collect();
+    if opts.baselines {
+        lt_rows.extend([LtRow::Baseline(Baseline::Bf16), LtRow::Baseline(Baseline::Fp8Block)]);
+    }
+    bench.run_with(lt, &configs, &lt_rows)
+}
+
+/// A cuBLASLt row to time besides our kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LtRow {
+    /// A baseline with the heuristic's algorithm (timed even when its check fails).
+    Baseline(Baseline),
+    /// FP8 block-scaled with this algorithm, checked like ours; with `fall_back`, the
+    /// heuristic's algorithm when this one no longer exists, else the row fails.
+    Algo {
+        /// The algorithm.
+        algo: LtAlgo,
+        /// Fall back to the heuristic's choice when it cannot be rebuilt.
+        fall_back: bool,
+    },
 }
 
 /// One shape made ready to measure many times: the random problem, its f64 reference on the
@@ -309,6 +363,8 @@ pub struct ShapeBench<'d> {
     reference: Vec<f64>,
     rotate: u64,
     fp8: Fp8Set,
+    /// The cuBLASLt operands, made on first use, per baseline.
+    lt_ops: RefCell<Vec<(Baseline, Rc<LtOperands>)>>,
 }
 
 impl<'d> ShapeBench<'d> {
@@ -338,7 +394,17 @@ impl<'d> ShapeBench<'d> {
             d: Rotation::new(dev, &vec![POISON; shape.m * shape.n], copies)?,
             m_indices: problem.m_indices.as_ref().map(|i| MIndices::upload(dev, i, shape.experts())).transpose()?,
         };
-        Ok(ShapeBench { dev, shape: *shape, opts: opts.clone(), problem, rows, reference, rotate, fp8 })
+        Ok(ShapeBench {
+            dev,
+            shape: *shape,
+            opts: opts.clone(),
+            problem,
+            rows,
+            reference,
+            rotate,
+            fp8,
+            lt_ops: RefCell::new(Vec::new()),
+        })
     }
 
     /// The shape.
@@ -354,10 +420,50 @@ impl<'d> ShapeBench<'d> {
     /// # Errors
     ///
     /// As [`bench_shape`].
-    pub fn run<'a>(&self, lt: Option<&'a CublasLt>, configs: &[GemmConfig]) -> Result<Vec<BenchRow>, KernelError> {
+    pub fn run(&self, lt: Option<&CublasLt>, configs: &[GemmConfig]) -> Result<Vec<BenchRow>, KernelError> {
+        let rows = [LtRow::Baseline(Baseline::Bf16), LtRow::Baseline(Baseline::Fp8Block)];
+        self.run_with(lt, configs, if lt.is_some() { &rows } else { &[] })
+    }
+
+    /// The algorithms cuBLASLt's heuristic offers for this shape in FP8 block-scaled (at most
+    /// `count`; for a grouped shape, those of the first expert's matmul, which every expert of
+    /// the tuner's problems shares).
+    ///
+    /// # Errors
+    ///
+    /// [`KernelError`]: cuBLASLt failed, or offers nothing.
+    pub fn lt_algorithms(&self, lt: &CublasLt, count: usize) -> Result<Vec<LtAlgo>, KernelError> {
+        let ops = self.lt_operands(Baseline::Fp8Block)?;
+        let rows = expert_ranges(&self.problem).into_iter().map(|(_, rows)| rows).find(|&r| r > 0).unwrap_or(0);
+        let scales = lt_scales(&ops, 0, 0, 0);
+        lt.algorithms(Baseline::Fp8Block, rows, self.shape.n, self.shape.k, scales, count)
+    }
+
+    /// The cuBLASLt operands of `baseline`, uploaded once per shape.
+    fn lt_operands(&self, baseline: Baseline) -> Result<Rc<LtOperands>, KernelError> {
+        if let Some((_, ops)) = self.lt_ops.borrow().iter().find(|(b, _)| *b == baseline) {
+            return Ok(Rc::clone(ops));
+        }
+        let ops = Rc::new(lt_operands(self.dev, &self.problem, baseline, self.rotate)?);
+        self.lt_ops.borrow_mut().push((baseline, Rc::clone(&ops)));
+        Ok(ops)
+    }
+
+    /// [`ShapeBench::run`] with the cuBLASLt rows given (none without `lt`: rows of
+    /// algorithms then say that cuBLASLt is not there).
+    ///
+    /// # Errors
+    ///
+    /// As [`bench_shape`].
+    pub fn run_with<'a>(
+        &self,
+        lt: Option<&'a CublasLt>,
+        configs: &[GemmConfig],
+        lt_rows: &[LtRow],
+    ) -> Result<Vec<BenchRow>, KernelError> {
         let mut out = Vec::new();
         let mut ready: Vec<(BenchRow, Impl<'a>)> = Vec::new();
-        for (mut row, prepared) in self.prepare(lt, configs) {
+        for (mut row, prepared) in self.prepare(lt, configs, lt_rows) {
             match prepared {
                 Ok(imp) => ready.push((row, imp)),
                 Err(e) => {
@@ -383,21 +489,32 @@ impl<'d> ShapeBench<'d> {
         &self,
         lt: Option<&'a CublasLt>,
         configs: &[GemmConfig],
+        lt_rows: &[LtRow],
     ) -> Vec<(BenchRow, Result<Impl<'a>, KernelError>)> {
         let mut out = Vec::new();
         for &cfg in configs {
             let kernel = GemmKernel::load(self.dev, cfg, self.shape.groups.is_some());
             out.push((empty_row(&self.shape, Implementation::Fp8forge, &cfg.id()), kernel.map(Impl::Ours)));
         }
-        if let Some(lt) = lt {
-            for baseline in [Baseline::Bf16, Baseline::Fp8Block] {
-                let imp = lt_setup(self.dev, lt, &self.problem, baseline, self.rotate).map(|(plans, ops)| Impl::Lt {
-                    lt,
-                    plans,
-                    ops,
-                });
-                out.push((empty_row(&self.shape, Implementation::CublasLt(baseline), "heuristic"), imp));
-            }
+        for &r in lt_rows {
+            let (implementation, baseline, ask, mut config) = match r {
+                LtRow::Baseline(b) => (Implementation::CublasLt(b), b, AlgoAsk::Heuristic, "heuristic".to_string()),
+                LtRow::Algo { algo, fall_back } => {
+                    let ask = if fall_back { AlgoAsk::Prefer(algo) } else { AlgoAsk::Exactly(algo) };
+                    (Implementation::CublasLtAlgo, Baseline::Fp8Block, ask, algo.id())
+                }
+            };
+            let imp = match lt {
+                None => Err(KernelError::CublasLt { call: "cublasLtCreate", status: "cuBLASLt is not open".into() }),
+                Some(lt) => self.lt_operands(baseline).and_then(|ops| {
+                    let plans = lt_plans(lt, &self.problem, baseline, &ops, ask)?;
+                    if plans.iter().any(|(p, _)| matches!(p.choice, LtChoice::FellBack { .. })) {
+                        config = "heuristic".to_string();
+                    }
+                    Ok(Impl::Lt { lt, plans, ops })
+                }),
+            };
+            out.push((empty_row(&self.shape, implementation, &config), imp));
         }
         out
     }
@@ -446,7 +563,7 @@ impl<'d> ShapeBench<'d> {
                         "check failed: relative error {:.3e}, {} non-finite outputs",
                         c.rel_err, c.non_finite
                     ));
-                    if matches!(imp, Impl::Ours(_)) {
+                    if row.implementation.is_tuned() {
                         return Ok(None);
                     }
                 }
@@ -558,19 +675,12 @@ fn expert_ranges(p: &HostProblem) -> Vec<(usize, usize)> {
     }
 }
 
-/// Plans a baseline (one matmul per expert with rows) and uploads what it reads besides our
-/// operands.
-fn lt_setup(
-    dev: &Device,
-    lt: &CublasLt,
-    p: &HostProblem,
-    baseline: Baseline,
-    rotate: u64,
-) -> Result<(Vec<(LtPlan, usize)>, LtOperands), KernelError> {
+/// Uploads what a cuBLASLt baseline reads besides our operands.
+fn lt_operands(dev: &Device, p: &HostProblem, baseline: Baseline, rotate: u64) -> Result<LtOperands, KernelError> {
     let shape = &p.shape;
     let (m, n, k, kb, nb) = (shape.m, shape.n, shape.k, shape.k_blocks(), shape.n_blocks());
     let ranges = expert_ranges(p);
-    let ops = match baseline {
+    Ok(match baseline {
         Baseline::Bf16 => {
             // The dequantized operands, rounded to bf16.
             let lut = e4m3_table();
@@ -610,19 +720,32 @@ fn lt_setup(
                 d: Rotation::new(dev, &vec![POISON; m * n], copies)?,
             }
         }
-    };
+    })
+}
+
+/// Plans a baseline, one matmul per expert with rows, with `algo` (else the heuristic's).
+fn lt_plans(
+    lt: &CublasLt,
+    p: &HostProblem,
+    baseline: Baseline,
+    ops: &LtOperands,
+    ask: AlgoAsk,
+) -> Result<Vec<(LtPlan, usize)>, KernelError> {
+    let shape = &p.shape;
+    let (n, k, kb, nb) = (shape.n, shape.k, shape.k_blocks(), shape.n_blocks());
+    let ranges = expert_ranges(p);
     // Planned with the scale pointers of the first copy set (the heuristic sees the operation as
     // it runs); each call sets its own copy's pointers again.
     let mut plans = Vec::new();
     let mut a_scale_off = 0usize;
     for (e, &(_, rows)) in ranges.iter().enumerate() {
         if rows > 0 {
-            let scales = lt_scales(&ops, 0, a_scale_off, e * nb * weight_scale_ld(kb));
-            plans.push((lt.plan(baseline, rows, n, k, scales)?, e));
+            let scales = lt_scales(ops, 0, a_scale_off, e * nb * weight_scale_ld(kb));
+            plans.push((lt.plan_with(baseline, rows, n, k, scales, ask)?, e));
             a_scale_off += activation_scale_len(rows, kb);
         }
     }
-    Ok((plans, ops))
+    Ok(plans)
 }
 
 /// The scale pointers of operand copy `i` at these offsets (in floats), or none for BF16.

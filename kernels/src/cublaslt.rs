@@ -66,6 +66,173 @@ pub struct LtScales {
     pub b: u64,
 }
 
+/// Algorithms asked of cuBLASLt's heuristic per problem when listing candidates.
+pub const LT_ALGORITHMS: usize = 8;
+
+/// One cuBLASLt algorithm, described by its configuration attributes
+/// (`cublasLtMatmulAlgoConfigGetAttribute`): enough to rebuild it later
+/// ([`CublasLt::plan_with`]) for the same problem on the same cuBLASLt. Written as its id,
+/// `cublaslt_a66_t20_s13_k1_r0_w0_c0_i0_l0` (algorithm, tile, stages, split-K, reduction
+/// scheme, CTA swizzle, custom option, inner shape, cluster shape).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LtAlgo {
+    /// `CUBLASLT_ALGO_CONFIG_ID`.
+    pub algo: i32,
+    /// `CUBLASLT_ALGO_CONFIG_TILE_ID` (a `cublasLtMatmulTile_t`).
+    pub tile: u32,
+    /// `CUBLASLT_ALGO_CONFIG_STAGES_ID` (a `cublasLtMatmulStages_t`).
+    pub stages: u32,
+    /// `CUBLASLT_ALGO_CONFIG_SPLITK_NUM` (1: no split).
+    pub splitk: u32,
+    /// `CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME`.
+    pub reduction: u32,
+    /// `CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING`.
+    pub swizzle: u32,
+    /// `CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION`.
+    pub custom: u32,
+    /// `CUBLASLT_ALGO_CONFIG_INNER_SHAPE_ID`.
+    pub inner: u16,
+    /// `CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID`.
+    pub cluster: u16,
+}
+
+/// The prefix of every [`LtAlgo`] id.
+pub const LT_ALGO_PREFIX: &str = "cublaslt_";
+
+impl LtAlgo {
+    /// The id: `cublaslt_a{algo}_t{tile}_s{stages}_k{splitk}_r{reduction}_w{swizzle}_c{custom}_i{inner}_l{cluster}`.
+    pub fn id(&self) -> String {
+        format!(
+            "{LT_ALGO_PREFIX}a{}_t{}_s{}_k{}_r{}_w{}_c{}_i{}_l{}",
+            self.algo,
+            self.tile,
+            self.stages,
+            self.splitk,
+            self.reduction,
+            self.swizzle,
+            self.custom,
+            self.inner,
+            self.cluster
+        )
+    }
+}
+
+impl std::fmt::Display for LtAlgo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(&self.id())
+    }
+}
+
+impl std::str::FromStr for LtAlgo {
+    type Err = String;
+
+    /// Parses an id written by [`LtAlgo::id`]; anything else is an error naming it.
+    fn from_str(s: &str) -> Result<LtAlgo, String> {
+        let bad = || {
+            format!(
+                "{s:?} is not a cuBLASLt algorithm id (cublaslt_a<id>_t<tile>_s<stages>_k<splitk>_r<reduction>_w<swizzle>_c<custom>_i<inner>_l<cluster>)"
+            )
+        };
+        let rest = s.strip_prefix(LT_ALGO_PREFIX).ok_or_else(bad)?;
+        let parts: Vec<&str> = rest.split('_').collect();
+        let keys = ["a", "t", "s", "k", "r", "w", "c", "i", "l"];
+        if parts.len() != keys.len() {
+            return Err(bad());
+        }
+        let mut v = [0i64; 9];
+        for (i, (part, key)) in parts.iter().zip(keys).enumerate() {
+            v[i] = part.strip_prefix(key).and_then(|x| x.parse::<i64>().ok()).ok_or_else(bad)?;
+        }
+        let u32_of = |x: i64| u32::try_from(x).map_err(|_| bad());
+        let u16_of = |x: i64| u16::try_from(x).map_err(|_| bad());
+        Ok(LtAlgo {
+            algo: i32::try_from(v[0]).map_err(|_| bad())?,
+            tile: u32_of(v[1])?,
+            stages: u32_of(v[2])?,
+            splitk: u32_of(v[3])?,
+            reduction: u32_of(v[4])?,
+            swizzle: u32_of(v[5])?,
+            custom: u32_of(v[6])?,
+            inner: u16_of(v[7])?,
+            cluster: u16_of(v[8])?,
+        })
+    }
+}
+
+impl serde::Serialize for LtAlgo {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.id())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for LtAlgo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<LtAlgo, D::Error> {
+        let id = String::deserialize(d)?;
+        id.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Reads the configuration attributes of `algo`.
+fn describe_algo(algo: &lt::cublasLtMatmulAlgo_t) -> Result<LtAlgo, KernelError> {
+    use lt::cublasLtMatmulAlgoConfigAttributes_t as C;
+    fn get<T: Copy + Default>(algo: &lt::cublasLtMatmulAlgo_t, attr: C) -> Result<T, KernelError> {
+        let mut v = T::default();
+        let mut written = 0usize;
+        // SAFETY: `algo` is a live algorithm value; the buffer is a T of the attribute's size
+        // (the cuBLASLt documentation's type for each attribute read below).
+        check("cublasLtMatmulAlgoConfigGetAttribute", unsafe {
+            lt::cublasLtMatmulAlgoConfigGetAttribute(
+                algo,
+                attr,
+                (&mut v as *mut T).cast(),
+                std::mem::size_of::<T>(),
+                &mut written,
+            )
+        })?;
+        Ok(v)
+    }
+    Ok(LtAlgo {
+        algo: get::<i32>(algo, C::CUBLASLT_ALGO_CONFIG_ID)?,
+        tile: get::<u32>(algo, C::CUBLASLT_ALGO_CONFIG_TILE_ID)?,
+        stages: get::<u32>(algo, C::CUBLASLT_ALGO_CONFIG_STAGES_ID)?,
+        splitk: get::<u32>(algo, C::CUBLASLT_ALGO_CONFIG_SPLITK_NUM)?,
+        reduction: get::<u32>(algo, C::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME)?,
+        swizzle: get::<u32>(algo, C::CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING)?,
+        custom: get::<u32>(algo, C::CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION)?,
+        inner: get::<u16>(algo, C::CUBLASLT_ALGO_CONFIG_INNER_SHAPE_ID)?,
+        cluster: get::<u16>(algo, C::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID)?,
+    })
+}
+
+/// Which algorithm to plan with ([`CublasLt::plan_with`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlgoAsk {
+    /// The heuristic's first choice.
+    Heuristic,
+    /// This algorithm, or an error when it cannot be rebuilt (a tuning candidate).
+    Exactly(LtAlgo),
+    /// This algorithm, or the heuristic's first choice when it no longer exists (a table's
+    /// entry: [`LtChoice::FellBack`] says why, and the caller warns).
+    Prefer(LtAlgo),
+}
+
+/// How a plan got its algorithm ([`CublasLt::plan_with`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LtChoice {
+    /// cuBLASLt's heuristic's first choice (none was asked for).
+    Heuristic,
+    /// The algorithm asked for, rebuilt exactly.
+    Rebuilt(LtAlgo),
+    /// The algorithm asked for no longer exists for this problem on this cuBLASLt: the
+    /// heuristic's first choice instead, and why.
+    FellBack {
+        /// The algorithm asked for.
+        asked: LtAlgo,
+        /// What cuBLASLt said.
+        why: String,
+    },
+}
+
 /// One planned matmul: descriptors and the algorithm the heuristic chose.
 pub struct LtPlan {
     desc: lt::cublasLtMatmulDesc_t,
@@ -73,6 +240,8 @@ pub struct LtPlan {
     b_layout: lt::cublasLtMatrixLayout_t,
     d_layout: lt::cublasLtMatrixLayout_t,
     algo: lt::cublasLtMatmulAlgo_t,
+    /// How the algorithm was chosen.
+    pub choice: LtChoice,
     /// Which baseline.
     pub baseline: Baseline,
     /// Rows of D (our M).
@@ -119,6 +288,7 @@ impl LtPlan {
             // SAFETY: a plain C struct of integers, for which all zeros is a valid value; the
             // heuristic's choice replaces it before the plan is used.
             algo: unsafe { std::mem::zeroed() },
+            choice: LtChoice::Heuristic,
             baseline,
             m,
             n,
@@ -243,17 +413,175 @@ impl CublasLt {
         k: usize,
         scales: LtScales,
     ) -> Result<LtPlan, KernelError> {
+        self.plan_with(baseline, m, n, k, scales, AlgoAsk::Heuristic)
+    }
+
+    /// The algorithms cuBLASLt's heuristic offers for `baseline` on `D[M, N] = A·Bᵀ` (at most
+    /// `count`, best first by its own estimate), each described by its configuration attributes.
+    ///
+    /// # Errors
+    ///
+    /// As [`CublasLt::plan`].
+    pub fn algorithms(
+        &self,
+        baseline: Baseline,
+        m: usize,
+        n: usize,
+        k: usize,
+        scales: LtScales,
+        count: usize,
+    ) -> Result<Vec<LtAlgo>, KernelError> {
         let mut plan = LtPlan::describe(baseline, m, n, k, scales)?;
         plan.lay_out()?;
-        plan.algo = self.heuristic(&plan)?;
+        let mut out: Vec<LtAlgo> = Vec::new();
+        for a in self.heuristics(&plan, count.max(1))? {
+            let d = describe_algo(&a)?;
+            if !out.contains(&d) {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Plans like [`CublasLt::plan`], with the algorithm `ask` names: rebuilt from its
+    /// parameters (`cublasLtMatmulAlgoInit`, its configuration attributes set, then checked with
+    /// `cublasLtMatmulAlgoCheck`), else the heuristic's offer that matches it. When it no longer
+    /// exists: [`AlgoAsk::Prefer`] takes the heuristic's first choice ([`LtChoice::FellBack`]
+    /// says why), [`AlgoAsk::Exactly`] fails.
+    ///
+    /// # Errors
+    ///
+    /// As [`CublasLt::plan`]; [`KernelError::CublasLt`] for [`AlgoAsk::Exactly`] an algorithm
+    /// that cannot be rebuilt.
+    pub fn plan_with(
+        &self,
+        baseline: Baseline,
+        m: usize,
+        n: usize,
+        k: usize,
+        scales: LtScales,
+        ask: AlgoAsk,
+    ) -> Result<LtPlan, KernelError> {
+        let mut plan = LtPlan::describe(baseline, m, n, k, scales)?;
+        plan.lay_out()?;
+        let (asked, fall_back) = match &ask {
+            AlgoAsk::Heuristic => {
+                plan.algo = self.heuristic(&plan)?;
+                return Ok(plan);
+            }
+            AlgoAsk::Exactly(a) => (a, false),
+            AlgoAsk::Prefer(a) => (a, true),
+        };
+        let rebuilt = self.rebuild(&plan, asked).or_else(|first| {
+            // The heuristic's offers, in case the rebuilt value differs in a field the
+            // attributes do not cover.
+            let offers = self.heuristics(&plan, 32)?;
+            offers.into_iter().find(|a| describe_algo(a).is_ok_and(|d| d == *asked)).ok_or(first)
+        });
+        match rebuilt {
+            Ok(a) => {
+                plan.algo = a;
+                plan.choice = LtChoice::Rebuilt(*asked);
+            }
+            Err(e) if fall_back => {
+                plan.algo = self.heuristic(&plan)?;
+                plan.choice = LtChoice::FellBack { asked: *asked, why: e.to_string() };
+            }
+            Err(e) => return Err(e),
+        }
         Ok(plan)
+    }
+
+    /// `asked` rebuilt for `plan`: initialized for the plan's types, its attributes set, and
+    /// checked by cuBLASLt against the plan (and the workspace).
+    fn rebuild(&self, plan: &LtPlan, asked: &LtAlgo) -> Result<lt::cublasLtMatmulAlgo_t, KernelError> {
+        use lt::cublasLtMatmulAlgoConfigAttributes_t as C;
+        let in_type = match plan.baseline {
+            Baseline::Bf16 => lt::cudaDataType::CUDA_R_16BF,
+            Baseline::Fp8Block => lt::cudaDataType::CUDA_R_8F_E4M3,
+        };
+        // SAFETY: a plain C struct of integers, for which all zeros is a valid value; AlgoInit
+        // fills it.
+        let mut algo: lt::cublasLtMatmulAlgo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: live handle; valid out-pointer.
+        check("cublasLtMatmulAlgoInit", unsafe {
+            lt::cublasLtMatmulAlgoInit(
+                self.handle,
+                lt::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                lt::cudaDataType::CUDA_R_32F,
+                in_type,
+                in_type,
+                lt::cudaDataType::CUDA_R_16BF,
+                lt::cudaDataType::CUDA_R_16BF,
+                asked.algo,
+                &mut algo,
+            )
+        })?;
+        fn set<T>(algo: &mut lt::cublasLtMatmulAlgo_t, attr: C, v: T) -> Result<(), KernelError> {
+            // SAFETY: the algorithm value is live; the value outlives the call, which copies it.
+            check("cublasLtMatmulAlgoConfigSetAttribute", unsafe {
+                lt::cublasLtMatmulAlgoConfigSetAttribute(algo, attr, (&v as *const T).cast(), std::mem::size_of::<T>())
+            })
+        }
+        set(&mut algo, C::CUBLASLT_ALGO_CONFIG_TILE_ID, asked.tile)?;
+        set(&mut algo, C::CUBLASLT_ALGO_CONFIG_STAGES_ID, asked.stages)?;
+        set(&mut algo, C::CUBLASLT_ALGO_CONFIG_SPLITK_NUM, asked.splitk)?;
+        set(&mut algo, C::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, asked.reduction)?;
+        set(&mut algo, C::CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING, asked.swizzle)?;
+        set(&mut algo, C::CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION, asked.custom)?;
+        set(&mut algo, C::CUBLASLT_ALGO_CONFIG_INNER_SHAPE_ID, asked.inner)?;
+        set(&mut algo, C::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, asked.cluster)?;
+        // SAFETY: live handle and descriptors; a zeroed result is a valid value of the C struct.
+        let mut result: lt::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
+        check("cublasLtMatmulAlgoCheck", unsafe {
+            lt::cublasLtMatmulAlgoCheck(
+                self.handle,
+                plan.desc,
+                plan.a_layout,
+                plan.b_layout,
+                plan.d_layout,
+                plan.d_layout,
+                &algo,
+                &mut result,
+            )
+        })?;
+        check("cublasLtMatmulAlgoCheck(state)", result.state)?;
+        if result.workspaceSize > WORKSPACE {
+            return Err(KernelError::CublasLt {
+                call: "cublasLtMatmulAlgoCheck",
+                status: format!("{} needs {} bytes of workspace, more than {WORKSPACE}", asked, result.workspaceSize),
+            });
+        }
+        // Rebuilt exactly what was asked (cuBLASLt may have adjusted a field it does not take).
+        let got = describe_algo(&algo)?;
+        if got != *asked {
+            return Err(KernelError::CublasLt {
+                call: "cublasLtMatmulAlgoConfigSetAttribute",
+                status: format!("asked for {asked}, cuBLASLt made {got}"),
+            });
+        }
+        Ok(algo)
     }
 
     /// The algorithm cuBLASLt's heuristic picks for `plan` within the workspace.
     fn heuristic(&self, plan: &LtPlan) -> Result<lt::cublasLtMatmulAlgo_t, KernelError> {
+        let mut v = self.heuristics(plan, 1)?;
+        if v.is_empty() {
+            return Err(KernelError::CublasLt {
+                call: "cublasLtMatmulAlgoGetHeuristic",
+                status: "no algorithm for this problem".to_string(),
+            });
+        }
+        Ok(v.swap_remove(0))
+    }
+
+    /// Up to `count` algorithms cuBLASLt's heuristic offers for `plan` within the workspace, best
+    /// first (those whose state is not success left out).
+    fn heuristics(&self, plan: &LtPlan, count: usize) -> Result<Vec<lt::cublasLtMatmulAlgo_t>, KernelError> {
+        let count = count.clamp(1, 64);
         // SAFETY: the handle and the plan's descriptors are live; the preference is created and
         // destroyed here; the attribute value and the out-pointers outlive the calls; a zeroed
-        // heuristic result is a valid value of the plain C struct.
+        // heuristic result is a valid value of the plain C struct, and the array has `count` of them.
         unsafe {
             let mut pref = ptr::null_mut();
             check("cublasLtMatmulPreferenceCreate", lt::cublasLtMatmulPreferenceCreate(&mut pref))?;
@@ -264,7 +592,7 @@ impl CublasLt {
                 (&ws as *const u64).cast(),
                 8,
             );
-            let mut result: lt::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
+            let mut results: Vec<lt::cublasLtMatmulHeuristicResult_t> = vec![std::mem::zeroed(); count];
             let mut found = 0;
             let h = lt::cublasLtMatmulAlgoGetHeuristic(
                 self.handle,
@@ -274,20 +602,19 @@ impl CublasLt {
                 plan.d_layout,
                 plan.d_layout,
                 pref,
-                1,
-                &mut result,
+                count as i32,
+                results.as_mut_ptr(),
                 &mut found,
             );
             lt::cublasLtMatmulPreferenceDestroy(pref);
             check("cublasLtMatmulPreferenceSetAttribute", r)?;
             check("cublasLtMatmulAlgoGetHeuristic", h)?;
-            if found == 0 {
-                return Err(KernelError::CublasLt {
-                    call: "cublasLtMatmulAlgoGetHeuristic",
-                    status: "no algorithm for this problem".to_string(),
-                });
-            }
-            Ok(result.algo)
+            results.truncate(found.clamp(0, count as i32) as usize);
+            Ok(results
+                .into_iter()
+                .filter(|r| r.state == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+                .map(|r| r.algo)
+                .collect())
         }
     }
 
@@ -391,6 +718,38 @@ pub fn weight_scales_for_cublas(sb: &[f32], nb: usize, kb: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn algorithm_ids_round_trip_and_bad_ones_are_refused() {
+        let a = LtAlgo {
+            algo: 66,
+            tile: 20,
+            stages: 13,
+            splitk: 1,
+            reduction: 0,
+            swizzle: 1,
+            custom: 2,
+            inner: 3,
+            cluster: 4,
+        };
+        assert_eq!(a.id(), "cublaslt_a66_t20_s13_k1_r0_w1_c2_i3_l4");
+        assert_eq!(a.id().parse::<LtAlgo>(), Ok(a));
+        let neg = LtAlgo { algo: -1, ..a };
+        assert_eq!(neg.id().parse::<LtAlgo>(), Ok(neg));
+        for bad in [
+            "wgmma_bm128_bn128_s4_mc1_sw128",
+            "cublaslt_a66_t20",
+            "cublaslt_a66_t20_s13_k1_r0_w1_c2_i3_x4",
+            "cublaslt_a66_t-1_s13_k1_r0_w1_c2_i3_l4",
+            "cublaslt_a66_t20_s13_k1_r0_w1_c2_i70000_l4",
+        ] {
+            let e = bad.parse::<LtAlgo>().expect_err(bad);
+            assert!(e.contains(bad), "{e}");
+        }
+        let json = serde_json::to_string(&a).expect("json");
+        assert_eq!(json, format!("\"{}\"", a.id()));
+        assert_eq!(serde_json::from_str::<LtAlgo>(&json).expect("parse"), a);
+    }
 
     #[test]
     fn scale_layouts_for_cublas() {

@@ -511,6 +511,65 @@ fn run_baseline(dev: &Device, lt: &CublasLt, baseline: Baseline, case: &Case) ->
     compare(&sampled, &case.reference).map_err(e)
 }
 
+/// cuBLASLt's block-scaled FP8 algorithms (issue 13): listed by its heuristic, each rebuilt from
+/// its parameters and run through the benchmark harness's check against the f64 reference, on a
+/// dense and a grouped shape.
+#[test]
+fn cublaslt_algorithms_are_listed_rebuilt_and_match_the_reference() {
+    use fp8forge_kernels::bench::{BenchOptions, LtRow, ShapeBench};
+    use fp8forge_kernels::cublaslt::LT_ALGORITHMS;
+    const NAME: &str = "cublaslt_algorithms_are_listed_rebuilt_and_match_the_reference";
+    let Some(dev) = device_or_skip(NAME) else { return };
+    let lt = match CublasLt::new(&dev) {
+        Ok(lt) => lt,
+        Err(e) => {
+            skip(NAME, &e.to_string());
+            return;
+        }
+    };
+    let report = Report::open();
+    let mut failures = Vec::new();
+    let opts = BenchOptions { baselines: false, replays: 2, warmup_replays: 1, ..BenchOptions::default() };
+    for (shape, tokens) in
+        [(GemmShape::dense(256, 384, 1024), None), (GemmShape::grouped(512, 384, 1024, 2), Some(200))]
+    {
+        let bench = ShapeBench::new(&dev, &shape, &BenchOptions { tokens_per_expert: tokens, ..opts.clone() })
+            .unwrap_or_else(|e| panic!("{shape}: {e}"));
+        let algos = match bench.lt_algorithms(&lt, LT_ALGORITHMS) {
+            Ok(a) if !a.is_empty() => a,
+            Ok(_) => {
+                failures.push(format!("{shape}: the heuristic offered no algorithm"));
+                continue;
+            }
+            Err(e) => {
+                failures.push(format!("{shape}: {e}"));
+                continue;
+            }
+        };
+        say(&format!(
+            "{shape}: {} algorithm(s): {}",
+            algos.len(),
+            algos.iter().map(|a| a.id()).collect::<Vec<_>>().join(" ")
+        ));
+        let rows: Vec<LtRow> = algos.iter().map(|&algo| LtRow::Algo { algo, fall_back: false }).collect();
+        let out = bench.run_with(Some(&lt), &[], &rows).unwrap_or_else(|e| panic!("{shape}: {e}"));
+        for a in &algos {
+            let status = match out.iter().find(|r| r.config == a.id()) {
+                Some(r) if r.ok && r.us.is_some() => {
+                    format!("ok: relative error {:.3e}", r.rel_err.unwrap_or(f64::NAN))
+                }
+                Some(r) => r.error.clone().unwrap_or_else(|| "failed".into()),
+                None => "no row".into(),
+            };
+            report.line(&["cublaslt", &a.id(), &shape.to_string(), "-", "-", "-", "-", &status]);
+            if !status.starts_with("ok") {
+                failures.push(format!("{shape} {a}: {status}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 #[test]
 fn multicast_and_grouped_rules_hold_at_launch() {
     let Some(dev) = device_or_skip("multicast_and_grouped_rules_hold_at_launch") else { return };
