@@ -7,6 +7,9 @@
 //! - [`ops`]: their launch wrappers, which check every shape and buffer before a launch;
 //! - [`reference`](mod@reference): the CPU definitions the kernels follow where the CPU runtime
 //!   keeps its own private (routing, KLD, top-1) and the shared RoPE table;
+//! - [`stream`]: the layer-streaming scheduler (two layer buffers, the next layer's upload
+//!   overlapping this layer's compute, activations resident or paged within a memory budget),
+//!   generic over [`stream::LayerDevice`] and tested on the CPU with a simulated device.
 //!
 //! Like the kernels crate it loads CUDA dynamically (cudarc): it builds, and its CPU tests run,
 //! where no CUDA is installed.
@@ -17,6 +20,7 @@ mod error;
 pub mod ops;
 pub mod reference;
 pub mod source;
+pub mod stream;
 
 pub use error::CudaRuntimeError;
 
