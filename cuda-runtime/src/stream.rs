@@ -19,6 +19,7 @@
 
 use crate::{CudaRuntimeError, Result};
 
+pub mod cuda;
 pub mod sim;
 
 /// Where one chunk of activations lives during a run.
@@ -179,7 +180,7 @@ pub enum ActSlot {
 /// What the scheduler needs of a device: buffers, three kinds of asynchronous work on its
 /// streams (uploads and page-ins host to device, computes, page-outs device to host), each
 /// after given events, and host waits. Implementations: [`sim::SimDevice`] (simulated, with
-/// checks) and, on a GPU, a cudarc device (to come, see NOTES.md).
+/// checks) and [`cuda::CudaLayerDevice`] (the GPU; compiled, not yet run on one).
 pub trait LayerDevice {
     /// A point in a stream's work that other work (or the host) can wait for.
     type Event: Clone;
