@@ -200,7 +200,9 @@ impl OpKernels {
     /// [`CudaRuntimeError::Kernel`]: an unsupported GPU, no NVRTC, a compile or load failure.
     pub fn load(dev: &Device) -> Result<OpKernels> {
         let arch = dev.gpu_arch()?;
-        let attention_smem = dev.info.max_smem_optin.max(DEFAULT_SMEM);
+        // The opt-in limit counts static shared memory too (the kernel's reduction scratch):
+        // leave it 1 KiB, or cuFuncSetAttribute refuses the value.
+        let attention_smem = dev.info.max_smem_optin.saturating_sub(1024).max(DEFAULT_SMEM);
         let mut funcs = Vec::with_capacity(Op::ALL.len());
         let mut modules = Vec::with_capacity(Op::ALL.len());
         for op in Op::ALL {
