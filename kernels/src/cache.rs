@@ -29,12 +29,17 @@ pub fn cache_dir() -> Option<PathBuf> {
 
 /// The cache key of `spec` built for `arch` by NVRTC `nvrtc_version`.
 pub fn cache_key(spec: &KernelSpec, arch: GpuArch, nvrtc_version: (i32, i32)) -> String {
+    program_key(&spec.source(), arch, nvrtc_version)
+}
+
+/// The cache key of the program text `source` built for `arch` by NVRTC `nvrtc_version`.
+pub fn program_key(source: &str, arch: GpuArch, nvrtc_version: (i32, i32)) -> String {
     let mut h = Sha256::new();
     let mut put = |s: &str| {
         h.update((s.len() as u64).to_le_bytes());
         h.update(s.as_bytes());
     };
-    put(&spec.source());
+    put(source);
     for o in compile_options(arch) {
         put(&o);
     }
@@ -79,9 +84,19 @@ pub fn is_cached(spec: &KernelSpec, arch: GpuArch) -> bool {
 ///
 /// As [`nvrtc::compile`]; cache I/O errors are not errors (the kernel is compiled instead).
 pub fn compile_cached(spec: &KernelSpec, arch: GpuArch) -> Result<Compiled, KernelError> {
+    compile_program_cached(&spec.label(), &spec.source(), arch)
+}
+
+/// Compiles the program text `source` (named `label` in errors) for `arch`, or reads it from the
+/// cache: [`compile_cached`] for programs that are not a [`KernelSpec`].
+///
+/// # Errors
+///
+/// As [`nvrtc::compile_program`]; cache I/O errors are not errors.
+pub fn compile_program_cached(label: &str, source: &str, arch: GpuArch) -> Result<Compiled, KernelError> {
     let version = key_version()?;
-    let Some(dir) = cache_dir() else { return nvrtc::compile(spec, arch) };
-    let key = cache_key(spec, arch, version);
+    let Some(dir) = cache_dir() else { return nvrtc::compile_program(label, source, arch) };
+    let key = program_key(source, arch, version);
     let cubin_path = dir.join(format!("{key}.cubin"));
     let log_path = dir.join(format!("{key}.log"));
     if let (Ok(cubin), Ok(log)) = (fs::read(&cubin_path), fs::read_to_string(&log_path))
@@ -90,7 +105,7 @@ pub fn compile_cached(spec: &KernelSpec, arch: GpuArch) -> Result<Compiled, Kern
         let resources = ResourceUsage::parse(&log);
         return Ok(Compiled { cubin, log, resources });
     }
-    let compiled = nvrtc::compile(spec, arch)?;
+    let compiled = nvrtc::compile_program(label, source, arch)?;
     if fs::create_dir_all(&dir).is_ok() {
         // The log first: a cubin is only trusted with its log beside it.
         let _ =

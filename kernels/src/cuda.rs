@@ -17,8 +17,13 @@ use cudarc::driver::sys::{self, CUresult};
 use crate::config::GpuArch;
 use crate::error::KernelError;
 
-/// Turns a driver status into a result naming `call`.
-pub(crate) fn check(call: &str, r: CUresult) -> Result<(), KernelError> {
+/// Turns a driver status into a result naming `call` (public for the crates that make driver
+/// calls of their own, e.g. fp8forge-cuda-runtime's streams and pinned memory).
+///
+/// # Errors
+///
+/// [`KernelError::Cuda`] naming `call` and the driver's error.
+pub fn check(call: &str, r: CUresult) -> Result<(), KernelError> {
     if r == CUresult::CUDA_SUCCESS {
         return Ok(());
     }

@@ -180,9 +180,20 @@ impl Drop for Program {
 /// [`KernelError::NoNvrtc`] when NVRTC is missing, [`KernelError::Compile`] with the log when
 /// NVRTC rejects the program, [`KernelError::Spill`] when ptxas reports spills or a stack frame.
 pub fn compile(spec: &KernelSpec, arch: GpuArch) -> Result<Compiled, KernelError> {
+    compile_program(&spec.label(), &spec.source(), arch)
+}
+
+/// Compiles the program text `source` (named `label` in errors) for `arch` to CUBIN, with the
+/// options of every fp8forge kernel ([`compile_options`]), without the cache: the entry point
+/// for kernels outside this crate (e.g. fp8forge-cuda-runtime's small operations).
+///
+/// # Errors
+///
+/// As [`compile`].
+pub fn compile_program(label: &str, source: &str, arch: GpuArch) -> Result<Compiled, KernelError> {
     ensure_nvrtc()?;
     let nul = |what: &str| KernelError::Nvrtc { call: "nvrtcCreateProgram", status: format!("NUL byte in {what}") };
-    let src = CString::new(spec.source()).map_err(|_| nul("the source"))?;
+    let src = CString::new(source).map_err(|_| nul("the source"))?;
     let name = CString::new("fp8forge.cu").map_err(|_| nul("the name"))?;
     let opts: Vec<CString> =
         compile_options(arch).into_iter().map(CString::new).collect::<Result<_, _>>().map_err(|_| nul("an option"))?;
@@ -198,7 +209,7 @@ pub fn compile(spec: &KernelSpec, arch: GpuArch) -> Result<Compiled, KernelError
     let status = unsafe { sys::nvrtcCompileProgram(prog.0, opt_ptrs.len() as i32, opt_ptrs.as_ptr()) };
     let log = program_log(&prog)?;
     if status != sys::nvrtcResult::NVRTC_SUCCESS {
-        return Err(KernelError::Compile { kernel: spec.label(), arch: arch.to_string(), log });
+        return Err(KernelError::Compile { kernel: label.to_string(), arch: arch.to_string(), log });
     }
     let mut size = 0usize;
     // SAFETY: the program compiled; the buffer has the size NVRTC reports.
@@ -208,7 +219,7 @@ pub fn compile(spec: &KernelSpec, arch: GpuArch) -> Result<Compiled, KernelError
     let resources = ResourceUsage::parse(&log);
     if resources.spills() {
         return Err(KernelError::Spill {
-            kernel: spec.label(),
+            kernel: label.to_string(),
             arch: arch.to_string(),
             spill_stores: resources.spill_stores,
             spill_loads: resources.spill_loads,
