@@ -61,30 +61,8 @@ pub fn top_k(v: &[f32], out: &mut [usize]) {
     out.copy_from_slice(&order[..out.len()]);
 }
 
-/// Softmax top-k routing of `t` tokens (`logits` is `t × experts`): experts in selection order
-/// and their weights, `t × k` each (the runtime's `Moe::route`, `Scoring::Softmax`).
-pub fn route_softmax(logits: &[f32], experts: usize, k: usize, renorm: bool) -> (Vec<usize>, Vec<f32>) {
-    let t = logits.len() / experts.max(1);
-    let (mut idx, mut wts) = (vec![0usize; t * k], vec![0f32; t * k]);
-    for ((idx, wts), l) in idx.chunks_mut(k).zip(wts.chunks_mut(k)).zip(logits.chunks(experts)) {
-        let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let ex: Vec<f32> = l.iter().map(|&v| (v - max).exp()).collect();
-        let sum: f32 = ex.iter().sum();
-        let probs: Vec<f32> = ex.iter().map(|v| v / sum).collect();
-        top_k(&probs, idx);
-        for (w, &i) in wts.iter_mut().zip(idx.iter()) {
-            *w = probs[i];
-        }
-        if renorm {
-            let s: f32 = wts.iter().sum();
-            wts.iter_mut().for_each(|w| *w /= s);
-        }
-    }
-    (idx, wts)
-}
-
 /// The sigmoid scores and the selection scores (score + bias, groups not kept at -inf) of one
-/// token: what [`route_sigmoid`] selects from.
+/// token: what the runtime's `Router::SigmoidGroupLimited` selects from.
 pub fn sigmoid_choice(l: &[f32], bias: &[f32], r: &SigmoidRouting) -> (Vec<f32>, Vec<f32>) {
     let scores: Vec<f32> = l.iter().map(|&v| 1.0 / (1.0 + (-v).exp())).collect();
     let mut choice: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
@@ -107,27 +85,6 @@ pub fn sigmoid_choice(l: &[f32], bias: &[f32], r: &SigmoidRouting) -> (Vec<f32>,
         }
     }
     (scores, choice)
-}
-
-/// Sigmoid, group-limited top-k routing with a correction bias (DeepSeek-V3; the runtime's
-/// `Moe::route`, `Scoring::Sigmoid`): experts in selection order and their weights, `t × k` each.
-pub fn route_sigmoid(logits: &[f32], bias: &[f32], r: &SigmoidRouting) -> (Vec<usize>, Vec<f32>) {
-    let (e, k) = (r.experts, r.top_k);
-    let t = logits.len() / e.max(1);
-    let (mut idx, mut wts) = (vec![0usize; t * k], vec![0f32; t * k]);
-    for ((idx, wts), l) in idx.chunks_mut(k).zip(wts.chunks_mut(k)).zip(logits.chunks(e)) {
-        let (scores, choice) = sigmoid_choice(l, bias, r);
-        top_k(&choice, idx);
-        for (w, &i) in wts.iter_mut().zip(idx.iter()) {
-            *w = scores[i];
-        }
-        if r.renorm {
-            let s: f32 = wts.iter().sum::<f32>() + 1e-20;
-            wts.iter_mut().for_each(|w| *w /= s);
-        }
-        wts.iter_mut().for_each(|w| *w *= r.scaling);
-    }
-    (idx, wts)
 }
 
 #[cfg(test)]
@@ -175,30 +132,5 @@ mod tests {
     fn top1_takes_the_first_of_equal_maxima() {
         assert_eq!(top1(&[0.5, 2.0, -1.0, 2.0]), Some(1));
         assert_eq!(top1(&[]), None);
-    }
-
-    #[test]
-    fn softmax_routing_renormalizes_the_selected_weights() {
-        let logits = [0.0f32, 1.0, 2.0, 3.0];
-        let (idx, w) = route_softmax(&logits, 4, 2, false);
-        assert_eq!(idx, vec![3, 2]);
-        let (_, wn) = route_softmax(&logits, 4, 2, true);
-        assert!((wn[0] + wn[1] - 1.0).abs() < 1e-6 && (wn[0] / wn[1] - w[0] / w[1]).abs() < 1e-5);
-    }
-
-    #[test]
-    fn sigmoid_routing_keeps_only_the_best_groups() {
-        // 8 experts in 4 groups of 2; keep 2 groups; group scores: g0 = e0+e1 small, g3 best.
-        let logits = [-3.0f32, -3.0, 0.0, 0.1, 1.0, -4.0, 2.0, 2.0];
-        let r = SigmoidRouting { experts: 8, top_k: 3, groups: 4, topk_group: 2, renorm: true, scaling: 2.5 };
-        let (idx, w) = route_sigmoid(&logits, &[0.0; 8], &r);
-        // g3 = {6, 7} and g1 = {2, 3} (0.5 + 0.525 > g2's 0.731 + 0.018) are kept; e4 is not eligible.
-        assert_eq!(idx, vec![6, 7, 3]);
-        assert!((w.iter().sum::<f32>() - 2.5).abs() < 1e-5, "{w:?}");
-        // A bias changes the selection but not the weights' source (the sigmoid score).
-        let mut bias = [0.0f32; 8];
-        bias[2] = 1.0;
-        let (idx, _) = route_sigmoid(&logits, &bias, &r);
-        assert_eq!(idx, vec![2, 6, 7]);
     }
 }

@@ -9,6 +9,7 @@
 //! (test, case, worst error, status) as soon as it is known. Run on a GPU machine with
 //! `cargo test -p fp8forge-cuda-runtime --test gpu -- --test-threads=1`.
 
+use fp8forge_runtime::router::{GroupLimited, Router, SoftmaxTopK};
 use std::io::Write;
 
 use fp8forge_cuda_runtime::ops::{AttentionShape, OpKernels, RopeTableDevice, SigmoidRouting, Targets};
@@ -223,7 +224,8 @@ fn softmax_routing_matches_the_cpu_runtime() {
     let mut r = rng(test);
     for (tokens, experts, top, renorm) in [(1000, 8, 2, true), (1000, 128, 8, true), (333, 60, 4, false)] {
         let logits = normals(&mut r, tokens * experts, 2.0);
-        let (want_idx, want_w) = reference::route_softmax(&logits, experts, top, renorm);
+        let router = Router::Softmax(SoftmaxTopK { experts, top_k: top, norm_topk_prob: renorm });
+        let (want_idx, want_w) = router.select(&logits);
         let ld = dev.upload(&logits).unwrap();
         let (id, wd) = (dev.alloc::<i32>(tokens * top).unwrap(), dev.alloc::<f32>(tokens * top).unwrap());
         k.router_softmax(&dev, ld.all(), id.all(), wd.all(), tokens, experts, top, renorm).unwrap();
@@ -255,7 +257,15 @@ fn sigmoid_group_limited_routing_matches_the_cpu_runtime() {
         let e = cfg.experts;
         let logits = normals(&mut r, tokens * e, 2.0);
         let bias = normals(&mut r, e, 0.05);
-        let (want_idx, want_w) = reference::route_sigmoid(&logits, &bias, &cfg);
+        let limits = GroupLimited {
+            experts: e,
+            top_k: cfg.top_k,
+            n_group: cfg.groups,
+            topk_group: cfg.topk_group,
+            norm_topk_prob: cfg.renorm,
+            routed_scaling_factor: cfg.scaling,
+        };
+        let (want_idx, want_w) = Router::SigmoidGroupLimited(limits, bias.clone()).select(&logits);
         let (ld, bd) = (dev.upload(&logits).unwrap(), dev.upload(&bias).unwrap());
         let (id, wd) = (dev.alloc::<i32>(tokens * cfg.top_k).unwrap(), dev.alloc::<f32>(tokens * cfg.top_k).unwrap());
         k.router_sigmoid(&dev, ld.all(), bd.all(), id.all(), wd.all(), tokens, &cfg).unwrap();
