@@ -10,9 +10,12 @@ pub mod config;
 mod divergence;
 pub mod error;
 pub mod eval;
+#[cfg(target_arch = "x86_64")]
+mod kernels_x86;
 pub mod metrics;
 pub mod model;
 pub mod ops;
+mod product;
 pub mod report;
 pub mod tokens;
 pub mod weights;

@@ -18,6 +18,7 @@ use fp8forge_quant::scheme::{
 use serde_json::Value;
 
 use crate::error::{Result, RuntimeError};
+use crate::product::NR;
 
 /// A tensor read as f32.
 #[derive(Clone, Debug)]
@@ -75,6 +76,24 @@ impl Stored<'static> {
     pub(crate) fn from_bf16_bits(bits: Vec<u16>, rows: usize, cols: usize) -> Self {
         let bytes = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
         Stored { rows, cols, fp8: false, data: StoredData::Bf16(Cow::Owned(bytes)), src: None }
+    }
+
+    /// A matrix of F16 bits (for tests of the widening paths).
+    #[cfg(test)]
+    pub(crate) fn from_f16_bits(bits: Vec<u16>, rows: usize, cols: usize) -> Self {
+        let bytes = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        Stored { rows, cols, fp8: false, data: StoredData::F16(Cow::Owned(bytes)), src: None }
+    }
+
+    /// A matrix of E4M3 codes with one f32 scale per `block` (rows × columns) of it, row-major
+    /// (for tests of the widening paths).
+    #[cfg(test)]
+    pub(crate) fn from_e4m3(codes: Vec<u8>, scales: Vec<f32>, rows: usize, cols: usize, block: (usize, usize)) -> Self {
+        let geom = ScaleGeometry { batch: 1, rows, cols, block_rows: block.0, block_cols: block.1 };
+        assert_eq!(scales.len(), geom.scale_count());
+        let lut = &fp8forge_quant::fp8::E4M3_LUT;
+        let data = StoredData::Fp8(Box::new(Fp8Data { codes: Cow::Owned(codes), lut, scales, geom }));
+        Stored { rows, cols, fp8: true, data, src: None }
     }
 }
 
@@ -147,6 +166,56 @@ impl Stored<'_> {
             }
         }
         None
+    }
+}
+
+impl crate::product::PackB for Stored<'_> {
+    fn n(&self) -> usize {
+        self.rows
+    }
+
+    fn k(&self) -> usize {
+        self.cols
+    }
+
+    /// Widens the panel of rows `n0..n0 + nn` and columns `k0..k0 + kc` straight into the
+    /// product's packed layout, with the values [`Stored::decode_rows`] gives.
+    fn pack(&self, n0: usize, nn: usize, k0: usize, kc: usize, dst: &mut [f32]) {
+        let c = self.cols;
+        for j in 0..nn {
+            let row = n0 + j;
+            let col = dst[j..].iter_mut().step_by(NR);
+            let span = row * c + k0..row * c + k0 + kc;
+            match &self.data {
+                StoredData::F32(v) => col.zip(&v[span]).for_each(|(d, &x)| *d = x),
+                StoredData::Bf16(v) => col
+                    .zip(v[span.start * 2..span.end * 2].chunks_exact(2))
+                    .for_each(|(d, b)| *d = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)),
+                StoredData::F16(v) => col
+                    .zip(v[span.start * 2..span.end * 2].chunks_exact(2))
+                    .for_each(|(d, b)| *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+                StoredData::Fp8(f) => {
+                    let g = &f.geom;
+                    let (gr, gc) = (g.grid_rows(), g.grid_cols());
+                    let grow = (row / g.rows) * gr + (row % g.rows) / g.block_rows;
+                    let scales = &f.scales[grow * gc..(grow + 1) * gc];
+                    let codes = &f.codes[span];
+                    let mut col = col;
+                    let mut p = 0;
+                    while p < kc {
+                        let kb = (k0 + p) / g.block_cols;
+                        let end = ((kb + 1) * g.block_cols - k0).min(kc);
+                        let s = scales[kb];
+                        // Codes first: `zip` takes from its first iterator before finding the
+                        // second exhausted, and `col` continues past this block.
+                        for (&q, d) in codes[p..end].iter().zip(col.by_ref()) {
+                            *d = f.lut[usize::from(q)] * s;
+                        }
+                        p = end;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -410,4 +479,107 @@ fn act_scheme(config: Option<&Value>) -> ActScheme {
         dynamic = true;
     }
     if dynamic { ActScheme::Dynamic(fmt) } else { ActScheme::None }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fp8forge_formats::{PlannedTensor, ShardWriter};
+
+    const BENCH_ROWS: usize = 2048;
+    const BENCH_COLS: usize = 7168;
+
+    /// A checkpoint of `count` matrices `BENCH_ROWS × BENCH_COLS` in `dtype` (BF16, or E4M3 with
+    /// 128×128 f32 scales), finite values; returns the matrix names.
+    fn write_bench_checkpoint(dir: &Path, dtype: Dtype, count: usize) -> Vec<String> {
+        let names: Vec<String> = (0..count).map(|i| format!("model.layers.{i}.mlp.down_proj.weight")).collect();
+        if dir.join("model.safetensors").exists() {
+            return names;
+        }
+        std::fs::create_dir_all(dir).expect("bench dir");
+        let (r, c) = (BENCH_ROWS, BENCH_COLS);
+        let fp8 = dtype != Dtype::BF16;
+        let config = if fp8 {
+            r#"{"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}"#
+        } else {
+            "{}"
+        };
+        std::fs::write(dir.join("config.json"), config).expect("config");
+        let mut planned = Vec::new();
+        for n in &names {
+            planned.push(PlannedTensor { name: n.clone(), dtype, shape: vec![r, c] });
+            if fp8 {
+                planned.push(PlannedTensor {
+                    name: format!("{n}_scale_inv"),
+                    dtype: Dtype::F32,
+                    shape: vec![r / 128, c / 128],
+                });
+            }
+        }
+        let mut w = ShardWriter::create(&dir.join("model.safetensors"), planned).expect("create");
+        let data: Vec<u8> = if fp8 {
+            (0..r * c).map(|i| ((i.wrapping_mul(2654435761) >> 7) % 126) as u8 | ((i & 1) << 7) as u8).collect()
+        } else {
+            (0..r * c).flat_map(|i| (((i.wrapping_mul(2654435761) >> 9) as u16) & 0xBFFF).to_le_bytes()).collect()
+        };
+        let scales: Vec<u8> =
+            (0..(r / 128) * (c / 128)).flat_map(|i| (1e-3f32 * (1.0 + i as f32)).to_le_bytes()).collect();
+        for n in &names {
+            w.write_tensor(n, &[&data]).expect("write");
+            if fp8 {
+                w.write_tensor(&format!("{n}_scale_inv"), &[&scales]).expect("write scales");
+            }
+        }
+        w.finish().expect("finish");
+        names
+    }
+
+    /// Reads `path` once so that it is in the page cache.
+    fn warm(path: &Path) {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).expect("open");
+        let mut buf = vec![0u8; 8 << 20];
+        while f.read(&mut buf).expect("read") > 0 {}
+    }
+
+    /// `cargo test --release -p fp8forge-runtime --lib -- --ignored --nocapture bench_load`: GB/s
+    /// of opening a checkpoint and mapping and checking every matrix (as `Linear::load` does),
+    /// files in the page cache; 2 GB of BF16 and 1 GB of FP8 kept in `target/bench-load`.
+    #[test]
+    #[ignore = "benchmark; writes 3 GB under target/bench-load"]
+    fn bench_load() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-load");
+        for (dtype, label) in [(Dtype::BF16, "bf16"), (Dtype::F8_E4M3, "fp8")] {
+            let dir = root.join(label);
+            let names = write_bench_checkpoint(&dir, dtype, 70);
+            let file = dir.join("model.safetensors");
+            warm(&file);
+            let bytes = std::fs::metadata(&file).expect("stat").len() as f64;
+            let (mut check, mut touch) = (Vec::new(), Vec::new());
+            for _ in 0..3 {
+                let s = std::time::Instant::now();
+                let w = Weights::open(&dir).expect("open");
+                for n in &names {
+                    w.map_checked(n, BENCH_ROWS, BENCH_COLS).expect("map");
+                }
+                check.push(bytes / s.elapsed().as_secs_f64() / 1e9);
+                // The page faults alone: one byte read per page, pages released after.
+                let s = std::time::Instant::now();
+                let mut sum = 0u64;
+                for n in &names {
+                    let (si, t, b) = w.matrix_bytes(n, BENCH_ROWS, BENCH_COLS).expect("bytes");
+                    sum += b.iter().step_by(4096).map(|&x| u64::from(x)).sum::<u64>();
+                    w.ckpt.shards[si].file.release(t);
+                }
+                std::hint::black_box(sum);
+                touch.push(bytes / s.elapsed().as_secs_f64() / 1e9);
+            }
+            println!(
+                "{label}: {:.2} GB, open + map_checked {:?} GB/s, page faults alone {:?} GB/s",
+                bytes / 1e9,
+                check,
+                touch
+            );
+        }
+    }
 }
