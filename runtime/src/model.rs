@@ -71,7 +71,7 @@ fn forward(w: &Stored, x: &[f32], t: usize, act: &Act) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// `out = x · wᵀ` for `x` of `t` rows, `w` widened to f32 as the product packs it (the same
+/// `out = x · wᵀ` for `x` of `t` rows, `w` read as stored ([`crate::product::linear_t`]: the same
 /// values, f32 accumulation).
 fn product_t(x: &[f32], t: usize, w: &Stored, out: &mut [f32], parallel: bool) {
     crate::product::linear_t(x, t, w, out, parallel);
