@@ -154,8 +154,46 @@ impl Stored<'_> {
         out
     }
 
-    /// The first element that widens to a value that is not finite, with that value.
+    /// The first element that widens to a value that is not finite, with that value: the stored
+    /// bits are scanned first (in parallel, without widening), and only a matrix that may hold
+    /// one is widened to find it.
     fn first_non_finite(&self) -> Option<(usize, f32)> {
+        if self.may_hold_non_finite() { self.first_non_finite_widened() } else { None }
+    }
+
+    /// False when no element can widen to a non-finite value, decided on the stored bits: BF16 and
+    /// F16 exponents all ones, FP8 codes whose table value is not finite or scales that make one
+    /// so (`|s| · max |code value|` overflowing, or a non-finite scale).
+    fn may_hold_non_finite(&self) -> bool {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 20;
+        let any_u16 = |v: &[u8], mask: u16| {
+            v.par_chunks(CHUNK)
+                .any(|c| c.chunks_exact(2).fold(false, |a, b| a | (u16::from_le_bytes([b[0], b[1]]) & mask == mask)))
+        };
+        match &self.data {
+            StoredData::F32(v) => v.par_chunks(CHUNK / 4).any(|c| !c.iter().fold(true, |a, x| a & x.is_finite())),
+            StoredData::Bf16(v) => any_u16(v, 0x7F80),
+            StoredData::F16(v) => any_u16(v, 0x7C00),
+            StoredData::Fp8(f) => {
+                let max = f.lut.iter().filter(|v| v.is_finite()).fold(0f32, |m, v| m.max(v.abs()));
+                if !f.scales.iter().all(|&s| (s * max).is_finite()) {
+                    return true;
+                }
+                let bad: Vec<bool> = f.lut.iter().map(|v| !v.is_finite()).collect();
+                let e4m3 = bad.iter().enumerate().all(|(q, &b)| b == (q & 0x7F == 0x7F));
+                if e4m3 {
+                    // E4M3's only non-finite codes are its two NaNs, 0x7F and 0xFF.
+                    f.codes.par_chunks(CHUNK).any(|c| c.iter().fold(false, |a, &q| a | (q & 0x7F == 0x7F)))
+                } else {
+                    f.codes.par_chunks(CHUNK).any(|c| c.iter().fold(false, |a, &q| a | bad[usize::from(q)]))
+                }
+            }
+        }
+    }
+
+    /// [`Stored::first_non_finite`] by widening every row.
+    fn first_non_finite_widened(&self) -> Option<(usize, f32)> {
         const CHUNK_ROWS: usize = 64;
         let mut buf = vec![0f32; CHUNK_ROWS.min(self.rows) * self.cols];
         for r0 in (0..self.rows).step_by(CHUNK_ROWS) {
@@ -488,6 +526,66 @@ mod tests {
 
     const BENCH_ROWS: usize = 2048;
     const BENCH_COLS: usize = 7168;
+
+    #[test]
+    fn values_check_on_stored_bits_finds_what_widening_finds() {
+        let (n, k) = (300usize, 260usize);
+        let clean_bf16: Vec<u16> = (0..n * k).map(|i| half::bf16::from_f32(i as f32 / 7.0 - 9.0).to_bits()).collect();
+        let clean_f16: Vec<u16> = (0..n * k).map(|i| half::f16::from_f32(i as f32 / 900.0 - 9.0).to_bits()).collect();
+        let codes: Vec<u8> = (0..n * k).map(|i| (i % 126) as u8 | ((i & 1) << 7) as u8).collect();
+        let scales = vec![0.5f32; 3 * 3];
+        let mut cases: Vec<(String, Stored<'static>, Option<usize>)> = vec![
+            ("clean bf16".into(), Stored::from_bf16_bits(clean_bf16.clone(), n, k), None),
+            ("clean f16".into(), Stored::from_f16_bits(clean_f16.clone(), n, k), None),
+            ("clean fp8".into(), Stored::from_e4m3(codes.clone(), scales.clone(), n, k, (128, 128)), None),
+            ("clean f32".into(), Stored::from_f32(vec![1.0; n * k], n, k, false), None),
+        ];
+        for &i in &[0usize, 4321, n * k - 1] {
+            let mut b = clean_bf16.clone();
+            b[i] = 0x7FC0; // NaN
+            b[(i + 7) % (n * k)] = 0xFF80; // -inf, later (or earlier: the first one counts)
+            let first = i.min((i + 7) % (n * k));
+            cases.push((format!("bf16 NaN at {i}"), Stored::from_bf16_bits(b, n, k), Some(first)));
+            let mut h = clean_f16.clone();
+            h[i] = 0x7C00; // inf
+            cases.push((format!("f16 inf at {i}"), Stored::from_f16_bits(h, n, k), Some(i)));
+            let mut c = codes.clone();
+            c[i] = 0xFF; // NaN
+            cases.push((
+                format!("fp8 NaN code at {i}"),
+                Stored::from_e4m3(c, scales.clone(), n, k, (128, 128)),
+                Some(i),
+            ));
+            let mut f = vec![1.0f32; n * k];
+            f[i] = f32::NAN;
+            cases.push((format!("f32 NaN at {i}"), Stored::from_f32(f, n, k, false), Some(i)));
+        }
+        // A scale that overflows the codes above 340 (352 · 1e36 > f32::MAX), and a NaN scale: the first element
+        // of the block whose product is not finite.
+        let mut big = scales.clone();
+        big[4] = 1e36;
+        let first_big = (0..n * k).find(|&i| (i / k) / 128 == 1 && (i % k) / 128 == 1 && (codes[i] & 0x7F) >= 0x7B);
+        cases.push((
+            "fp8 overflowing scale".into(),
+            Stored::from_e4m3(codes.clone(), big, n, k, (128, 128)),
+            first_big,
+        ));
+        let mut nan = scales.clone();
+        nan[8] = f32::NAN;
+        cases.push((
+            "fp8 NaN scale".into(),
+            Stored::from_e4m3(codes.clone(), nan, n, k, (128, 128)),
+            Some(256 * k + 256),
+        ));
+        for (what, m, want) in &cases {
+            let got = m.first_non_finite();
+            assert_eq!(got.map(|g| g.0), *want, "{what}: first non-finite element");
+            assert_eq!(got.map(|g| g.0), m.first_non_finite_widened().map(|g| g.0), "{what}: against widening");
+            if let Some((i, v)) = got {
+                assert!(!v.is_finite() && m.to_f32()[i].to_bits() == v.to_bits(), "{what}: value {v}");
+            }
+        }
+    }
 
     /// A checkpoint of `count` matrices `BENCH_ROWS × BENCH_COLS` in `dtype` (BF16, or E4M3 with
     /// 128×128 f32 scales), finite values; returns the matrix names.
