@@ -12,11 +12,14 @@ pub mod cost;
 mod divergence;
 pub mod error;
 pub mod eval;
+#[cfg(target_arch = "x86_64")]
+mod kernels_x86;
 pub mod metrics;
 pub mod model;
 pub mod models;
 pub mod ops;
 pub mod prefix;
+mod product;
 pub mod report;
 pub mod router;
 pub mod tokens;

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use crate::config::ModelConfig;
 use crate::error::{Result, RuntimeError};
 use crate::models::layer_prefix;
-use crate::ops::{RopeTable, View, matmul_t, matmul_t_cols, rms_norm, swiglu};
+use crate::ops::{RopeTable, rms_norm, swiglu};
 use crate::prefix::Prefix;
 use crate::router::Router;
 use crate::weights::{Stored, Weights};
@@ -72,35 +72,10 @@ fn forward(w: &Stored, x: &[f32], t: usize, act: &Act) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// `out = x · wᵀ` for `x` of `t` rows: directly when `w` is f32, else a tile of `w`'s rows widened
-/// at a time (the same values, the same f32 accumulation).
+/// `out = x · wᵀ` for `x` of `t` rows, `w` read as stored ([`crate::product::linear_t`]: the same
+/// values, f32 accumulation).
 fn product_t(x: &[f32], t: usize, w: &Stored, out: &mut [f32], parallel: bool) {
-    let (n, k) = (w.rows, w.cols);
-    let a = View::dense(x, t, k);
-    if let Some(wf) = w.as_f32() {
-        matmul_t(a, View::dense(wf, n, k), out, parallel);
-        return;
-    }
-    let tile = (TILE_ELEMS / k.max(1)).clamp(1, n.max(1));
-    // The thread's tile buffer, taken out while in use: a product that rayon runs on this thread
-    // while this one waits finds it empty and makes its own.
-    let mut buf = TILE.with(std::cell::Cell::take);
-    if buf.len() < tile * k {
-        buf.resize(tile * k, 0.0);
-    }
-    for r0 in (0..n).step_by(tile) {
-        let rows = tile.min(n - r0);
-        let b = &mut buf[..rows * k];
-        w.decode_rows(r0, b);
-        matmul_t_cols(a, View::dense(b, rows, k), out, n, r0, parallel);
-    }
-    TILE.with(|c| c.set(buf));
-}
-
-thread_local! {
-    /// Each thread's buffer for the widened tile of [`product_t`] (at most [`TILE_ELEMS`] values,
-    /// kept between products instead of allocated and zeroed for each).
-    static TILE: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    crate::product::linear_t(x, t, w, out, parallel);
 }
 
 /// How the inputs of FP8 layers are treated in one forward pass.
@@ -484,6 +459,7 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::{View, matmul_t};
 
     #[test]
     fn a_bf16_weight_multiplies_tile_by_tile_like_its_f32_widening() {

@@ -18,6 +18,7 @@ use fp8forge_quant::scheme::{
 use serde_json::Value;
 
 use crate::error::{Result, RuntimeError};
+use crate::product::NR;
 
 /// A tensor read as f32.
 #[derive(Clone, Debug)]
@@ -75,6 +76,24 @@ impl Stored<'static> {
     pub(crate) fn from_bf16_bits(bits: Vec<u16>, rows: usize, cols: usize) -> Self {
         let bytes = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
         Stored { rows, cols, fp8: false, data: StoredData::Bf16(Cow::Owned(bytes)), src: None }
+    }
+
+    /// A matrix of F16 bits (for tests of the widening paths).
+    #[cfg(test)]
+    pub(crate) fn from_f16_bits(bits: Vec<u16>, rows: usize, cols: usize) -> Self {
+        let bytes = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        Stored { rows, cols, fp8: false, data: StoredData::F16(Cow::Owned(bytes)), src: None }
+    }
+
+    /// A matrix of E4M3 codes with one f32 scale per `block` (rows × columns) of it, row-major
+    /// (for tests of the widening paths).
+    #[cfg(test)]
+    pub(crate) fn from_e4m3(codes: Vec<u8>, scales: Vec<f32>, rows: usize, cols: usize, block: (usize, usize)) -> Self {
+        let geom = ScaleGeometry { batch: 1, rows, cols, block_rows: block.0, block_cols: block.1 };
+        assert_eq!(scales.len(), geom.scale_count());
+        let lut = &fp8forge_quant::fp8::E4M3_LUT;
+        let data = StoredData::Fp8(Box::new(Fp8Data { codes: Cow::Owned(codes), lut, scales, geom }));
+        Stored { rows, cols, fp8: true, data, src: None }
     }
 }
 
@@ -135,8 +154,46 @@ impl Stored<'_> {
         out
     }
 
-    /// The first element that widens to a value that is not finite, with that value.
+    /// The first element that widens to a value that is not finite, with that value: the stored
+    /// bits are scanned first (in parallel, without widening), and only a matrix that may hold
+    /// one is widened to find it.
     fn first_non_finite(&self) -> Option<(usize, f32)> {
+        if self.may_hold_non_finite() { self.first_non_finite_widened() } else { None }
+    }
+
+    /// False when no element can widen to a non-finite value, decided on the stored bits: BF16 and
+    /// F16 exponents all ones, FP8 codes whose table value is not finite or scales that make one
+    /// so (`|s| · max |code value|` overflowing, or a non-finite scale).
+    fn may_hold_non_finite(&self) -> bool {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 20;
+        let any_u16 = |v: &[u8], mask: u16| {
+            v.par_chunks(CHUNK)
+                .any(|c| c.chunks_exact(2).fold(false, |a, b| a | (u16::from_le_bytes([b[0], b[1]]) & mask == mask)))
+        };
+        match &self.data {
+            StoredData::F32(v) => v.par_chunks(CHUNK / 4).any(|c| !c.iter().fold(true, |a, x| a & x.is_finite())),
+            StoredData::Bf16(v) => any_u16(v, 0x7F80),
+            StoredData::F16(v) => any_u16(v, 0x7C00),
+            StoredData::Fp8(f) => {
+                let max = f.lut.iter().filter(|v| v.is_finite()).fold(0f32, |m, v| m.max(v.abs()));
+                if !f.scales.iter().all(|&s| (s * max).is_finite()) {
+                    return true;
+                }
+                let bad: Vec<bool> = f.lut.iter().map(|v| !v.is_finite()).collect();
+                let e4m3 = bad.iter().enumerate().all(|(q, &b)| b == (q & 0x7F == 0x7F));
+                if e4m3 {
+                    // E4M3's only non-finite codes are its two NaNs, 0x7F and 0xFF.
+                    f.codes.par_chunks(CHUNK).any(|c| c.iter().fold(false, |a, &q| a | (q & 0x7F == 0x7F)))
+                } else {
+                    f.codes.par_chunks(CHUNK).any(|c| c.iter().fold(false, |a, &q| a | bad[usize::from(q)]))
+                }
+            }
+        }
+    }
+
+    /// [`Stored::first_non_finite`] by widening every row.
+    fn first_non_finite_widened(&self) -> Option<(usize, f32)> {
         const CHUNK_ROWS: usize = 64;
         let mut buf = vec![0f32; CHUNK_ROWS.min(self.rows) * self.cols];
         for r0 in (0..self.rows).step_by(CHUNK_ROWS) {
@@ -147,6 +204,56 @@ impl Stored<'_> {
             }
         }
         None
+    }
+}
+
+impl crate::product::PackB for Stored<'_> {
+    fn n(&self) -> usize {
+        self.rows
+    }
+
+    fn k(&self) -> usize {
+        self.cols
+    }
+
+    /// Widens the panel of rows `n0..n0 + nn` and columns `k0..k0 + kc` straight into the
+    /// product's packed layout, with the values [`Stored::decode_rows`] gives.
+    fn pack(&self, n0: usize, nn: usize, k0: usize, kc: usize, dst: &mut [f32]) {
+        let c = self.cols;
+        for j in 0..nn {
+            let row = n0 + j;
+            let col = dst[j..].iter_mut().step_by(NR);
+            let span = row * c + k0..row * c + k0 + kc;
+            match &self.data {
+                StoredData::F32(v) => col.zip(&v[span]).for_each(|(d, &x)| *d = x),
+                StoredData::Bf16(v) => col
+                    .zip(v[span.start * 2..span.end * 2].chunks_exact(2))
+                    .for_each(|(d, b)| *d = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)),
+                StoredData::F16(v) => col
+                    .zip(v[span.start * 2..span.end * 2].chunks_exact(2))
+                    .for_each(|(d, b)| *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+                StoredData::Fp8(f) => {
+                    let g = &f.geom;
+                    let (gr, gc) = (g.grid_rows(), g.grid_cols());
+                    let grow = (row / g.rows) * gr + (row % g.rows) / g.block_rows;
+                    let scales = &f.scales[grow * gc..(grow + 1) * gc];
+                    let codes = &f.codes[span];
+                    let mut col = col;
+                    let mut p = 0;
+                    while p < kc {
+                        let kb = (k0 + p) / g.block_cols;
+                        let end = ((kb + 1) * g.block_cols - k0).min(kc);
+                        let s = scales[kb];
+                        // Codes first: `zip` takes from its first iterator before finding the
+                        // second exhausted, and `col` continues past this block.
+                        for (&q, d) in codes[p..end].iter().zip(col.by_ref()) {
+                            *d = f.lut[usize::from(q)] * s;
+                        }
+                        p = end;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -420,4 +527,167 @@ fn act_scheme(config: Option<&Value>) -> ActScheme {
         dynamic = true;
     }
     if dynamic { ActScheme::Dynamic(fmt) } else { ActScheme::None }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fp8forge_formats::{PlannedTensor, ShardWriter};
+
+    const BENCH_ROWS: usize = 2048;
+    const BENCH_COLS: usize = 7168;
+
+    #[test]
+    fn values_check_on_stored_bits_finds_what_widening_finds() {
+        let (n, k) = (300usize, 260usize);
+        let clean_bf16: Vec<u16> = (0..n * k).map(|i| half::bf16::from_f32(i as f32 / 7.0 - 9.0).to_bits()).collect();
+        let clean_f16: Vec<u16> = (0..n * k).map(|i| half::f16::from_f32(i as f32 / 900.0 - 9.0).to_bits()).collect();
+        let codes: Vec<u8> = (0..n * k).map(|i| (i % 126) as u8 | ((i & 1) << 7) as u8).collect();
+        let scales = vec![0.5f32; 3 * 3];
+        let mut cases: Vec<(String, Stored<'static>, Option<usize>)> = vec![
+            ("clean bf16".into(), Stored::from_bf16_bits(clean_bf16.clone(), n, k), None),
+            ("clean f16".into(), Stored::from_f16_bits(clean_f16.clone(), n, k), None),
+            ("clean fp8".into(), Stored::from_e4m3(codes.clone(), scales.clone(), n, k, (128, 128)), None),
+            ("clean f32".into(), Stored::from_f32(vec![1.0; n * k], n, k, false), None),
+        ];
+        for &i in &[0usize, 4321, n * k - 1] {
+            let mut b = clean_bf16.clone();
+            b[i] = 0x7FC0; // NaN
+            b[(i + 7) % (n * k)] = 0xFF80; // -inf, later (or earlier: the first one counts)
+            let first = i.min((i + 7) % (n * k));
+            cases.push((format!("bf16 NaN at {i}"), Stored::from_bf16_bits(b, n, k), Some(first)));
+            let mut h = clean_f16.clone();
+            h[i] = 0x7C00; // inf
+            cases.push((format!("f16 inf at {i}"), Stored::from_f16_bits(h, n, k), Some(i)));
+            let mut c = codes.clone();
+            c[i] = 0xFF; // NaN
+            cases.push((
+                format!("fp8 NaN code at {i}"),
+                Stored::from_e4m3(c, scales.clone(), n, k, (128, 128)),
+                Some(i),
+            ));
+            let mut f = vec![1.0f32; n * k];
+            f[i] = f32::NAN;
+            cases.push((format!("f32 NaN at {i}"), Stored::from_f32(f, n, k, false), Some(i)));
+        }
+        // A scale that overflows the codes above 340 (352 · 1e36 > f32::MAX), and a NaN scale: the first element
+        // of the block whose product is not finite.
+        let mut big = scales.clone();
+        big[4] = 1e36;
+        let first_big = (0..n * k).find(|&i| (i / k) / 128 == 1 && (i % k) / 128 == 1 && (codes[i] & 0x7F) >= 0x7B);
+        cases.push((
+            "fp8 overflowing scale".into(),
+            Stored::from_e4m3(codes.clone(), big, n, k, (128, 128)),
+            first_big,
+        ));
+        let mut nan = scales.clone();
+        nan[8] = f32::NAN;
+        cases.push((
+            "fp8 NaN scale".into(),
+            Stored::from_e4m3(codes.clone(), nan, n, k, (128, 128)),
+            Some(256 * k + 256),
+        ));
+        for (what, m, want) in &cases {
+            let got = m.first_non_finite();
+            assert_eq!(got.map(|g| g.0), *want, "{what}: first non-finite element");
+            assert_eq!(got.map(|g| g.0), m.first_non_finite_widened().map(|g| g.0), "{what}: against widening");
+            if let Some((i, v)) = got {
+                assert!(!v.is_finite() && m.to_f32()[i].to_bits() == v.to_bits(), "{what}: value {v}");
+            }
+        }
+    }
+
+    /// A checkpoint of `count` matrices `BENCH_ROWS × BENCH_COLS` in `dtype` (BF16, or E4M3 with
+    /// 128×128 f32 scales), finite values; returns the matrix names.
+    fn write_bench_checkpoint(dir: &Path, dtype: Dtype, count: usize) -> Vec<String> {
+        let names: Vec<String> = (0..count).map(|i| format!("model.layers.{i}.mlp.down_proj.weight")).collect();
+        if dir.join("model.safetensors").exists() {
+            return names;
+        }
+        std::fs::create_dir_all(dir).expect("bench dir");
+        let (r, c) = (BENCH_ROWS, BENCH_COLS);
+        let fp8 = dtype != Dtype::BF16;
+        let config = if fp8 {
+            r#"{"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}"#
+        } else {
+            "{}"
+        };
+        std::fs::write(dir.join("config.json"), config).expect("config");
+        let mut planned = Vec::new();
+        for n in &names {
+            planned.push(PlannedTensor { name: n.clone(), dtype, shape: vec![r, c] });
+            if fp8 {
+                planned.push(PlannedTensor {
+                    name: format!("{n}_scale_inv"),
+                    dtype: Dtype::F32,
+                    shape: vec![r / 128, c / 128],
+                });
+            }
+        }
+        let mut w = ShardWriter::create(&dir.join("model.safetensors"), planned).expect("create");
+        let data: Vec<u8> = if fp8 {
+            (0..r * c).map(|i| ((i.wrapping_mul(2654435761) >> 7) % 126) as u8 | ((i & 1) << 7) as u8).collect()
+        } else {
+            (0..r * c).flat_map(|i| (((i.wrapping_mul(2654435761) >> 9) as u16) & 0xBFFF).to_le_bytes()).collect()
+        };
+        let scales: Vec<u8> =
+            (0..(r / 128) * (c / 128)).flat_map(|i| (1e-3f32 * (1.0 + i as f32)).to_le_bytes()).collect();
+        for n in &names {
+            w.write_tensor(n, &[&data]).expect("write");
+            if fp8 {
+                w.write_tensor(&format!("{n}_scale_inv"), &[&scales]).expect("write scales");
+            }
+        }
+        w.finish().expect("finish");
+        names
+    }
+
+    /// Reads `path` once so that it is in the page cache.
+    fn warm(path: &Path) {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).expect("open");
+        let mut buf = vec![0u8; 8 << 20];
+        while f.read(&mut buf).expect("read") > 0 {}
+    }
+
+    /// `cargo test --release -p fp8forge-runtime --lib -- --ignored --nocapture bench_load`: GB/s
+    /// of opening a checkpoint and mapping and checking every matrix (as `Linear::load` does),
+    /// files in the page cache; 2 GB of BF16 and 1 GB of FP8 kept in `target/bench-load`.
+    #[test]
+    #[ignore = "benchmark; writes 3 GB under target/bench-load"]
+    fn bench_load() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-load");
+        for (dtype, label) in [(Dtype::BF16, "bf16"), (Dtype::F8_E4M3, "fp8")] {
+            let dir = root.join(label);
+            let names = write_bench_checkpoint(&dir, dtype, 70);
+            let file = dir.join("model.safetensors");
+            warm(&file);
+            let bytes = std::fs::metadata(&file).expect("stat").len() as f64;
+            let (mut check, mut touch) = (Vec::new(), Vec::new());
+            for _ in 0..3 {
+                let s = std::time::Instant::now();
+                let w = Weights::open(&dir).expect("open");
+                for n in &names {
+                    w.map_checked(n, BENCH_ROWS, BENCH_COLS).expect("map");
+                }
+                check.push(bytes / s.elapsed().as_secs_f64() / 1e9);
+                // The page faults alone: one byte read per page, pages released after.
+                let s = std::time::Instant::now();
+                let mut sum = 0u64;
+                for n in &names {
+                    let (si, t, b) = w.matrix_bytes(n, BENCH_ROWS, BENCH_COLS).expect("bytes");
+                    sum += b.iter().step_by(4096).map(|&x| u64::from(x)).sum::<u64>();
+                    w.ckpt.shards[si].file.release(t);
+                }
+                std::hint::black_box(sum);
+                touch.push(bytes / s.elapsed().as_secs_f64() / 1e9);
+            }
+            println!(
+                "{label}: {:.2} GB, open + map_checked {:?} GB/s, page faults alone {:?} GB/s",
+                bytes / 1e9,
+                check,
+                touch
+            );
+        }
+    }
 }
