@@ -4,6 +4,7 @@
 //! cuBLASLt's FP8 block-scaled algorithms timed beside our configurations.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use fp8forge_kernels::bench::{BenchOptions, BenchRow, Implementation, LtRow, ShapeBench};
 use fp8forge_kernels::cublaslt::{CublasLt, LT_ALGORITHMS, LtAlgo};
@@ -14,7 +15,7 @@ use fp8forge_kernels::{GemmConfig, GpuArch, KernelError};
 use crate::candidate::Candidate;
 use crate::gpu::{GpuSpec, identify};
 use crate::table::{Problem, TableGpu};
-use crate::tune::{Measure, Timing, TuneError, Untimed};
+use crate::tune::{Measure, NoLtCandidates, Timing, TuneError, Untimed};
 
 /// Times candidates on `dev`. The problem of the last call stays on the device, so the batches
 /// of one problem share their operands and reference.
@@ -25,7 +26,7 @@ pub struct GpuMeasure<'d> {
     current: Option<(Problem, ShapeBench<'d>)>,
     compiled: HashSet<(GemmConfig, bool)>,
     /// cuBLASLt, or why it could not be opened.
-    lt: Result<CublasLt, String>,
+    lt: Result<CublasLt, Arc<KernelError>>,
 }
 
 impl<'d> GpuMeasure<'d> {
@@ -43,7 +44,7 @@ impl<'d> GpuMeasure<'d> {
             opts: BenchOptions { baselines: false, ..opts },
             current: None,
             compiled: HashSet::new(),
-            lt: CublasLt::new(dev).map_err(|e| e.to_string()),
+            lt: CublasLt::new(dev).map_err(Arc::new),
         })
     }
 }
@@ -91,10 +92,11 @@ impl Measure for GpuMeasure<'_> {
         Ok(timings(candidates, compile_errors, &rows))
     }
 
-    fn lt_candidates(&mut self, problem: &Problem) -> Result<Vec<LtAlgo>, String> {
-        let lt = self.lt.as_ref().map_err(Clone::clone)?;
-        let bench = bench_for(&mut self.current, self.dev, &self.opts, problem).map_err(|e| e.to_string())?;
-        bench.lt_algorithms(lt, LT_ALGORITHMS).map_err(|e| e.to_string())
+    fn lt_candidates(&mut self, problem: &Problem) -> Result<Vec<LtAlgo>, NoLtCandidates> {
+        let lt = self.lt.as_ref().map_err(|e| NoLtCandidates::Open(Arc::clone(e)))?;
+        let bench = bench_for(&mut self.current, self.dev, &self.opts, problem)
+            .map_err(|e| NoLtCandidates::Prepare(Box::new(e)))?;
+        Ok(bench.lt_algorithms(lt, LT_ALGORITHMS)?)
     }
 }
 

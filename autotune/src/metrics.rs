@@ -127,7 +127,7 @@ mod tests {
                 .collect())
         }
 
-        fn lt_candidates(&mut self, _: &Problem) -> Result<Vec<LtAlgo>, String> {
+        fn lt_candidates(&mut self, _: &Problem) -> Result<Vec<LtAlgo>, crate::tune::NoLtCandidates> {
             Ok(vec![lt()])
         }
     }

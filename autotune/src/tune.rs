@@ -76,9 +76,24 @@ pub trait Measure {
     /// The algorithms cuBLASLt's heuristic offers for `problem` (block-scaled FP8), timed beside
     /// our configurations. `Err` says why there are none (no cuBLASLt, a version without block
     /// scaling): the tuner goes on with ours alone and reports it. None by default.
-    fn lt_candidates(&mut self, _problem: &Problem) -> Result<Vec<LtAlgo>, String> {
+    fn lt_candidates(&mut self, _problem: &Problem) -> Result<Vec<LtAlgo>, NoLtCandidates> {
         Ok(Vec::new())
     }
+}
+
+/// Why cuBLASLt offers no candidates for a problem (the tuner goes on with its own kernels and
+/// reports it).
+#[derive(Debug, thiserror::Error)]
+pub enum NoLtCandidates {
+    /// cuBLASLt could not be opened: the same error for every problem.
+    #[error(transparent)]
+    Open(std::sync::Arc<KernelError>),
+    /// Its heuristic failed for this problem.
+    #[error(transparent)]
+    Query(#[from] KernelError),
+    /// The problem's operands could not be prepared on the device.
+    #[error(transparent)]
+    Prepare(Box<TuneError>),
 }
 
 /// Why tuning (or a benchmark) stopped.
@@ -577,7 +592,7 @@ pub fn tune_problem_with(
     let ranked: Vec<GemmConfig> = rank_with(&opts.model, gpu, &shape, &space).into_iter().map(|(c, _)| c).collect();
     let (lt, lt_error) = match measure.lt_candidates(problem) {
         Ok(v) => (v, None),
-        Err(why) => (Vec::new(), Some(why)),
+        Err(why) => (Vec::new(), Some(why.to_string())),
     };
     if ranked.is_empty() && lt.is_empty() {
         return Err(TuneError::NoCandidate(problem.to_string()));
@@ -828,7 +843,7 @@ mod tests {
                 .collect())
         }
 
-        fn lt_candidates(&mut self, _problem: &Problem) -> Result<Vec<LtAlgo>, String> {
+        fn lt_candidates(&mut self, _problem: &Problem) -> Result<Vec<LtAlgo>, NoLtCandidates> {
             Ok(self.lt.iter().map(|(a, _)| *a).collect())
         }
     }
@@ -1028,13 +1043,15 @@ mod tests {
             fn measure(&mut self, p: &Problem, c: &[Candidate]) -> Result<Vec<Timing>, TuneError> {
                 self.0.measure(p, c)
             }
-            fn lt_candidates(&mut self, _: &Problem) -> Result<Vec<LtAlgo>, String> {
-                Err("libcublasLt.so not found".into())
+            fn lt_candidates(&mut self, _: &Problem) -> Result<Vec<LtAlgo>, NoLtCandidates> {
+                Err(NoLtCandidates::Open(std::sync::Arc::new(KernelError::NoCublasLt {
+                    tried: "libcublasLt.so".into(),
+                })))
             }
         }
         let o =
             tune_problem(gpu, &list[0], &mut NoLt(Synthetic::new(|_| false)), &TuneOptions::default()).expect("ours");
-        assert_eq!(o.lt_error.as_deref(), Some("libcublasLt.so not found"));
+        assert_eq!(o.lt_error.as_deref(), Some("cuBLASLt not found (tried libcublasLt.so)"));
         let e = tune_problem(gpu, &list[0], &mut NoLt(Synthetic::new(|_| true)), &TuneOptions::default()).unwrap_err();
         assert!(matches!(e, TuneError::NothingPassed { .. }), "{e}");
     }
